@@ -1,0 +1,29 @@
+"""lorakit's LoRA core: imports only torch, safetensors and the standard library."""
+
+from .config import LoraConfig
+from .inject import (
+    TrainableReport,
+    active_adapters,
+    adapter_configs,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    inject_lora,
+    lora_modules,
+    mark_trainable,
+    route_adapters,
+    set_active_adapters,
+    trainable_report,
+    unwrap_model,
+)
+from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .merge import merge_lora, unload_lora, unmerge_lora
+
+__all__ = [
+    "LoraConfig", "inject_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
+    "unload_lora", "set_active_adapters", "disable_adapters", "trainable_report",
+    "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict",
+    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters",
+    "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSave",
+]

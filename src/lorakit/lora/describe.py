@@ -1,0 +1,82 @@
+"""Describe an adapter directory without a model: what `lorakit inspect` prints."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from safetensors import safe_open
+
+from .config import CONFIG_NAME, LoraConfig
+from .io import PEFT_PREFIX, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, _load_pickle
+
+# Ranks vLLM's LoRA kernels accept (its `max_lora_rank` choices).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
+
+
+@dataclass
+class AdapterDescription:
+    """What an adapter directory holds."""
+
+    path: Path
+    config: LoraConfig
+    ranks: dict[str, int] = field(default_factory=dict)
+    """Rank of each wrapped module, read from the shapes of its A matrix."""
+    other_keys: list[str] = field(default_factory=list)
+    """Keys that are not LoRA A/B (modules_to_save copies, embedding base weights)."""
+    num_params: int = 0
+    file_bytes: int = 0
+    raw_config: dict = field(default_factory=dict)
+
+
+def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
+    """Read config and tensor shapes of an adapter directory (weights are not loaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not an adapter directory")
+    config = LoraConfig.from_json(path)
+    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    weights = path / WEIGHTS_NAME
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    elif (path / PICKLE_WEIGHTS_NAME).is_file():
+        weights = path / PICKLE_WEIGHTS_NAME
+        shapes = {k: tuple(v.shape) for k, v in _load_pickle(weights).items()}
+    else:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
+    desc = AdapterDescription(path=path, config=config, file_bytes=weights.stat().st_size, raw_config=raw)
+    for key, shape in shapes.items():
+        count = 1
+        for dim in shape:
+            count *= dim
+        desc.num_params += count
+        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        found = _LORA_KEY.match(bare)
+        if found is None:
+            desc.other_keys.append(bare)
+        elif found["kind"] in ("lora_A", "lora_embedding_A"):
+            desc.ranks[found["path"]] = shape[0]
+    return desc
+
+
+def vllm_problems(desc: AdapterDescription) -> list[str]:
+    """Reasons vLLM would refuse to serve this adapter (empty when it serves it)."""
+    problems = []
+    raw = desc.raw_config
+    if desc.config.modules_to_save:
+        problems.append(f"modules_to_save={desc.config.modules_to_save}: vLLM serves LoRA A/B weights only")
+    if raw.get("use_dora"):
+        problems.append("use_dora=true: vLLM does not serve DoRA")
+    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+        problems.append("trained biases (bias/lora_bias): vLLM does not serve LoRA biases")
+    odd = sorted({r for r in desc.ranks.values() if r not in VLLM_RANKS})
+    if odd:
+        problems.append(f"rank(s) {odd} not in vLLM's supported ranks {list(VLLM_RANKS)}")
+    return problems

@@ -1,0 +1,391 @@
+"""Putting adapters into a model: target matching, wrapping, freezing, and model-wide switches."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, check_adapter_name, is_conv1d
+
+_DEFAULT_LAYER_LISTS = ("layers", "h", "blocks", "layer")
+# For "all-linear" on a model without get_output_embeddings(): leaf names taken to be the head.
+_HEAD_NAMES = ("lm_head", "output")
+_REGISTRY = "_lorakit_configs"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the LoRA layers: strips DDP's ``.module`` and torch.compile's ``_orig_mod``."""
+    while True:
+        kind = type(model).__name__
+        if kind == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif kind == "DistributedDataParallel" and hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The config of each adapter injected into ``model``, by adapter name."""
+    model = unwrap_model(model)
+    registry = model.__dict__.get(_REGISTRY)
+    if registry is None:
+        registry = {}
+        model.__dict__[_REGISTRY] = registry
+    return registry
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Like ``named_modules`` without the root, but never descends into a LoRA wrapper's internals."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, (LoraLayer, ModulesToSave)):
+            yield from iter_modules(child, path)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, Union[LoraLayer, ModulesToSave]]]:
+    """Every LoRA wrapper (layers and trained copies) in ``model``, with its path."""
+    for name, module in iter_modules(unwrap_model(model)):
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield name, module
+
+
+def _wrappable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) or is_conv1d(module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    return isinstance(base, nn.Linear) or is_conv1d(base)
+
+
+def _matches(path: str, spec: Union[list[str], str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _layer_index(path: str, patterns: Sequence[str]) -> Optional[int]:
+    for pattern in patterns:
+        found = re.search(rf"(?:^|\.){pattern}\.(\d+)(?:\.|$)", path)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, (LoraLayer, ModulesToSave)):
+            head = getattr(head, "base_layer", None) or head.original_module
+        return head
+    return None
+
+
+@dataclass
+class Target:
+    """One module an adapter will wrap, with the rank and alpha it gets there."""
+
+    path: str
+    module: nn.Module
+    r: int
+    alpha: float
+
+
+def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> tuple[list[Target], list[tuple[str, nn.Module]]]:
+    """Decide, without changing ``model``, which modules ``config`` wraps and which it trains in full.
+
+    Returns:
+        ``(targets, saved)``: the LoRA targets, and the ``modules_to_save`` as (path, module).
+
+    Raises:
+        ValueError: nothing matches (listing candidate names), a match is not a layer type LoRA
+            supports, or the adapter name is already used on a matched module.
+    """
+    check_adapter_name(adapter_name)
+    model = unwrap_model(model)
+    modules = list(iter_modules(model))
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError("LoraConfig.target_modules is empty: name the modules to wrap, or use 'all-linear'")
+    head = _output_head(model) if spec == ALL_LINEAR else None
+    layer_lists = config.layers_pattern or _DEFAULT_LAYER_LISTS
+    if isinstance(layer_lists, str):
+        layer_lists = [layer_lists]
+
+    targets: list[Target] = []
+    for path, module in modules:
+        if spec == ALL_LINEAR:
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            if not _is_linear(module) or base is head or (head is None and path.split(".")[-1] in _HEAD_NAMES):
+                continue
+        elif not _matches(path, spec):
+            continue
+        if config.exclude_modules is not None and _matches(path, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and _layer_index(path, layer_lists) not in config.layers_to_transform:
+            continue
+        if isinstance(module, ModulesToSave):
+            raise ValueError(f"module '{path}' is trained in full (modules_to_save); it cannot also take LoRA")
+        if not _wrappable(module):
+            raise ValueError(
+                f"module '{path}' matches target_modules but is a {type(module).__name__}; LoRA wraps "
+                "nn.Linear, nn.Embedding and GPT-2 Conv1D layers only"
+            )
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            raise ValueError(f"adapter '{adapter_name}' already exists on '{path}'; pick another name or delete it first")
+        targets.append(Target(path, module, config.rank_for(path), config.alpha_for(path)))
+    if not targets:
+        raise ValueError(_nothing_matched(model, modules, config))
+
+    saved: list[tuple[str, nn.Module]] = []
+    if config.modules_to_save:
+        target_paths = {t.path for t in targets}
+        for path, module in modules:
+            if not _matches(path, config.modules_to_save):
+                continue
+            if path in target_paths or isinstance(module, LoraLayer):
+                raise ValueError(f"module '{path}' is both a LoRA target and in modules_to_save")
+            if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                raise ValueError(f"adapter '{adapter_name}' already has a trained copy of '{path}'")
+            saved.append((path, module))
+        if not saved:
+            raise ValueError(f"LoraConfig.modules_to_save={config.modules_to_save!r} matched no module")
+    return targets, saved
+
+
+def _nothing_matched(model: nn.Module, modules: list[tuple[str, nn.Module]], config: LoraConfig) -> str:
+    leaves: dict[str, str] = {}
+    for path, module in modules:
+        if _wrappable(module):
+            leaves.setdefault(path.split(".")[-1], path)
+    shown = list(leaves.items())[:20]
+    listing = ", ".join(f"{leaf} (e.g. {path})" for leaf, path in shown) or "none: the model has no Linear/Embedding layer"
+    return (
+        f"LoraConfig.target_modules={config.target_modules!r} matched no module of "
+        f"{type(model).__name__}. Candidate module names: {listing}"
+    )
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def _adapter_dtype(weight: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    # Half-precision bases get float32 adapters: small updates to B survive the optimizer step.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def inject_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    dtype: Optional[torch.dtype] = None,
+    trainable: bool = True,
+) -> list[str]:
+    """Wrap the modules ``config`` targets with LoRA adapter ``adapter_name``, in place.
+
+    Afterwards only this adapter's parameters (LoRA A/B and its ``modules_to_save`` copies)
+    require grad, and it is the one active adapter.
+
+    Args:
+        model: any ``nn.Module``; its submodules are replaced, the root is kept.
+        config: the adapter's hyper-parameters.
+        adapter_name: name of the new adapter (several can live in one model).
+        dtype: dtype of the adapter weights; default: the base's, or float32 for fp16/bf16 bases.
+        trainable: False leaves every parameter frozen (an adapter for inference).
+
+    Returns:
+        The paths of the wrapped modules, in model order.
+    """
+    model = unwrap_model(model)
+    targets, saved = plan_injection(model, config, adapter_name)
+    fan_in_fan_out = False
+    for t in targets:
+        layer = t.module
+        if not isinstance(layer, LoraLayer):
+            layer = LoraEmbedding(t.module) if isinstance(t.module, nn.Embedding) else LoraLinear(t.module)
+            _replace(model, t.path, layer)
+        fan_in_fan_out |= getattr(layer, "fan_in_fan_out", False)
+        layer.add_adapter(
+            adapter_name, t.r, t.alpha, config.dropout, config.use_rslora, config.init_lora_weights,
+            dtype=_adapter_dtype(layer.base_layer.weight, dtype),
+        )
+    for path, module in saved:
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, path, module)
+        module.add_adapter(adapter_name)
+
+    stored = config
+    if config.target_modules == ALL_LINEAR:
+        # Saved configs name the layers, as PEFT writes them, so every reader wraps the same ones.
+        stored = dataclasses.replace(config, target_modules=sorted({t.path.split(".")[-1] for t in targets}))
+    if fan_in_fan_out:
+        stored = dataclasses.replace(stored, fan_in_fan_out=True)
+    adapter_configs(model)[adapter_name] = stored
+    set_active_adapters(model, [adapter_name])
+    mark_trainable(model, adapter_name if trainable else None)
+    return [t.path for t in targets]
+
+
+def mark_trainable(model: nn.Module, adapter_name: Optional[str]) -> None:
+    """Freeze every parameter, then unfreeze those of ``adapter_name`` (None: keep all frozen)."""
+    model = unwrap_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter_name is None:
+        return
+    for _, module in lora_modules(model):
+        for p in module.adapter_parameters(adapter_name):
+            p.requires_grad_(True)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of all adapters present in ``model``, in the order they were added."""
+    names: dict[str, None] = dict.fromkeys(adapter_configs(model))
+    for _, module in lora_modules(model):
+        names.update(dict.fromkeys(module.adapter_names))
+    return list(names)
+
+
+def set_active_adapters(model: nn.Module, names: Union[str, Sequence[str]]) -> None:
+    """Make ``names`` the adapters every LoRA layer adds (their updates sum); ``[]`` runs the base.
+
+    Raises:
+        ValueError: a name is not an adapter of ``model``.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
+    for _, module in lora_modules(model):
+        module.set_active(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters currently active (as set by ``set_active_adapters`` or ``inject_lora``)."""
+    for _, module in lora_modules(model):
+        return list(module.active_adapters)
+    return []
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the bare base model inside the block (the RL reference policy); adapters come back after.
+
+    Merged adapters are unmerged for the block and merged again after it.
+    """
+    from .merge import merge_lora, unmerge_lora  # merge builds on this module
+
+    modules = [m for _, m in lora_modules(model)]
+    merged = {name for m in modules if isinstance(m, LoraLayer) for name in m.merged_adapters}
+    if merged:
+        unmerge_lora(model)
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, previous):
+            m.disabled = was
+        if merged:
+            merge_lora(model, sorted(merged))
+
+
+@contextlib.contextmanager
+def route_adapters(model: nn.Module, row_adapters: Sequence[Optional[str]]) -> Iterator[None]:
+    """Inside the block, row ``i`` of every batch uses adapter ``row_adapters[i]`` (None: the base).
+
+    Rows are grouped per adapter, so a batch mixing k adapters costs k LoRA passes per layer.
+    The batch must be the first dimension of every wrapped layer's input.
+    """
+    known = adapter_names(model)
+    unknown = sorted({n for n in row_adapters if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown} in row_adapters; the model has {known}")
+    modules = [m for _, m in lora_modules(model)]
+    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in modules):
+        raise RuntimeError("per-row adapter routing needs unmerged adapters; call unmerge_lora first")
+    device = next((p.device for p in unwrap_model(model).parameters()), torch.device("cpu"))
+    groups: dict[Optional[str], list[int]] = {}
+    for row, name in enumerate(row_adapters):
+        groups.setdefault(name, []).append(row)
+    routes = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items())
+    previous = [m.row_routes for m in modules]
+    for m in modules:
+        m.row_routes = routes
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, previous):
+            m.row_routes = was
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every layer (the wrappers stay for other adapters)."""
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
+    for _, module in lora_modules(model):
+        if adapter_name in module.adapter_names:
+            module.delete(adapter_name)
+    adapter_configs(model).pop(adapter_name, None)
+
+
+@dataclass
+class TrainableReport:
+    """Parameter counts of a LoRA model, printable in the seed's log style."""
+
+    total: int
+    trainable: int
+    wrapped_modules: int
+    adapters: dict[str, LoraConfig]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = ["LoRA configuration:"]
+        for name, cfg in self.adapters.items():
+            targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules or [])
+            lines.append(
+                f"  - Adapter '{name}': r={cfg.r}, alpha={cfg.alpha:g}, dropout={cfg.dropout:g}, "
+                f"rslora={cfg.use_rslora}, targets=[{targets}]"
+            )
+        lines += [
+            f"  - Wrapped modules: {self.wrapped_modules}",
+            f"  - Total parameters: {self.total:,}",
+            f"  - Trainable parameters: {self.trainable:,}",
+            f"  - Trainable %: {self.percent:.4f}%",
+        ]
+        return "\n".join(lines)
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Count total and trainable parameters and the wrapped modules of ``model``."""
+    model = unwrap_model(model)
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    wrapped = sum(1 for _ in lora_modules(model))
+    return TrainableReport(total, trainable, wrapped, dict(adapter_configs(model)))

@@ -1,0 +1,321 @@
+"""Adapter files: the PEFT layout (read and written) and the seed's minimal ``.pth`` (read only).
+
+PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` (the adapter name is not in the key). Only
+safetensors are written; pickle files are read with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CONFIG_NAME, LoraConfig
+from .inject import (
+    Target,
+    adapter_configs,
+    adapter_names,
+    inject_lora,
+    lora_modules,
+    mark_trainable,
+    plan_injection,
+    set_active_adapters,
+    active_adapters,
+    unwrap_model,
+)
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+_SEED_KEY = re.compile(r"^(?P<path>.+)\.lora\.(?P<ab>[AB])\.weight$")
+
+PathLike = Union[str, os.PathLike]
+
+
+# --- state dicts -----------------------------------------------------------------------------
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Tensors of one adapter keyed ``<module path>.<PEFT suffix>`` (no prefix), live, not copies."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in lora_modules(model):
+        if adapter_name not in module.adapter_names:
+            continue
+        if isinstance(module, LoraLinear):
+            out[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            out[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+        elif isinstance(module, LoraEmbedding):
+            out[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
+            out[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+        elif isinstance(module, ModulesToSave):
+            for key, value in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{path}.{key}"] = value
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's weights with PEFT's keys (``base_model.model.<path>.lora_A.weight``), detached.
+
+    This is what ``save_adapter`` writes and what a rollout engine needs to receive.
+    """
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
+    return {PEFT_PREFIX + k: v.detach() for k, v in _adapter_tensors(model, adapter_name).items()}
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+
+
+def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in targets:
+        base = t.module.base_layer if isinstance(t.module, LoraLayer) else t.module
+        if isinstance(base, nn.Embedding):
+            shapes[f"{t.path}.lora_embedding_A"] = (t.r, base.num_embeddings)
+            shapes[f"{t.path}.lora_embedding_B"] = (base.embedding_dim, t.r)
+        else:
+            fan_in, fan_out = linear_dims(base)
+            shapes[f"{t.path}.lora_A.weight"] = (t.r, fan_in)
+            shapes[f"{t.path}.lora_B.weight"] = (fan_out, t.r)
+    for path, module in saved:
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        for key, value in original.state_dict().items():
+            shapes[f"{path}.{key}"] = tuple(value.shape)
+    return shapes
+
+
+def _check_fit(expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...]],
+               tensors: dict[str, torch.Tensor], source: str) -> None:
+    problems = []
+    for key, shape in expected.items():
+        if key not in tensors:
+            problems.append(f"missing key '{key}' (module '{_module_of(key)}' expects shape {tuple(shape)})")
+        elif tuple(tensors[key].shape) != tuple(shape):
+            problems.append(
+                f"shape mismatch for '{key}' (module '{_module_of(key)}'): "
+                f"file has {tuple(tensors[key].shape)}, model expects {tuple(shape)}"
+            )
+    for key, value in tensors.items():
+        if key in expected:
+            continue
+        if key in optional:
+            if tuple(value.shape) != optional[key]:
+                problems.append(f"shape mismatch for '{key}': file has {tuple(value.shape)}, model expects {optional[key]}")
+            continue
+        problems.append(f"unexpected key '{key}' (module '{_module_of(key)}' is not a target of this adapter in the model)")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{source}: adapter does not fit the model; nothing was changed:\n  {shown}{more}")
+
+
+def _module_of(key: str) -> str:
+    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".base_layer."):
+        if marker in key:
+            return key.split(marker)[0]
+    return key.rsplit(".", 1)[0]
+
+
+# --- reading files ---------------------------------------------------------------------------
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling error has many types; all mean "not a weights file"
+        raise ValueError(f"{path}: cannot read as a weights-only torch file ({type(err).__name__}: {err})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: expected a flat dict of tensors")
+    return data
+
+
+def _from_seed_format(tensors: dict[str, torch.Tensor], source: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Convert ``<module>.lora.A.weight`` / ``.lora.B.weight`` (seed 003) to a config and PEFT keys.
+
+    That LoRA adds ``B(A(x))`` with no scaling, so each module gets alpha = its rank (scale 1).
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        found = _SEED_KEY.match(key)
+        if not found:
+            raise ValueError(f"{source}: key '{key}' is not '<module>.lora.A.weight' or '<module>.lora.B.weight'")
+        pairs.setdefault(found["path"], {})[found["ab"]] = value
+    converted: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{source}: module '{path}' has lora.{'A' if 'A' in ab else 'B'} but not its partner")
+        ranks[path] = ab["A"].shape[0]
+        converted[f"{path}.lora_A.weight"] = ab["A"]
+        converted[f"{path}.lora_B.weight"] = ab["B"]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    odd = {re.escape(p): k for p, k in ranks.items() if k != r}
+    config = LoraConfig(r=r, alpha=r, target_modules=sorted(ranks), rank_pattern=odd, alpha_pattern=dict(odd))
+    return config, converted
+
+
+def read_adapter(path: PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
+    """Read an adapter from a PEFT directory or a seed-style ``.pth`` file.
+
+    Returns:
+        ``(config, tensors keyed '<module path>.<suffix>' without the PEFT prefix, source)``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = LoraConfig.from_json(path / CONFIG_NAME)
+        if (path / WEIGHTS_NAME).is_file():
+            source = str(path / WEIGHTS_NAME)
+            try:
+                tensors = load_file(source)
+            except Exception as err:  # safetensors raises its own error types
+                raise ValueError(f"{source}: cannot read safetensors ({err})") from None
+        elif (path / PICKLE_WEIGHTS_NAME).is_file():
+            source = str(path / PICKLE_WEIGHTS_NAME)
+            tensors = _load_pickle(path / PICKLE_WEIGHTS_NAME)
+        else:
+            raise FileNotFoundError(f"{path}: has {CONFIG_NAME} but no {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME}")
+        return config, _strip_prefix(tensors), source
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter directory or file")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path}: cannot read safetensors ({err})") from None
+    else:
+        tensors = _load_pickle(path)
+    if not tensors:
+        raise ValueError(f"{path}: holds no tensors")
+    if (path.parent / CONFIG_NAME).is_file() and not any(_SEED_KEY.match(k.removeprefix("module.")) for k in tensors):
+        return LoraConfig.from_json(path.parent / CONFIG_NAME), _strip_prefix(tensors), str(path)
+    config, converted = _from_seed_format(tensors, str(path))
+    return config, converted, str(path)
+
+
+# --- public save / load ----------------------------------------------------------------------
+def load_adapter(
+    model: nn.Module,
+    path: PathLike,
+    adapter_name: str = "default",
+    trainable: bool = False,
+    activate: bool = True,
+) -> LoraConfig:
+    """Load an adapter into ``model``: PEFT directory, or seed-style ``.pth`` (alpha = r).
+
+    If ``model`` has no adapter ``adapter_name`` yet, it is injected from the saved config.
+    Everything is checked before anything changes: on error the model is exactly as before.
+
+    Args:
+        model: the base model (or one that already carries adapters).
+        path: adapter directory (``adapter_config.json`` + weights) or a ``.pth`` file.
+        adapter_name: name the adapter gets in ``model``.
+        trainable: leave the adapter's parameters requiring grad (to continue training it).
+        activate: make it the one active adapter.
+
+    Returns:
+        The adapter's config.
+
+    Raises:
+        ValueError: a missing or unexpected key or a shape mismatch (naming the module and both
+            shapes), an invalid config, or an unreadable file.
+    """
+    model = unwrap_model(model)
+    config, tensors, source = read_adapter(path)
+    exists = adapter_name in adapter_names(model)
+    if exists:
+        live = _adapter_tensors(model, adapter_name)
+        expected = {k: tuple(v.shape) for k, v in live.items()}
+        layers = [(p, m) for p, m in lora_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r]
+        if any(adapter_name in m.merged_adapters for _, m in layers):
+            raise RuntimeError(f"adapter '{adapter_name}' is merged; unmerge before loading new weights into it")
+        embeddings = [p for p, m in layers if isinstance(m, LoraEmbedding)]
+        base_weights = {p: m.base_layer.weight for p, m in layers if isinstance(m, LoraEmbedding)}
+    else:
+        targets, saved = plan_injection(model, config, adapter_name)
+        expected = _expected_shapes(targets, saved)
+        embeddings = [t.path for t in targets if isinstance(getattr(t.module, "base_layer", t.module), nn.Embedding)]
+        base_weights = {t.path: getattr(t.module, "base_layer", t.module).weight for t in targets if t.path in embeddings}
+    # PEFT saves the embedding's base weight next to its LoRA (for resized vocabularies); accept it.
+    optional = {f"{p}.base_layer.weight": tuple(base_weights[p].shape) for p in embeddings}
+    _check_fit(expected, optional, tensors, source)
+
+    previous = active_adapters(model)
+    if exists:
+        for layer_path, layer in layers:
+            layer.set_scale(adapter_name, config.alpha_for(layer_path), config.use_rslora)
+        adapter_configs(model)[adapter_name] = config
+        mark_trainable(model, adapter_name if trainable else None)
+    else:
+        inject_lora(model, config, adapter_name, trainable=trainable)
+        live = _adapter_tensors(model, adapter_name)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key in live:
+                live[key].copy_(value)
+            else:
+                base_weights[key[: -len(".base_layer.weight")]].copy_(value)
+    set_active_adapters(model, [adapter_name] if activate else [n for n in previous if n != adapter_name])
+    return config
+
+
+def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> list[Path]:
+    """Write adapters in the PEFT layout, atomically.
+
+    With ``adapter_name`` None every adapter is written as PEFT does: ``default`` in ``path``,
+    each other one in ``path/<name>``. With a name, only that adapter is written, in ``path``.
+
+    Returns:
+        The directories written.
+    """
+    model = unwrap_model(model)
+    configs = adapter_configs(model)
+    names = [adapter_name] if adapter_name is not None else list(configs)
+    if not names:
+        raise ValueError("the model has no LoRA adapter to save")
+    root = Path(path)
+    written = []
+    for name in names:
+        if name not in configs:
+            raise ValueError(f"unknown adapter '{name}'; the model has {list(configs)}")
+        target = root if adapter_name is not None or name == "default" else root / name
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
+        _write_adapter_dir(target, configs[name].to_json_string(), tensors)
+        written.append(target)
+    return written
+
+
+def _write_adapter_dir(target: Path, config_json: str, tensors: dict[str, torch.Tensor]) -> None:
+    # A new directory is built aside and renamed into place: readers see all of it or none of it.
+    # An existing one (it may hold other files) has each file replaced atomically, weights first.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not target.exists()
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(config_json, encoding="utf-8")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(staging / name)
+        if fresh:
+            os.replace(staging, target)
+            return
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(staging / name, target / name)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

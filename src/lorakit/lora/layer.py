@@ -1,0 +1,370 @@
+"""LoRA layers: a frozen base layer plus any number of named low-rank adapters.
+
+Module and parameter names follow PEFT (``base_layer``, ``lora_A``, ``lora_B``,
+``lora_embedding_A``, ``lora_embedding_B``, ``original_module``, ``modules_to_save``), so a state
+dict of a lorakit model reads like a PEFT one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-row routing: one (adapter name or None for the base, row indices) pair per group of rows.
+RowRoutes = Sequence[tuple[Optional[str], torch.Tensor]]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (a Linear whose weight is stored (in, out)).
+
+    Detected by shape of the class rather than imported, so the core needs no transformers.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight (in, out))."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if is_conv1d(module) else (cols, rows)
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+        raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without '.' that does not start with '_'")
+
+
+class LoraLayer(nn.Module):
+    """Bookkeeping shared by the LoRA wrappers: ranks, scales, which adapters run, which are merged.
+
+    Subclasses hold the adapter weights and implement ``_delta`` (the scaled LoRA output for an
+    input) and ``delta_weight`` (the same update as a weight matrix, for merging).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_routes: Optional[RowRoutes] = None
+        # Adapters the forward pass adds: active, present here, not merged. Kept in sync by _refresh.
+        self._live: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads attributes of the layer it built (q_proj.weight, embed.num_embeddings):
+        # answer from the base layer so wrapping stays invisible to it.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _set_scale(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = float(alpha)
+        self.use_rslora[name] = use_rslora
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def set_scale(self, name: str, alpha: float, use_rslora: bool) -> None:
+        """Change an adapter's alpha (and rsLoRA choice) keeping its rank."""
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter '{name}' is merged; unmerge before changing its scale")
+        self._set_scale(name, self.r[name], alpha, use_rslora)
+
+    def _add_common(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        check_adapter_name(name)
+        if name in self.r:
+            raise ValueError(f"adapter '{name}' already exists on this layer")
+        self._set_scale(name, r, alpha, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = list(names)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._live = tuple(n for n in self.active_adapters if n in self.r and n not in self.merged_adapters)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter '{name}' is merged; unmerge before deleting it")
+        for store in self._stores():
+            if name in store:
+                del store[name]
+        del self.lora_dropout[name]
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._refresh()
+
+    def _stores(self) -> list[Any]:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for store in self._stores() if name in store for p in _params_of(store[name])]
+
+    # --- merge -------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's update in the layout of the base weight, scaled, in float32."""
+        raise NotImplementedError
+
+    def write_base_weight(self, value: torch.Tensor) -> None:
+        """Overwrite the base weight (cast to its dtype); ``merged_adapters`` says what it holds."""
+        weight = self._base_weight()
+        with torch.no_grad():
+            weight.copy_(value.to(weight.dtype))
+        self._refresh()
+
+    # --- forward -----------------------------------------------------------------------------
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self._delta(x, name).to(result.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_routes is not None:
+            return self._routed(x, result)
+        for name in self._live:
+            result = self._add_delta(result, x, name)
+        return result
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # One LoRA pass per adapter over the rows that chose it: cost grows with the number of
+        # distinct adapters in the batch, not with the number of rows.
+        for name, rows in self.row_routes:
+            if name is None or name not in self.r:
+                continue
+            if name in self.merged_adapters:
+                raise RuntimeError(f"adapter '{name}' is merged; per-row routing needs unmerged adapters")
+            rows = rows.to(x.device)
+            delta = self._delta(x.index_select(0, rows), name)
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.r)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or transformers' GPT-2 ``Conv1D``.
+
+    ``y = base(x) + B(A(dropout(x))) * scale`` with A: (r, in_features), B: (out_features, r).
+    For Conv1D (``fan_in_fan_out``) the base weight is (in, out), so the merged update is transposed.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _stores(self) -> list[Any]:
+        return [self.lora_A, self.lora_B]
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: bool | str = True,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Add adapter ``name`` of rank ``r``; B starts at zero, so the layer's output is unchanged."""
+        self._add_common(name, r, alpha, dropout, use_rslora)
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        if weight.device.type != "meta":
+            self.reset_adapter(name, init)
+
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        with torch.no_grad():
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if init is False:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                return
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.detach().float()
+        b = self.lora_B[name].weight.detach().float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        h = F.linear(self.lora_dropout[name](x).to(a.dtype), a)
+        # Scaling the (..., r) intermediate is cheaper than scaling the (..., out) result.
+        return F.linear(h * self.scaling[name], self.lora_B[name].weight)
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        b = self.lora_B[name].weight
+        if result.dtype != b.dtype or torch.is_autocast_enabled(result.device.type):
+            return super()._add_delta(result, x, name)
+        a = self.lora_A[name].weight
+        h = F.linear(self.lora_dropout[name](x).to(a.dtype), a) * self.scaling[name]
+        # addmm fuses "+ result" into the B GEMM: no separate (tokens, out) temporaries.
+        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t())
+        return out.view(result.shape)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``y = base(ids) + (A^T[ids] @ B^T) * scale``.
+
+    A: (r, num_embeddings), B: (embedding_dim, r). As in PEFT, A starts at zero and B gaussian,
+    so a fresh adapter changes nothing.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _stores(self) -> list[Any]:
+        return [self.lora_embedding_A, self.lora_embedding_B]
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: bool | str = True,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        self._add_common(name, r, alpha, dropout, use_rslora)
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        num, dim = weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **factory))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **factory))
+        if weight.device.type != "meta":
+            self.reset_adapter(name, init)
+
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        with torch.no_grad():
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            if init is False:
+                nn.init.normal_(a)
+                nn.init.normal_(b)
+            elif init == "gaussian":
+                nn.init.zeros_(a)
+                nn.init.normal_(b, std=1.0 / self.r[name])
+            else:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].detach().float()
+        b = self.lora_embedding_B[name].detach().float()
+        return (b @ a).T * self.scaling[name]
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # Dropout on integer ids is meaningless; PEFT skips it for embeddings too.
+        base = self.base_layer
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        after_a = F.embedding(
+            x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+        return (after_a @ b.T) * self.scaling[name]
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the frozen original plus one trainable copy per adapter."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_routes: Optional[RowRoutes] = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.original_module, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        check_adapter_name(name)
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter '{name}' already has a trainable copy of this module")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_active(self, names: Sequence[str]) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(
+                f"adapters {present} each train their own copy of this module; only one of them can be active"
+            )
+        self.active_adapters = list(names)
+
+    def delete(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    def active_module(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.row_routes is None or self.disabled:
+            return self.active_module()(x, *args, **kwargs)
+        result = self.original_module(x, *args, **kwargs)
+        for name, rows in self.row_routes:
+            if name is None or name not in self.modules_to_save:
+                continue
+            rows = rows.to(x.device)
+            part = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
+            result = result.index_copy(0, rows, part.to(result.dtype))
+        return result
+
+
+def _params_of(entry: Any) -> list[nn.Parameter]:
+    return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())

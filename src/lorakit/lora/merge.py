@@ -1,0 +1,106 @@
+"""Merging adapters into base weights and taking LoRA out of a model."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .inject import _replace, adapter_configs, adapter_names, lora_modules, unwrap_model
+from .layer import LoraLayer
+
+
+def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None) -> list[str]:
+    """Add adapters' updates into the base weights: ``W += scale * B @ A`` (fp32 math, cast back).
+
+    Merged adapters are skipped by the forward pass, so outputs stay the same but LoRA costs
+    nothing at inference. Merging an already merged adapter does nothing.
+
+    Args:
+        model: a model with LoRA layers.
+        adapter_names_: adapters to merge; default: the active ones.
+
+    Returns:
+        The paths of the layers whose weights changed.
+
+    Raises:
+        ValueError: an unknown adapter, or a merge that would put NaN/Inf into a weight; in that
+            case no weight of the model has changed.
+    """
+    if adapter_names_ is not None:
+        known = adapter_names(model)
+        unknown = [n for n in adapter_names_ if n not in known]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
+    plan: list[tuple[str, LoraLayer, list[str]]] = []
+    for path, layer in lora_modules(model):
+        if not isinstance(layer, LoraLayer):
+            continue
+        wanted = layer.active_adapters if adapter_names_ is None else adapter_names_
+        todo = [n for n in wanted if n in layer.r and n not in layer.merged_adapters]
+        if todo:
+            plan.append((path, layer, todo))
+
+    # Check every layer before writing any, so a bad adapter leaves the model untouched.
+    for path, layer, todo in plan:
+        merged = _merged(layer, todo)
+        if not torch.isfinite(merged.to(layer._base_weight().dtype)).all():
+            raise ValueError(
+                f"merging adapter(s) {todo} into '{path}' would produce NaN/Inf "
+                f"(in {layer._base_weight().dtype}); no weight was changed"
+            )
+    for _, layer, todo in plan:
+        value = _merged(layer, todo)
+        for name in todo:
+            layer.merged_adapters.append(name)
+        layer.write_base_weight(value)
+    return [path for path, _, _ in plan]
+
+
+def _merged(layer: LoraLayer, names: Sequence[str], sign: float = 1.0) -> torch.Tensor:
+    value = layer._base_weight().detach().float()
+    for name in names:
+        value = value + sign * layer.delta_weight(name)
+    return value
+
+
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Subtract every merged adapter's update again (fp32 math), restoring the base weights.
+
+    Returns:
+        The paths of the layers whose weights changed.
+    """
+    changed = []
+    for path, layer in lora_modules(model):
+        if isinstance(layer, LoraLayer) and layer.merged_adapters:
+            value = _merged(layer, layer.merged_adapters[::-1], sign=-1.0)
+            layer.merged_adapters.clear()
+            layer.write_base_weight(value)
+            changed.append(path)
+    return changed
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Take every LoRA wrapper out of ``model``, in place, and return it.
+
+    Args:
+        model: a model with LoRA layers.
+        merge: True folds the active adapters into the base weights and keeps their
+            ``modules_to_save`` copies; False restores the original base model.
+
+    Returns:
+        ``model``, with plain layers where the wrappers were.
+    """
+    root = unwrap_model(model)
+    if merge:
+        merge_lora(root)
+    else:
+        unmerge_lora(root)
+    for path, module in list(lora_modules(root)):
+        if isinstance(module, LoraLayer):
+            _replace(root, path, module.base_layer)
+        else:
+            _replace(root, path, module.active_module() if merge else module.original_module)
+    adapter_configs(root).clear()
+    return model
