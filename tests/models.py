@@ -18,12 +18,12 @@ def tiny_qwen3(seed: int = 0, vocab: int = 128, tie: bool = False):
     return Qwen3ForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0, tie: bool = True):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
     return GPT2LMHeadModel(config).eval()
 
 

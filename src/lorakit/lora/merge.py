@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +44,13 @@ def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None)
             plan.append((path, layer, todo))
 
     # Check every layer before writing any, so a bad adapter leaves the model untouched.
+    uses = Counter(id(p) for _, p in unwrap_model(model).named_parameters(remove_duplicate=False))
     for path, layer, todo in plan:
+        if uses[id(layer._base_weight())] > 1:
+            raise ValueError(
+                f"cannot merge into '{path}': its weight is shared with another module (tied embeddings?), "
+                "which the merge would change too; no weight was changed"
+            )
         merged = _merged(layer, todo)
         if not torch.isfinite(merged.to(layer._base_weight().dtype)).all():
             raise ValueError(
