@@ -33,6 +33,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  rank_pattern: {cfg.rank_pattern}  alpha_pattern: {cfg.alpha_pattern}")
     if cfg.modules_to_save:
         print(f"  modules_to_save: {', '.join(cfg.modules_to_save)}")
+    if desc.variants:
+        print("  variants lorakit does not load: " + ", ".join(f"{k}={v}" for k, v in desc.variants.items()))
     if cfg.base_model_name_or_path:
         print(f"  base model: {cfg.base_model_name_or_path}")
     ranks = Counter(desc.ranks.values())

@@ -104,3 +104,28 @@ def test_state_dict_names_match_peft():
     prefix = "base_model.model."
     their_names = {n[len(prefix):] for n, _ in theirs.named_parameters()}
     assert {n for n, _ in ours.named_parameters()} == their_names
+
+
+def test_training_matches_peft_step_for_step(ids):
+    ours = tiny_qwen3()
+    inject_lora(ours, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    theirs = peft.get_peft_model(tiny_qwen3(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    prefix = "base_model.model."
+    their_params = {n[len(prefix):]: p for n, p in theirs.named_parameters()}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            their_params[name].copy_(p)  # same init on both sides
+    losses = {}
+    for key, model in (("ours", ours), ("theirs", theirs)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        losses[key] = []
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[key].append(loss.item())
+    assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-6)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, their_params[name], atol=1e-5, rtol=0)

@@ -193,20 +193,31 @@ class LoraConfig:
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such adapter config") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse a JSON file holding one object; errors name the file (and line for bad JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such adapter config") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def split_variants(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate the keys of LoRA variants lorakit does not implement (DoRA, LoftQ, ...) when set."""
+    variants = {k: v for k, v in data.items() if k in _PEFT_UNSUPPORTED and not _is_inert(v)}
+    return {k: v for k, v in data.items() if k not in variants}, variants
 
 
 def _normalise_targets(value: Targets, name: str) -> Targets:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Union
 
 from safetensors import safe_open
 
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, LoraConfig, read_json_object, split_variants
 from .io import PEFT_PREFIX, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, _load_pickle
 
 # Ranks vLLM's LoRA kernels accept (its `max_lora_rank` choices).
@@ -31,6 +30,8 @@ class AdapterDescription:
     num_params: int = 0
     file_bytes: int = 0
     raw_config: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
+    """Set keys of LoRA variants lorakit does not implement (e.g. ``use_dora``)."""
 
 
 def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
@@ -38,8 +39,10 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not an adapter directory")
-    config = LoraConfig.from_json(path)
-    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw = read_json_object(path / CONFIG_NAME)
+    # Describe adapters lorakit cannot load too (DoRA...): the variant is reported, not refused.
+    supported, variants = split_variants(raw)
+    config = LoraConfig.from_dict(supported, source=str(path / CONFIG_NAME))
     shapes: dict[str, tuple[int, ...]] = {}
     weights = path / WEIGHTS_NAME
     if weights.is_file():
@@ -51,7 +54,7 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
         shapes = {k: tuple(v.shape) for k, v in _load_pickle(weights).items()}
     else:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
-    desc = AdapterDescription(path=path, config=config, file_bytes=weights.stat().st_size, raw_config=raw)
+    desc = AdapterDescription(path, config, file_bytes=weights.stat().st_size, raw_config=raw, variants=variants)
     for key, shape in shapes.items():
         count = 1
         for dim in shape:
@@ -72,9 +75,9 @@ def vllm_problems(desc: AdapterDescription) -> list[str]:
     raw = desc.raw_config
     if desc.config.modules_to_save:
         problems.append(f"modules_to_save={desc.config.modules_to_save}: vLLM serves LoRA A/B weights only")
-    if raw.get("use_dora"):
+    if desc.variants.get("use_dora"):
         problems.append("use_dora=true: vLLM does not serve DoRA")
-    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+    if raw.get("bias", "none") != "none" or desc.variants.get("lora_bias"):
         problems.append("trained biases (bias/lora_bias): vLLM does not serve LoRA biases")
     odd = sorted({r for r in desc.ranks.values() if r not in VLLM_RANKS})
     if odd:
