@@ -299,14 +299,10 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     merged = {name for m in modules if isinstance(m, LoraLayer) for name in m.merged_adapters}
     if merged:
         unmerge_lora(model)
-    previous = [m.disabled for m in modules]
-    for m in modules:
-        m.disabled = True
     try:
-        yield
+        with _set_on_all(modules, "disabled", True):
+            yield
     finally:
-        for m, was in zip(modules, previous):
-            m.disabled = was
         if merged:
             merge_lora(model, sorted(merged))
 
@@ -330,14 +326,20 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[Optional[str]]) -> I
     for row, name in enumerate(row_adapters):
         groups.setdefault(name, []).append(row)
     routes = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items())
-    previous = [m.row_routes for m in modules]
+    with _set_on_all(modules, "row_routes", routes):
+        yield
+
+
+@contextlib.contextmanager
+def _set_on_all(modules: list[nn.Module], attr: str, value: object) -> Iterator[None]:
+    previous = [getattr(m, attr) for m in modules]
     for m in modules:
-        m.row_routes = routes
+        setattr(m, attr, value)
     try:
         yield
     finally:
         for m, was in zip(modules, previous):
-            m.row_routes = was
+            setattr(m, attr, was)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

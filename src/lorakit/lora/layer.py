@@ -89,12 +89,33 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter '{name}' is merged; unmerge before changing its scale")
         self._set_scale(name, self.r[name], alpha, use_rslora)
 
-    def _add_common(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: bool | str = True,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Add adapter ``name`` of rank ``r``, initialised so that the layer's output is unchanged
+        (unless ``init`` is False). Weights live on the base weight's device (meta stays meta)."""
         check_adapter_name(name)
         if name in self.r:
             raise ValueError(f"adapter '{name}' already exists on this layer")
         self._set_scale(name, r, alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self._base_weight()
+        self._create_weights(name, r, {"device": weight.device, "dtype": dtype or weight.dtype})
+        if weight.device.type != "meta":
+            self.reset_adapter(name, init)
+
+    def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        raise NotImplementedError
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = list(names)
@@ -184,24 +205,9 @@ class LoraLinear(LoraLayer):
     def _stores(self) -> list[Any]:
         return [self.lora_A, self.lora_B]
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: bool | str = True,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Add adapter ``name`` of rank ``r``; B starts at zero, so the layer's output is unchanged."""
-        self._add_common(name, r, alpha, dropout, use_rslora)
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+    def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
-        if weight.device.type != "meta":
-            self.reset_adapter(name, init)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
         with torch.no_grad():
@@ -254,24 +260,10 @@ class LoraEmbedding(LoraLayer):
     def _stores(self) -> list[Any]:
         return [self.lora_embedding_A, self.lora_embedding_B]
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: bool | str = True,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        self._add_common(name, r, alpha, dropout, use_rslora)
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
-        num, dim = weight.shape
+    def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
+        num, dim = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **factory))
-        if weight.device.type != "meta":
-            self.reset_adapter(name, init)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
         with torch.no_grad():
