@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from typing import Optional, Sequence
@@ -60,6 +61,99 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config, seed_flag_overrides
+
+    extra = seed_flag_overrides(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    cfg = load_config(args.config, args.overrides, extra)
+    _quiet_transformers()
+    if cfg.recipe == "sft":
+        from .recipes.sft import run
+    else:  # pragma: no cover - Literal-checked by the config loader
+        raise ValueError(f"unknown recipe {cfg.recipe!r}")
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from .lora import load_adapter
+    from .models import load_model, load_tokenizer, resolve_device
+
+    _quiet_transformers()
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=device).eval()
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import complete
+
+    model, tokenizer = _load_for_generation(args)
+    chat = False if args.no_chat_template else None
+    print(complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import complete
+
+    model, tokenizer = _load_for_generation(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("lorakit chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(history cleared)")
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = complete(model, tokenizer, messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=True)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from .models import write_demo_model
+
+    _quiet_transformers()
+    path = write_demo_model(args.dir, seed=args.seed)
+    print(f"Wrote lorakit's demo model (tiny Qwen3, byte-level tokenizer, chat template) to {path}")
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) or seed-style .pth")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for large language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", choices=["vllm"], help="list what the named server would refuse; exit 1 if anything")
     p.add_argument("--all", action="store_true", help="list every wrapped module")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a LoRA adapter from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. lora.r=16 train.lr=2e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    seed = p.add_argument_group("seed-compatible LoRA flags (same as lora.* keys)")
+    seed.add_argument("--use-lora", action="store_true", help="accepted for compatibility; lorakit always trains LoRA")
+    seed.add_argument("--lora-r", type=int, help="= lora.r")
+    seed.add_argument("--lora-alpha", type=float, help="= lora.alpha")
+    seed.add_argument("--lora-dropout", type=float, help="= lora.dropout")
+    seed.add_argument("--lora-target-modules", nargs="+", metavar="MODULE", help="= lora.target_modules")
+    seed.add_argument("--lora-only-trainable", action="store_true",
+                      help="accepted for compatibility; only LoRA parameters are ever trained")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="complete one prompt (prints only the completion)")
+    _add_generation_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--no-chat-template", action="store_true", help="send the prompt as plain text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_generation_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_model)
     return parser
 
 
@@ -75,8 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # A user mistake (bad path, bad config) gets one line, not a traceback.
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # A user mistake (bad path, config, data) gets one line, not a traceback.
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

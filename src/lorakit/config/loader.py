@@ -1,0 +1,292 @@
+"""YAML <-> typed config: strict keys with suggestions, dotted overrides, and the seeds' spellings."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+from .schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, an override or a flag; the message names where."""
+
+
+# Seed spellings (004_*.txt YAML keys; 000/002 flags) -> canonical dotted keys.
+KEY_ALIASES = {
+    "lora_target": "lora.target_modules",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora.lora_target": "lora.target_modules",
+    "lora.lora_rank": "lora.r",
+    "lora.lora_alpha": "lora.alpha",
+    "lora.lora_dropout": "lora.dropout",
+}
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml ships with the hf extra
+        raise ConfigError("reading YAML configs needs pyyaml: pip install 'lorakit[hf]'") from None
+    return yaml
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys of a YAML mapping to their 1-based line numbers."""
+    yaml = _yaml()
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def read_yaml(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML mapping; returns it and the line of each dotted key."""
+    yaml = _yaml()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data, lines
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; dict-typed fields stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and _is_section(dotted):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return True  # unknown: let the strict check name it
+        cls = hints[part]
+    return dataclasses.is_dataclass(cls)
+
+
+def _valid_keys(cls: Any = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _valid_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.lr=2e-4")
+    yaml = _yaml()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def seed_flag_overrides(
+    lora_r: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    lora_dropout: Optional[float] = None,
+    lora_target_modules: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """The seeds' CLI flags (--lora-r ...) as canonical overrides."""
+    out: dict[str, Any] = {}
+    if lora_r is not None:
+        out["lora.r"] = lora_r
+    if lora_alpha is not None:
+        out["lora.alpha"] = lora_alpha
+    if lora_dropout is not None:
+        out["lora.dropout"] = lora_dropout
+    if lora_target_modules:
+        out["lora.target_modules"] = list(lora_target_modules)
+    return out
+
+
+def load_config(
+    path: Optional[Union[str, Path]] = None,
+    overrides: Sequence[str] = (),
+    extra: Optional[dict[str, Any]] = None,
+) -> RunConfig:
+    """Build a RunConfig from a YAML file, ``key=value`` overrides and already-parsed overrides.
+
+    Raises:
+        ConfigError: naming the file and line (or the override) of an unknown key, with the
+            closest valid key, or of a value of the wrong type.
+    """
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        data, lines = read_yaml(path)
+        for key, value in flatten(data).items():
+            flat[key] = value
+            where[key] = f"{path}:{lines.get(key, 1)}"
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+        where[key] = f"override '{text}'"
+    for key, value in (extra or {}).items():
+        flat[key] = value
+        where[key] = f"flag for '{key}'"
+    return build_config(flat, where)
+
+
+def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None) -> RunConfig:
+    where = where or {}
+    valid = _valid_keys()
+    canonical: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = KEY_ALIASES.get(key, key)
+        origin = where.get(key, key)
+        if name not in valid:
+            hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{origin}: unknown key '{key}'{suggestion}")
+        if name in canonical and name != key:
+            raise ConfigError(f"{origin}: '{key}' sets '{name}', which is already set")
+        canonical[name] = (value, origin)
+    cfg = RunConfig()
+    for name, (value, origin) in canonical.items():
+        section: Any = cfg
+        parts = name.split(".")
+        for part in parts[:-1]:
+            section = getattr(section, part)
+        hint = typing.get_type_hints(type(section))[parts[-1]]
+        try:
+            setattr(section, parts[-1], coerce(value, hint))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{origin}: '{name}': {err}") from None
+    _validate(cfg, {name: origin for name, (_, origin) in canonical.items()})
+    return cfg
+
+
+_POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lr", "train.epochs", "train.logging_steps")
+_NON_NEGATIVE = ("train.save_steps", "train.eval_steps", "train.weight_decay", "train.max_grad_norm")
+
+
+def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{where.get(name, 'config')}: '{name}' {message}")
+
+    for name in _POSITIVE + _NON_NEGATIVE:
+        section, field_name = name.split(".")
+        value = getattr(getattr(cfg, section), field_name)
+        if name in _POSITIVE and not value > 0:
+            fail(name, f"must be > 0, got {value!r}")
+        if name in _NON_NEGATIVE and value < 0:
+            fail(name, f"must be >= 0, got {value!r}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        fail("train.max_steps", f"must be > 0, got {cfg.train.max_steps!r}")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        fail("train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio!r}")
+    try:
+        lora = cfg.lora.to_lora_config()
+    except ValueError as err:
+        field_name = str(err).split()[0].removeprefix("LoraConfig.").split("[")[0]
+        name = f"lora.{field_name}"
+        raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
+    cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint, converting only where lossless (int -> float, '1e-4')."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError(f"expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [coerce(v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "2e-4" as a string
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    names = []
+    for arg in args:
+        if typing.get_origin(arg) is list:
+            names.append("a list")
+        elif typing.get_origin(arg) is Literal:
+            names.append(" or ".join(repr(c) for c in typing.get_args(arg)))
+        else:
+            names.append(getattr(arg, "__name__", str(arg)))
+    return " or ".join(names)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML (what a run records in output_dir/config.yaml)."""
+    return _yaml().safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,120 @@
+"""Typed run configuration. YAML is only its serialisation; every field has a docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ..lora import LoraConfig
+
+
+@dataclass
+class LoraSection:
+    """The adapter trained by the run."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    target_modules: Union[list[str], str] = "all-linear"
+    """Modules to wrap: names / dotted suffixes, a comma-separated string, a regex, or 'all-linear'."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
+    exclude_modules: Optional[Union[list[str], str]] = None
+    """Modules never wrapped (names, suffixes or a regex)."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full alongside LoRA (e.g. [lm_head]); vLLM does not serve these."""
+    init_lora_weights: Union[bool, str] = True
+    """True (kaiming A, zero B) or 'gaussian'."""
+
+    def to_lora_config(self, **extra: object) -> LoraConfig:
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+                          use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
+                          modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
+                          **extra)
+
+
+@dataclass
+class DataSection:
+    """Where the training data comes from and how it is read."""
+
+    train: str = ""
+    """Training JSONL file (required)."""
+    eval: Optional[str] = None
+    """Evaluation JSONL file; its loss is logged every train.eval_steps and at the end."""
+    format: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    """Record format: chat ('conversations' or 'messages'), alpaca (instruction/input/output),
+    text ('text'), or auto (detected per file from the first record)."""
+    skip_invalid: bool = False
+    """Skip malformed lines (counted in the log) instead of stopping before training."""
+    system_prompt: Optional[str] = None
+    """A system message put before every chat/alpaca sample that has none."""
+
+
+@dataclass
+class TrainSection:
+    """The optimisation loop."""
+
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; default: epochs x steps per epoch."""
+    lr: float = 2e-4
+    """Peak learning rate (LoRA wants roughly 10x a full fine-tune's)."""
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """Decay after warm-up."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    batch_size: int = 4
+    """Sequences per micro-batch (rows, when packing)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = 1024
+    """Tokens per sequence; longer samples are truncated."""
+    packing: bool = False
+    """Pack several samples into each row (no padding; attention and labels kept per sample)."""
+    seed: int = 42
+    """Seed for adapter init, data order and dropout."""
+    save_steps: int = 0
+    """Write a checkpoint every N optimizer steps (0: only at the end)."""
+    save_total_limit: Optional[int] = None
+    """Keep only the newest N checkpoints (None: keep all)."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    logging_steps: int = 1
+    """Write metrics every N optimizer steps."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype for the forward pass: auto is bf16 on a CUDA GPU that supports it, else fp32.
+    Base weights are loaded in this dtype on GPU; LoRA weights stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more compute)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on LoRA parameters."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to output_dir/tb (needs the tensorboard package)."""
+
+
+@dataclass
+class RunConfig:
+    """A `lorakit train` run."""
+
+    recipe: Literal["sft"] = "sft"
+    """Which recipe runs the config."""
+    model: str = ""
+    """Base model: a local Hugging Face model directory (or a hub id where a network exists)."""
+    create_demo_model: bool = False
+    """If `model` is a directory that does not exist yet, write lorakit's tiny demo model there first."""
+    output_dir: str = "out/run"
+    """Checkpoints, the final adapter (output_dir/adapter), metrics.jsonl and the loss curve go here."""
+    data: DataSection = field(default_factory=DataSection)
+    """Training and evaluation data."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """The adapter."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """The loop."""

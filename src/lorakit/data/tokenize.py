@@ -1,0 +1,167 @@
+"""Samples -> token ids with assistant-only labels; truncation, packing and collation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .records import DataError, Sample
+
+IGNORE = -100
+
+# Used when a tokenizer has no chat template of its own (ChatML, as Qwen writes it).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample. ``labels[i]`` is the target at position i (IGNORE: no loss there)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    @property
+    def num_labels(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of ``full`` written by the assistant (its content and end-of-turn marker).
+
+    A turn's span is what rendering ``messages[:i+1]`` adds over ``messages[:i]`` plus the
+    generation prompt. Templates that rewrite earlier turns (e.g. strip reasoning) are not
+    prefix-consistent; there the span is found by searching for the content instead.
+    """
+    spans = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1])
+        if full.startswith(upto) and upto.startswith(prompt):
+            spans.append((len(prompt), len(upto)))
+            cursor = len(upto)
+            continue
+        start = full.find(message["content"], cursor)
+        if start < 0:
+            raise DataError("the chat template does not reproduce an assistant turn's content verbatim")
+        end = start + len(message["content"])
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos and full.startswith(eos, end):
+            end += len(eos)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int) -> Encoded:
+    """Tokenize a sample; chat samples get labels on assistant tokens only. Truncates to max_seq_len."""
+    if sample.text is not None:
+        ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        labels = list(ids)
+    else:
+        full = render_chat(tokenizer, sample.messages)
+        spans = _assistant_spans(tokenizer, sample.messages, full)
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = []
+        for token, (start, _) in zip(ids, enc["offset_mapping"]):
+            inside = any(s <= start < e for s, e in spans)
+            labels.append(token if inside else IGNORE)
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    # Position 0 is never predicted; masking it also keeps packed samples from predicting across.
+    if labels:
+        labels[0] = IGNORE
+    return Encoded(ids, labels, sample.source)
+
+
+def encode_all(tokenizer: Any, samples: Sequence[Sample], max_seq_len: int) -> tuple[list[Encoded], int]:
+    """Encode samples, dropping those left with no label after truncation. Returns (encoded, dropped)."""
+    out, dropped = [], 0
+    for sample in samples:
+        try:
+            enc = encode_sample(tokenizer, sample, max_seq_len)
+        except DataError as err:
+            raise DataError(f"{sample.source}: {err}") from None
+        if enc.num_labels == 0:
+            dropped += 1
+            continue
+        out.append(enc)
+    return out, dropped
+
+
+@dataclass
+class Row:
+    """A training row: one sample, or several packed ones (``position_ids`` restart per sample)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def to_rows(encoded: Sequence[Encoded], max_seq_len: int, packing: bool) -> list[Row]:
+    """One row per sample, or (packing) samples concatenated greedily into rows of at most max_seq_len."""
+    if not packing:
+        return [Row(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in encoded]
+    rows: list[Row] = []
+    current = Row([], [], [])
+    for e in encoded:
+        if current.input_ids and len(current.input_ids) + len(e.input_ids) > max_seq_len:
+            rows.append(current)
+            current = Row([], [], [])
+        current.input_ids += e.input_ids
+        current.labels += e.labels
+        current.position_ids += list(range(len(e.input_ids)))
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def collate(rows: Sequence[Row], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch.
+
+    Unpacked batches carry an attention mask. Packed batches carry ``position_ids`` instead (and no
+    mask), from which transformers builds a block-diagonal causal mask: no token attends across
+    samples. Padding gets positions of its own, so it forms a separate block that nothing reads.
+    """
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row.labels)
+        positions[i, :n] = torch.tensor(row.position_ids)
+        positions[i, n:] = torch.arange(width - n)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    batch["num_tokens"] = mask.sum()
+    return batch
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # pragma: no cover

@@ -1,0 +1,78 @@
+"""lorakit's embedded demo model: a tiny Qwen3 with a byte-level tokenizer, written as an HF model dir.
+
+Random init, a few million parameters, no download: the base every quick start and test can build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from ..data.tokenize import CHATML_TEMPLATE
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_demo_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus ChatML's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_demo_model(vocab_size: int, seed: int = 0):
+    """A tiny Qwen3ForCausalLM (hidden 256, 4 layers; about 3M parameters), random init."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, rope_theta=10000.0,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
+    """Write the demo model (config, safetensors weights, tokenizer, chat template) to ``path``.
+
+    The directory is built aside and renamed into place, so a half-written model never appears.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists")
+    tokenizer = build_demo_tokenizer()
+    vocab = -(-len(tokenizer) // 64) * 64  # round up: tidy matrix shapes
+    model = build_demo_model(vocab, seed=seed)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = None
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -1,0 +1,129 @@
+"""Training checkpoints: adapter (PEFT layout), optimizer, RNG and loop position, written atomically.
+
+``output_dir/checkpoint-N/`` is built in a hidden temp dir and renamed into place, so a kill at any
+moment leaves every existing checkpoint whole and never a half one under the final name. Only
+safetensors and JSON are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..lora import load_adapter, save_adapter
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+RNG_NAME = "rng_state.safetensors"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT.match(entry.name)
+        if match and (entry / STATE_NAME).is_file():
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({
+            "params": [names[id(p)] for p in group["params"]],
+            **{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, list, tuple, type(None)))},
+        })
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"{names[id(p)]}::{key}"] = tensor.detach().to("cpu").contiguous()
+    return tensors, {"param_groups": groups}
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    adapter_name: str = "default",
+    config_yaml: Optional[str] = None,
+    total_limit: Optional[int] = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically and return its path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=output_dir))
+    try:
+        save_adapter(model, staging / "adapter_dir", adapter_name=adapter_name)
+        for item in (staging / "adapter_dir").iterdir():  # adapter files sit at the checkpoint's top level
+            os.replace(item, staging / item.name)
+        (staging / "adapter_dir").rmdir()
+        tensors, meta = _optimizer_tensors(model, optimizer)
+        save_file(tensors, str(staging / OPTIMIZER_NAME))
+        (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(staging / RNG_NAME))
+        if config_yaml is not None:
+            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (staging / STATE_NAME).write_text(json.dumps(state, indent=1))
+        for item in staging.iterdir():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():  # a rerun of the same step: replace the older copy
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, adapter_name: str = "default"
+) -> dict[str, Any]:
+    """Restore adapter weights, optimizer state and RNG from ``path``; return the loop state."""
+    load_adapter(model, path, adapter_name=adapter_name, trainable=True)
+    names = {n: p for n, p in model.named_parameters()}
+    tensors = load_file(str(path / OPTIMIZER_NAME))
+    meta = json.loads((path / OPTIMIZER_META).read_text())
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        current = [n for n, p in model.named_parameters() if any(p is q for q in group["params"])]
+        if sorted(current) != sorted(saved["params"]):
+            raise ValueError(f"{path}: the checkpoint's optimizer holds other parameters than this run's model")
+    for key, value in tensors.items():
+        name, _, field = key.partition("::")
+        param = names[name]
+        optimizer.state[param][field] = value.to(param.device) if field != "step" else value
+    rng = load_file(str(path / RNG_NAME))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return json.loads((path / STATE_NAME).read_text())

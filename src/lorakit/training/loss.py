@@ -1,0 +1,86 @@
+"""Causal-LM loss that never builds the full logits: the head runs only on labelled positions, in chunks.
+
+The summed (not averaged) token loss is returned with the number of labelled tokens, so a caller
+normalises once over a whole accumulation window (or all ranks): every labelled token weighs the
+same, however the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tokenize import IGNORE
+
+# Rows of (tokens x vocab) fp32 logits materialised at once: bounds the loss's peak memory.
+CHUNK_ROWS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
+
+    The gradient w.r.t. ``hidden`` is computed in the forward pass (softmax minus one-hot, times
+    the weight), so the backward stores (M, H) instead of (M, vocab). ``weight`` is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h = hidden[start:start + CHUNK_ROWS]
+            y = targets[start:start + CHUNK_ROWS]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad[start:start + CHUNK_ROWS] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def _plain_head(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.requires_grad or head.bias is not None:
+        return False
+    config = getattr(model, "config", None)
+    # Heads that post-process logits (soft-capping, scaling) take the generic path.
+    return not any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions of ``batch``, and their count.
+
+    Args:
+        model: a HF causal LM (``get_decoder()`` + ``get_output_embeddings()``), LoRA or not.
+        batch: ``input_ids`` (B, T), ``labels`` (B, T) with IGNORE where no loss is taken, and
+            ``attention_mask`` or ``position_ids`` (B, T).
+
+    Returns:
+        ``(loss_sum, n)``: a scalar fp32 tensor and the number of labelled tokens.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    n = int(keep.sum())
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not _plain_head(model):
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    selected = hidden[keep]  # (n, H): the head never runs on unlabelled positions
+    head = model.get_output_embeddings()
+    if n == 0:
+        return selected.sum() * 0.0, 0
+    return _LinearCrossEntropy.apply(selected, head.weight, targets[keep]), n
