@@ -63,7 +63,9 @@ def read_yaml(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, int]]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        started = f" ({context} started at line {context_mark.line + 1})" if context and context_mark else ""
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}{started}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -30,14 +30,18 @@ def _is_inert(value: Any) -> bool:
 # an inert value (None / False / {} ...); any other value changes the math and is refused, not ignored.
 _PEFT_UNSUPPORTED = (
     "use_dora", "lora_bias", "loftq_config", "megatron_config", "layer_replication",
-    "trainable_token_indices", "target_parameters", "use_qalora", "eva_config", "corda_config",
+    "trainable_token_indices", "target_parameters", "use_qalora", "corda_config",
     "lora_ga_config", "velora_config", "arrow_config", "kasa_config", "monteclora_config",
     "alora_invocation_tokens", "use_bdlora",
 )
+# Initialisations that only shape the first weights (a saved adapter is plain LoRA) vs. those that
+# also rewrite the base model (the adapter is meaningless on the original base).
+_INIT_ONLY = ("orthogonal", "eva")
+_BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # Keys PEFT writes that carry bookkeeping only; any value is accepted and not kept.
 _PEFT_BOOKKEEPING = (
     "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
-    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying", "eva_config",
 )
 # What lorakit writes for the keys above, so that PEFT and vLLM read a complete config.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -106,6 +110,7 @@ class LoraConfig:
             self.modules_to_save = _normalise_targets(self.modules_to_save, "modules_to_save")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        _check_types(self)
         _check_rank("r", self.r)
         _check_positive("alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -114,6 +119,11 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_positive(f"alpha_pattern[{key!r}]", value)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR and self.layers_to_transform:
+            raise ValueError("LoraConfig.layers_to_transform cannot be combined with a regex target_modules "
+                             "(PEFT refuses it too): put the layer index into the regex")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (PEFT refuses it otherwise)")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False or 'gaussian', "
@@ -176,6 +186,15 @@ class LoraConfig:
                 if name in kwargs:
                     raise ValueError(f"{source}: '{key}' given twice (as '{name}' and '{_TO_PEFT.get(name, name)}')")
                 kwargs[name] = value
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in _INIT_ONLY:
+            kwargs["init_lora_weights"] = True  # only shaped the first weights; the file holds the trained ones
+        elif isinstance(init, str) and init.lower().startswith(_BASE_CHANGING):
+            raise ValueError(
+                f"{source}: init_lora_weights={init!r} also rewrites the base model's weights, so this adapter "
+                "only works on that modified base; convert it to plain LoRA in PEFT first "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            )
         if kwargs.get("rank_pattern") is None:
             kwargs.pop("rank_pattern", None)
         if kwargs.get("alpha_pattern") is None:
@@ -184,7 +203,7 @@ class LoraConfig:
             return cls(**kwargs)
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
-        except TypeError as err:  # a value of the wrong type deep inside a check
+        except (TypeError, AttributeError, re.error) as err:  # a value of the wrong type deep inside a check
             raise ValueError(f"{source}: {err}") from None
 
     @classmethod
@@ -239,6 +258,36 @@ def _normalise_targets(value: Targets, name: str) -> Targets:
             raise ValueError(f"LoraConfig.{name}: every entry must be a non-empty string, got {items!r}")
         return items
     raise ValueError(f"LoraConfig.{name}: expected a list of names, a string or None, got {value!r}")
+
+
+def _check_types(cfg: "LoraConfig") -> None:
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"LoraConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
+
+    for name in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(getattr(cfg, name), bool):
+            fail(name, "true or false")
+    ltt = cfg.layers_to_transform
+    if ltt is not None and not (isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
+        fail("layers_to_transform", "a list of layer indices")
+    lp = cfg.layers_pattern
+    if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(x, str) for x in lp)):
+        fail("layers_pattern", "a name or a list of names")
+    mts = cfg.modules_to_save
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) and x for x in mts)):
+        fail("modules_to_save", "a list of module names")
+    for name in ("rank_pattern", "alpha_pattern"):
+        value = getattr(cfg, name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail(name, "a mapping of module-name patterns to numbers")
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"LoraConfig.{name}: key {key!r} is not a valid regex ({err})") from None
+    for name in ("task_type", "base_model_name_or_path"):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            fail(name, "a string")
 
 
 def _check_rank(name: str, value: Any) -> None:

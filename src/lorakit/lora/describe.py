@@ -46,9 +46,12 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
     shapes: dict[str, tuple[int, ...]] = {}
     weights = path / WEIGHTS_NAME
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises its own error types for a corrupt file
+            raise ValueError(f"{weights}: cannot read safetensors ({err})") from None
     elif (path / PICKLE_WEIGHTS_NAME).is_file():
         weights = path / PICKLE_WEIGHTS_NAME
         shapes = {k: tuple(v.shape) for k, v in _load_pickle(weights).items()}

@@ -14,7 +14,6 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, check_adapter_name, is_conv1d
 
-_DEFAULT_LAYER_LISTS = ("layers", "h", "blocks", "layer")
 # For "all-linear" on a model without get_output_embeddings(): leaf names taken to be the head.
 _HEAD_NAMES = ("lm_head", "output")
 _REGISTRY = "_lorakit_configs"
@@ -73,12 +72,35 @@ def _matches(path: str, spec: Union[list[str], str]) -> bool:
     return any(path == name or path.endswith("." + name) for name in spec)
 
 
-def _layer_index(path: str, patterns: Sequence[str]) -> Optional[int]:
-    for pattern in patterns:
-        found = re.search(rf"(?:^|\.){pattern}\.(\d+)(?:\.|$)", path)
+def _layer_index(path: str, patterns: Union[str, Sequence[str], None]) -> Optional[int]:
+    # PEFT's rule, so both pick the same layers: the first numbered segment after `<pattern>.`,
+    # or without a pattern the first `<name>.<digits>.` that follows a dot.
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        return int(found["idx"]) if found else None
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
         if found:
-            return int(found.group(1))
+            return int(found["idx"])
     return None
+
+
+def _is_target(path: str, config: LoraConfig, names: Union[list[str], str]) -> bool:
+    """PEFT's target rule (``check_target_module_exists``) with ``names`` the resolved target_modules."""
+    if config.exclude_modules is not None and _matches(path, config.exclude_modules):
+        return False
+    # A module trained in full never takes LoRA, nor does anything inside it.
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in config.modules_to_save):
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    if path in names:  # a full path named explicitly bypasses layers_to_transform
+        return True
+    if not any(path.endswith("." + n) for n in names):
+        return False
+    if not config.layers_to_transform:
+        return True
+    return _layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
@@ -120,22 +142,11 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
     spec = config.target_modules
     if spec is None:
         raise ValueError("LoraConfig.target_modules is empty: name the modules to wrap, or use 'all-linear'")
-    head = _output_head(model) if spec == ALL_LINEAR else None
-    layer_lists = config.layers_pattern or _DEFAULT_LAYER_LISTS
-    if isinstance(layer_lists, str):
-        layer_lists = [layer_lists]
+    names = resolve_all_linear(model, modules) if spec == ALL_LINEAR else spec
 
     targets: list[Target] = []
     for path, module in modules:
-        if spec == ALL_LINEAR:
-            base = module.base_layer if isinstance(module, LoraLayer) else module
-            if not _is_linear(module) or base is head or (head is None and path.split(".")[-1] in _HEAD_NAMES):
-                continue
-        elif not _matches(path, spec):
-            continue
-        if config.exclude_modules is not None and _matches(path, config.exclude_modules):
-            continue
-        if config.layers_to_transform is not None and _layer_index(path, layer_lists) not in config.layers_to_transform:
+        if not _is_target(path, config, names):
             continue
         if isinstance(module, ModulesToSave):
             raise ValueError(f"module '{path}' is trained in full (modules_to_save); it cannot also take LoRA")
@@ -157,13 +168,27 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
             if not _matches(path, config.modules_to_save):
                 continue
             if path in target_paths or isinstance(module, LoraLayer):
-                raise ValueError(f"module '{path}' is both a LoRA target and in modules_to_save")
+                raise ValueError(f"module '{path}' is in modules_to_save but already carries LoRA layers")
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 raise ValueError(f"adapter '{adapter_name}' already has a trained copy of '{path}'")
             saved.append((path, module))
         if not saved:
             raise ValueError(f"LoraConfig.modules_to_save={config.modules_to_save!r} matched no module")
     return targets, saved
+
+
+def resolve_all_linear(model: nn.Module, modules: Optional[list[tuple[str, nn.Module]]] = None) -> list[str]:
+    """``"all-linear"`` as PEFT resolves it: the leaf names of every Linear/Conv1D but the output head."""
+    modules = list(iter_modules(model)) if modules is None else modules
+    head = _output_head(model)
+    leaves = set()
+    for path, module in modules:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not _is_linear(module) or base is head or (head is None and path.split(".")[-1] in _HEAD_NAMES):
+            continue
+        leaves.add(path.split(".")[-1])
+    head_leaves = {p.split(".")[-1] for p, m in modules if head is not None and (m is head or getattr(m, "base_layer", None) is head)}
+    return sorted(leaves - head_leaves)
 
 
 def _nothing_matched(model: nn.Module, modules: list[tuple[str, nn.Module]], config: LoraConfig) -> str:
@@ -236,7 +261,7 @@ def inject_lora(
     stored = config
     if config.target_modules == ALL_LINEAR:
         # Saved configs name the layers, as PEFT writes them, so every reader wraps the same ones.
-        stored = dataclasses.replace(config, target_modules=sorted({t.path.split(".")[-1] for t in targets}))
+        stored = dataclasses.replace(config, target_modules=resolve_all_linear(model))
     if fan_in_fan_out:
         stored = dataclasses.replace(stored, fan_in_fan_out=True)
     adapter_configs(model)[adapter_name] = stored
@@ -276,7 +301,11 @@ def set_active_adapters(model: nn.Module, names: Union[str, Sequence[str]]) -> N
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
-    for _, module in lora_modules(model):
+    modules = [m for _, m in lora_modules(model)]
+    for module in modules:  # check all before switching any: a refusal leaves the model as it was
+        if isinstance(module, ModulesToSave):
+            module.check_active(names)
+    for module in modules:
         module.set_active(names)
 
 
@@ -346,6 +375,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter ``adapter_name`` from every layer (the wrappers stay for other adapters)."""
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
+    if any(isinstance(m, LoraLayer) and adapter_name in m.merged_adapters for _, m in lora_modules(model)):
+        raise RuntimeError(f"adapter '{adapter_name}' is merged; unmerge before deleting it")
     for _, module in lora_modules(model):
         if adapter_name in module.adapter_names:
             module.delete(adapter_name)

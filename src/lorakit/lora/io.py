@@ -68,7 +68,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
-    return {PEFT_PREFIX + k: v.detach() for k, v in _adapter_tensors(model, adapter_name).items()}
+    return {PEFT_PREFIX + k: _full(v.detach()) for k, v in _adapter_tensors(model, adapter_name).items()}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    # FSDP2 shards parameters as DTensors: gather the whole adapter weight (a collective: every
+    # rank must call this).
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -254,6 +261,7 @@ def load_adapter(
     if exists:
         for layer_path, layer in layers:
             layer.set_scale(adapter_name, config.alpha_for(layer_path), config.use_rslora)
+            layer.set_dropout(adapter_name, config.dropout)
         adapter_configs(model)[adapter_name] = config
         mark_trainable(model, adapter_name if trainable else None)
     else:

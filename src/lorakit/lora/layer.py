@@ -59,6 +59,7 @@ class LoraLayer(nn.Module):
         self.row_routes: Optional[RowRoutes] = None
         # Adapters the forward pass adds: active, present here, not merged. Kept in sync by _refresh.
         self._live: tuple[str, ...] = ()
+        self.train(base_layer.training)  # a wrapper put into an eval model stays in eval mode
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (q_proj.weight, embed.num_embeddings):
@@ -83,6 +84,10 @@ class LoraLayer(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
 
+    def set_dropout(self, name: str, p: float) -> None:
+        # A new module starts in training mode; follow the layer's mode so inference stays deterministic.
+        self.lora_dropout[name] = (nn.Dropout(p) if p > 0 else nn.Identity()).train(self.training)
+
     def set_scale(self, name: str, alpha: float, use_rslora: bool) -> None:
         """Change an adapter's alpha (and rsLoRA choice) keeping its rank."""
         if name in self.merged_adapters:
@@ -105,7 +110,7 @@ class LoraLayer(nn.Module):
         if name in self.r:
             raise ValueError(f"adapter '{name}' already exists on this layer")
         self._set_scale(name, r, alpha, use_rslora)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.set_dropout(name, dropout)
         weight = self._base_weight()
         self._create_weights(name, r, {"device": weight.device, "dtype": dtype or weight.dtype})
         if weight.device.type != "meta":
@@ -174,6 +179,7 @@ class LoraLayer(nn.Module):
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One LoRA pass per adapter over the rows that chose it: cost grows with the number of
         # distinct adapters in the batch, not with the number of rows.
+        check_rows(self.row_routes, x)
         for name, rows in self.row_routes:
             if name is None or name not in self.r:
                 continue
@@ -304,14 +310,16 @@ class ModulesToSave(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.row_routes: Optional[RowRoutes] = None
+        self.train(original_module.training)
 
     def __getattr__(self, name: str) -> Any:
+        # Model code reading `lm_head.weight` must see the weights the forward pass uses.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "original_module":
+            if name in ("original_module", "modules_to_save"):
                 raise
-            return getattr(self.original_module, name)
+            return getattr(self.active_module(), name)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -321,14 +329,17 @@ class ModulesToSave(nn.Module):
         check_adapter_name(name)
         if name in self.modules_to_save:
             raise ValueError(f"adapter '{name}' already has a trainable copy of this module")
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[name] = copy.deepcopy(self.original_module).train(self.training)
 
-    def set_active(self, names: Sequence[str]) -> None:
+    def check_active(self, names: Sequence[str]) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(
                 f"adapters {present} each train their own copy of this module; only one of them can be active"
             )
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.check_active(names)
         self.active_adapters = list(names)
 
     def delete(self, name: str) -> None:
@@ -348,6 +359,7 @@ class ModulesToSave(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.row_routes is None or self.disabled:
             return self.active_module()(x, *args, **kwargs)
+        check_rows(self.row_routes, x)
         result = self.original_module(x, *args, **kwargs)
         for name, rows in self.row_routes:
             if name is None or name not in self.modules_to_save:
@@ -356,6 +368,12 @@ class ModulesToSave(nn.Module):
             part = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
             result = result.index_copy(0, rows, part.to(result.dtype))
         return result
+
+
+def check_rows(routes: RowRoutes, x: torch.Tensor) -> None:
+    expected = sum(len(rows) for _, rows in routes)
+    if x.shape[0] != expected:
+        raise RuntimeError(f"route_adapters was given {expected} row adapters but the batch has {x.shape[0]} rows")
 
 
 def _params_of(entry: Any) -> list[nn.Parameter]:
