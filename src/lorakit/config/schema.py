@@ -75,6 +75,10 @@ class TrainSection:
     """Tokens per sequence; longer samples are truncated."""
     packing: bool = False
     """Pack several samples into each row (no padding; attention and labels kept per sample)."""
+    padding_free: bool = True
+    """Concatenate each micro-batch's samples into one row instead of padding them (attention and
+    labels stay per sample: same loss, no compute or memory spent on padding). Checked on the model
+    at start; a model whose attention cannot isolate packed samples falls back to padding."""
     seed: int = 42
     """Seed for adapter init, data order and dropout."""
     save_steps: int = 0

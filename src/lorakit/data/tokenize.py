@@ -132,13 +132,18 @@ def to_rows(encoded: Sequence[Encoded], max_seq_len: int, packing: bool) -> list
     return rows
 
 
-def collate(rows: Sequence[Row], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch.
+def collate(rows: Sequence[Row], pad_id: int, packed: bool, padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch, or (``padding_free``) concatenate them into one row with no padding.
 
-    Unpacked batches carry an attention mask. Packed batches carry ``position_ids`` instead (and no
-    mask), from which transformers builds a block-diagonal causal mask: no token attends across
-    samples. Padding gets positions of its own, so it forms a separate block that nothing reads.
+    Unpacked batches carry an attention mask. Packed and padding-free batches carry ``position_ids``
+    instead (and no mask), from which transformers builds a block-diagonal causal mask: no token
+    attends across samples. That needs a forward pass without a KV cache (``use_cache=False``).
+    Padding gets positions of its own, so it forms a separate block that nothing reads.
     """
+    if padding_free and len(rows) > 1:
+        rows = [Row([t for r in rows for t in r.input_ids], [t for r in rows for t in r.labels],
+                    [t for r in rows for t in r.position_ids])]
+        packed = True
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

@@ -23,6 +23,7 @@ from ..training import (
     Progress,
     causal_lm_loss,
     latest_checkpoint,
+    packed_attention_is_isolated,
     load_checkpoint,
     lr_at,
     plot_loss,
@@ -86,6 +87,13 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
         log(f"  ... and {len(wrapped) - 4} more")
     log(str(trainable_report(model)))
     log("=" * 72)
+    padding_free = tc.padding_free
+    if (tc.packing or padding_free) and not packed_attention_is_isolated(model):
+        if tc.packing:
+            raise ValueError(f"train.packing: {type(model).__name__}'s attention does not keep packed samples apart "
+                             "(it ignores restarting position_ids); set train.packing=false")
+        log("Note: this model's attention cannot isolate packed samples; padding batches instead")
+        padding_free = False
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -125,7 +133,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(eval_rows), tc.batch_size):
-                batch = to_device(collate(eval_rows[i:i + tc.batch_size], pad, tc.packing))
+                batch = to_device(collate(eval_rows[i:i + tc.batch_size], pad, tc.packing, padding_free))
                 with autocast():
                     loss_sum, n = causal_lm_loss(model, batch)
                 total, count = total + loss_sum.item(), count + n
@@ -141,12 +149,13 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
     progress = Progress(total_steps, initial=state["step"])
     last_saved = state["step"] if resumed_from else -1
     window_tokens, window_start, tokens_per_s = 0, time.perf_counter(), 0.0
+    loop_start, steps_before, tokens_before = time.perf_counter(), state["step"], state["tokens"]
     while state["step"] < total_steps:
         # The epoch's order is a function of (seed, epoch) alone: a resumed run sees the same batches.
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(tc.seed + state["epoch"]))
         batches = [order[i:i + tc.batch_size].tolist() for i in range(0, len(train_rows), tc.batch_size)]
         while state["batch"] < len(batches) and state["step"] < total_steps:
-            window = [to_device(collate([train_rows[j] for j in idx], pad, tc.packing))
+            window = [to_device(collate([train_rows[j] for j in idx], pad, tc.packing, padding_free))
                       for idx in batches[state["batch"]:state["batch"] + tc.grad_accum]]
             # Normalise by the labelled tokens of the whole window: each token weighs the same.
             n_window = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
@@ -193,6 +202,11 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
             state["epoch"] += 1
             state["batch"] = 0
     progress.close()
+    runtime = time.perf_counter() - loop_start
+    run_tokens = state["tokens"] - tokens_before
+    metrics.log({"step": state["step"], "train_runtime": runtime, "train_tokens": run_tokens})
+    log(f"Trained {state['step'] - steps_before} steps in {runtime:.1f}s: {run_tokens:,} tokens, "
+        f"{run_tokens / max(runtime, 1e-9):,.0f} tokens/s")
 
     # --- save -----------------------------------------------------------------------------------
     if eval_rows:

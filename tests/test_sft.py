@@ -1,0 +1,185 @@
+"""The SFT recipe end to end on the demo model: training, checkpoints, exact resume after SIGKILL, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.config import load_config
+from lorakit.recipes.sft import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data" / "identity.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from lorakit.models import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+def _config(tmp_path, demo, **train):
+    body = {"model": str(demo), "output_dir": str(tmp_path / "run"),
+            "data": {"train": str(DATA)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "max_seq_len": 128, "seed": 7, **train}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_trains_saves_checkpoints_and_a_peft_adapter(tmp_path, demo):
+    cfg = load_config(_config(tmp_path, demo, save_steps=3, max_steps=9), ["data.eval=" + str(DATA)])
+    lines = []
+    adapter = run(cfg, log=lines.append)
+    out = tmp_path / "run"
+    log = "\n".join(lines)
+    assert "Applied LoRA to: model.layers.0.self_attn.q_proj" in log and "Trainable %" in log
+    assert "37 samples" in log
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "rng_state.safetensors",
+                 "trainer_state.json", "config.yaml"):
+        assert (out / "checkpoint-6" / name).is_file(), name
+    assert not list(out.glob(".checkpoint-*")) and not list(out.rglob("*.pt*")) and not list(out.rglob("*.bin"))
+    records = _metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
+    assert losses[-1] < losses[0]
+    assert any("eval_loss" in r for r in records)
+    # the final adapter is a PEFT adapter of the trained weights
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo)
+    model = peft.PeftModel.from_pretrained(base, adapter)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert torch.count_nonzero(saved[name]) > 0
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight, saved[name])
+
+
+def test_packing_grad_accum_and_checkpointing_paths(tmp_path, demo):
+    base = load_config(_config(tmp_path, demo, max_steps=2, grad_accum=2, packing=True), ["lora.dropout=0.0"])
+    run(base, log=lambda _: None)
+    plain = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    again = load_config(_config(tmp_path, demo, max_steps=2, grad_accum=2, packing=True, gradient_checkpointing=True),
+                        ["lora.dropout=0.0", f"output_dir={tmp_path / 'run2'}"])
+    run(again, log=lambda _: None)
+    checkpointed = load_file(tmp_path / "run2" / "adapter" / "adapter_model.safetensors")
+    for key, value in plain.items():
+        torch.testing.assert_close(checkpointed[key], value, atol=1e-6, rtol=0)
+
+
+def _train(args, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, **popen)
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, demo):
+    steps = 30
+    cfg = _config(tmp_path, demo, max_steps=steps, save_steps=4)
+    reference = _train([str(cfg), f"output_dir={tmp_path / 'ref'}"])
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    victim = _train([str(cfg)])
+    out = tmp_path / "run"
+    deadline = time.time() + 240
+    while not (out / "checkpoint-8").exists():
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not (out / "adapter").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert killed_at < steps
+
+    resumed = _train([str(cfg), "--resume"])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"Resumed from {out / f'checkpoint-{killed_at}'}" in output
+    ours = load_file(out / "adapter" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == ref.keys()
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6
+    steps_logged = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+def test_cli_errors_are_one_line(tmp_path, demo):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"conversations": [}\n')
+    cfg = _config(tmp_path, demo)
+    proc = _train([str(cfg), f"data.train={bad}"])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2
+    assert f"error: {bad}:2: invalid JSON" in out and "Traceback" not in out
+    proc = _train([str(cfg), "train.lrr=1"])
+    out = proc.communicate(timeout=120)[0]
+    assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in out and "Traceback" not in out
+    proc = _train([str(cfg), f"model={tmp_path / 'nope'}"])
+    out = proc.communicate(timeout=120)[0]
+    assert "no such directory" in out and "Traceback" not in out
+
+
+def test_generate_prints_only_the_completion(tmp_path, demo):
+    from lorakit.generation import complete
+    from lorakit.lora import load_adapter
+    from lorakit.models import load_model, load_tokenizer
+
+    run(load_config(_config(tmp_path, demo, max_steps=3)), log=lambda _: None)
+    adapter = tmp_path / "run" / "adapter"
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(demo), "--adapter", str(adapter),
+                           "--prompt", "Who are you?", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    model = load_model(str(demo)).eval()
+    load_adapter(model, adapter)
+    expected = complete(model, load_tokenizer(str(demo)), "Who are you?", max_new_tokens=12)
+    assert proc.stdout == expected + "\n"
+    assert "Who are you?" not in proc.stdout and "<|im_start|>" not in proc.stdout
+
+
+def test_chat_is_multi_turn(tmp_path, demo):
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", str(demo), "--max-new-tokens", "4"],
+                          input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2 and "(history cleared)" in proc.stdout
+
+
+def test_demo_model_command_writes_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "demo-model", str(tmp_path / "m")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 1e7
+    assert tok.decode(tok("héllo 你好")["input_ids"]) == "héllo 你好"
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    again = subprocess.run([sys.executable, "-m", "lorakit", "demo-model", str(tmp_path / "m")], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_padding_free_batches_train_like_padded_ones(tmp_path, demo):
+    adapters = {}
+    for flag in (True, False):
+        cfg = load_config(_config(tmp_path, demo, max_steps=3, padding_free=flag),
+                          ["lora.dropout=0.0", f"output_dir={tmp_path / str(flag)}"])
+        run(cfg, log=lambda _: None)
+        adapters[flag] = load_file(tmp_path / str(flag) / "adapter" / "adapter_model.safetensors")
+    for key, value in adapters[False].items():
+        torch.testing.assert_close(adapters[True][key], value, atol=1e-5, rtol=1e-4)
