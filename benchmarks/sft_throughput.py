@@ -4,12 +4,13 @@ Model: Qwen3-shaped, ~58M parameters (hidden 512, 8 layers, vocab 32000), random
 to a temp dir that both sides load. Data: a generated single-turn chat set with varied lengths
 (byte-level tokens, 40..512 per sample), loss on the assistant reply only on both sides (TRL:
 prompt/completion format with completion-only loss). LoRA r=16, alpha 32, all linear layers, no
-dropout; batch 4, one epoch, no packing, CPU. Each side runs in its own fresh process, so its peak
+dropout; batch 4, one epoch, no packing, CPU; gradient checkpointing off on both sides, then on
+on both (TRL's SFTConfig turns it on by default). Each side runs in its own fresh process, so its peak
 RSS is its own; they alternate (lorakit, trl, lorakit, trl ...) and the best of the repeats is kept.
 
 Reported: real (non-pad) tokens per second of the training loop (the same token count on both
-sides, divided by each side's loop time), peak RSS of the process, and peak RSS minus RSS after
-the model was loaded (what training itself costs). fp32, then bf16 autocast when the CPU has
+sides, divided by each side's loop time), peak RSS of the process, and peak RSS minus the RSS
+after imports (model load + data + training). fp32, then bf16 autocast when the CPU has
 avx512_bf16/amx (reported separately).
 
     python benchmarks/sft_throughput.py [--samples 64] [--repeats 2] [--dtypes fp32,bf16]
@@ -75,7 +76,7 @@ def count_tokens(work: Path, max_len: int) -> int:
     return sum(len(e.input_ids) for e in encoded)
 
 
-def side_lorakit(work: Path, dtype: str, max_len: int) -> dict:
+def side_lorakit(work: Path, dtype: str, max_len: int, gc: bool) -> dict:
     from lorakit.config import build_config
     from lorakit.recipes.sft import run
 
@@ -84,6 +85,7 @@ def side_lorakit(work: Path, dtype: str, max_len: int) -> dict:
         "data.train": str(work / "data.jsonl"), "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0,
         "lora.target_modules": "all-linear", "train.epochs": 1, "train.batch_size": 4, "train.lr": 2e-4,
         "train.max_seq_len": max_len, "train.warmup_ratio": 0.0, "train.dtype": dtype, "train.seed": 42,
+        "train.gradient_checkpointing": gc,
     })
     run(cfg, log=lambda _: None)
     records = [json.loads(l) for l in (work / f"out-lorakit-{dtype}" / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +93,7 @@ def side_lorakit(work: Path, dtype: str, max_len: int) -> dict:
     return {"runtime": summary["train_runtime"], "tokens": summary["train_tokens"]}
 
 
-def side_trl(work: Path, dtype: str, max_len: int) -> dict:
+def side_trl(work: Path, dtype: str, max_len: int, gc: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -108,7 +110,7 @@ def side_trl(work: Path, dtype: str, max_len: int) -> dict:
                      gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="cosine",
                      warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], max_length=max_len,
                      packing=False, completion_only_loss=True, bf16=dtype == "bf16", use_cpu=True, seed=42,
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=gc)
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config)
@@ -118,14 +120,18 @@ def side_trl(work: Path, dtype: str, max_len: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     work = Path(args.work)
-    # RSS after importing and loading the model: what a side costs before training starts.
-    from transformers import AutoModelForCausalLM
+    # RSS once the libraries are imported: the baseline both sides start from.
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
 
-    AutoModelForCausalLM.from_pretrained(work / "model")
+    import lorakit.recipes.sft  # noqa: F401
+
     loaded = _current_rss_mb()
     start = time.perf_counter()
-    result = (side_lorakit if args.side == "lorakit" else side_trl)(work, args.dtype, args.max_len)
-    result.update(side=args.side, dtype=args.dtype, peak_rss_mb=_rss_mb(), loaded_rss_mb=loaded,
+    gc = args.gc == "on"
+    result = (side_lorakit if args.side == "lorakit" else side_trl)(work, args.dtype, args.max_len, gc)
+    result.update(side=args.side, dtype=args.dtype, gc=args.gc, peak_rss_mb=_rss_mb(), loaded_rss_mb=loaded,
                   wall=time.perf_counter() - start)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--dtypes", default=None, help="comma list; default fp32, plus bf16 when the CPU supports it")
+    parser.add_argument("--gradient-checkpointing", default="off,on",
+                        help="comma list of on/off, run for both sides alike (TRL's own default is on)")
+    parser.add_argument("--gc", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -151,12 +160,13 @@ def main() -> None:
         tokens = count_tokens(work, args.max_len)
         print(f"model ~58M Qwen3-shaped, {args.samples} chats, {tokens:,} real tokens per epoch, batch 4, "
               f"LoRA r=16 all-linear, max_len {args.max_len}")
-        for dtype in dtypes:
+        for dtype, gc in [(d, g) for d in dtypes for g in args.gradient_checkpointing.split(",")]:
             best: dict[str, dict] = {}
+            tag = f"{dtype}, grad-ckpt {gc}"
             for _ in range(args.repeats):
                 for side in ("lorakit", "trl"):
                     proc = subprocess.run([sys.executable, __file__, "--side", side, "--dtype", dtype, "--work", str(work),
-                                           "--max-len", str(args.max_len)], capture_output=True, text=True)
+                                           "--max-len", str(args.max_len), "--gc", gc], capture_output=True, text=True)
                     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
                     if line is None:
                         raise SystemExit(f"{side} {dtype} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -166,12 +176,12 @@ def main() -> None:
             for side, result in best.items():
                 tps = tokens / result["runtime"]
                 result["tps"] = tps
-                print(f"[{dtype}] {side:8s} {tps:9.0f} tokens/s  loop {result['runtime']:.1f}s  peak RSS "
-                      f"{result['peak_rss_mb']:.0f} MB  (training: +{result['peak_rss_mb'] - result['loaded_rss_mb']:.0f} MB)")
+                print(f"[{tag}] {side:8s} {tps:9.0f} tokens/s  loop {result['runtime']:.1f}s  peak RSS "
+                      f"{result['peak_rss_mb']:.0f} MB  (over imports: +{result['peak_rss_mb'] - result['loaded_rss_mb']:.0f} MB)")
             lk, trl = best["lorakit"], best["trl"]
-            print(f"[{dtype}] ratio lorakit/trl tokens/s = {lk['tps'] / trl['tps']:.2f}   "
+            print(f"[{tag}] ratio lorakit/trl tokens/s = {lk['tps'] / trl['tps']:.2f}   "
                   f"peak RSS = {lk['peak_rss_mb'] / trl['peak_rss_mb']:.2f}   "
-                  f"training RSS = {(lk['peak_rss_mb'] - lk['loaded_rss_mb']) / max(trl['peak_rss_mb'] - trl['loaded_rss_mb'], 1):.2f}")
+                  f"RSS over imports = {(lk['peak_rss_mb'] - lk['loaded_rss_mb']) / max(trl['peak_rss_mb'] - trl['loaded_rss_mb'], 1):.2f}")
 
 
 if __name__ == "__main__":
