@@ -78,6 +78,24 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
+def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Copy new weights into an existing adapter, in place (no re-injection, no new parameters).
+
+    ``tensors`` uses the keys of ``adapter_state_dict`` (with or without the PEFT prefix); every
+    key and shape is checked before any weight changes. This is how a rollout engine receives an
+    updated policy: only the adapter travels, the base never does.
+    """
+    model = unwrap_model(model)
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
+    live = _adapter_tensors(model, adapter_name)
+    tensors = _strip_prefix(tensors)
+    _check_fit({k: tuple(v.shape) for k, v in live.items()}, {}, tensors, f"weights for adapter '{adapter_name}'")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            live[key].copy_(value)
+
+
 def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
 
