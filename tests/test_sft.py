@@ -191,3 +191,23 @@ def test_padding_free_batches_train_like_padded_ones(tmp_path, demo):
         adapters[flag] = load_file(tmp_path / str(flag) / "adapter" / "adapter_model.safetensors")
     for key, value in adapters[False].items():
         torch.testing.assert_close(adapters[True][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_with_an_adapter_uses_it(tmp_path, demo):
+    """Regression: `complete` once routed every row to the base, ignoring the loaded adapter."""
+    from lorakit.generation import complete
+    from lorakit.lora import load_adapter
+    from lorakit.models import load_model, load_tokenizer
+
+    from .models import randomize_lora
+
+    tok = load_tokenizer(str(demo))
+    model = load_model(str(demo)).eval()
+    base = complete(model, tok, "Who are you?", max_new_tokens=8)
+    from lorakit import LoraConfig, inject_lora
+
+    inject_lora(model, LoraConfig(r=8, target_modules="all-linear"))
+    randomize_lora(model, scale=0.5)
+    adapted = complete(model, tok, "Who are you?", max_new_tokens=8)
+    assert adapted != base
+    assert adapted == complete(model, tok, "Who are you?", max_new_tokens=8, adapter="default")

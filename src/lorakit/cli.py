@@ -144,6 +144,53 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .models.export import export_merged
+
+    _quiet_transformers()
+    error = export_merged(args.model, args.adapter, args.out, args.dtype)
+    print(f"Wrote the merged model ({args.dtype}) to {args.out}")
+    if args.dtype != "fp32":
+        print(f"Merged in fp32; casting to {args.dtype} changed weights by at most {error:.3g} (max abs)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .lora import load_adapter
+    from .models import load_model, load_tokenizer, resolve_device
+    from .serve import LoraServer, ServerConfig, make_http_server
+
+    _quiet_transformers()
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=device).eval()
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        load_adapter(model, path, adapter_name=name, activate=False)
+    base_name = args.served_model_name or Path(args.model).name
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    config = ServerConfig(base_name=base_name, api_key=args.api_key,
+                          adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+                          max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
+                          default_max_tokens=min(256, args.max_tokens_limit), context_length=context)
+    server = LoraServer(model, tokenizer, config, max_batch=args.max_batch_size)
+    httpd = make_http_server(server, args.host, args.port)
+    names = ", ".join(server.engine.adapters()) or "none"
+    print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}",
+          flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model directory")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) or seed-style .pth")
@@ -187,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model")
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter to serve (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--adapter-dir", help="/v1/load_lora_adapter may only load adapters inside this directory")
+    p.add_argument("--served-model-name", help="name of the base model in the API (default: the directory name)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests run together in one batch")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")
     p.add_argument("dir")

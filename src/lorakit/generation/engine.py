@@ -9,7 +9,7 @@ calls (``update_adapter``): no reload from disk, no new modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -158,11 +158,12 @@ class Engine:
         """Replace adapter ``name``'s weights in place (keys as ``adapter_state_dict`` gives them)."""
         set_adapter_weights(self.model, tensors, name)
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        """Run ``requests`` to completion as one batch."""
+    def generate(self, requests: Sequence[Request], on_delta: Optional[Callable[[list[Delta]], None]] = None) -> list[Completion]:
+        """Run ``requests`` to completion as one batch; ``on_delta`` sees each step's new text."""
         rows: list[Optional[_Row]] = [None] * len(requests)
-        for _ in self._run(requests, rows):
-            pass
+        for deltas in self._run(requests, rows):
+            if on_delta is not None:
+                on_delta(deltas)
         return [Completion(r.tokens, r.text, r.logprobs, r.finish or "length", len(q.prompt_ids))
                 for r, q in zip(rows, requests)]
 

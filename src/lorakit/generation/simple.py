@@ -29,8 +29,18 @@ def complete(
     chat: Optional[bool] = None,
     adapter: Optional[str] = None,
 ) -> str:
-    """Generate a completion and return only the new text (greedy when temperature is 0)."""
+    """Generate a completion and return only the new text (greedy when temperature is 0).
+
+    ``adapter`` None uses the model's active adapter (the base if none is active).
+    """
+    from ..lora import active_adapters
     from .engine import Engine, Request, SamplingParams
+
+    if adapter is None:
+        active = active_adapters(model)
+        if len(active) > 1:
+            raise ValueError(f"several adapters are active ({active}); name the one to generate with")
+        adapter = active[0] if active else None
 
     text, as_chat = format_prompt(tokenizer, prompt, chat)
     # A rendered template already holds the special tokens the model expects.
