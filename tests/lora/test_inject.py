@@ -177,13 +177,29 @@ def test_mixed_batch_rows_equal_single_adapter_runs_grouped_per_adapter():
             singles[name] = model(ids).logits
         with disable_adapters(model):
             singles[None] = model(ids).logits
-        counter = _CountLinear()
-        with route_adapters(model, rows), counter:
-            mixed = model(ids).logits
+        with route_adapters(model, rows):
+            gathered = model(ids).logits  # inference: each row's A/B gathered, two batched matmuls per layer
+    counter = _CountLinear()
+    with route_adapters(model, rows), counter:
+        grouped = model(ids).logits  # with autograd: one pass per adapter group
     for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], singles[name][i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gathered[i], singles[name][i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grouped[i].detach(), singles[name][i], atol=1e-5, rtol=1e-5)
     # 14 base linears + lm_head, then A and B once per adapter (2 groups) on the 6 wrapped layers
     assert counter.calls == 15 + 6 * 2 * 2
+
+
+def test_gathered_routing_sees_in_place_weight_updates():
+    model = tiny_qwen3()
+    for name in ("a", "b"):
+        inject_lora(model, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name=name)
+    randomize_lora(model)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), route_adapters(model, ["a", "b"]):
+        before = model(ids).logits
+        model.model.layers[0].self_attn.q_proj.lora_B["b"].weight.mul_(3.0)
+        after = model(ids).logits
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
 
 
 def test_route_adapters_rejects_unknown_names():

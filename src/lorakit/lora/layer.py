@@ -177,18 +177,26 @@ class LoraLayer(nn.Module):
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        check_rows(self.row_routes, x)
+        groups = [(name, rows) for name, rows in self.row_routes if name is not None and name in self.r]
+        merged = [name for name, _ in groups if name in self.merged_adapters]
+        if merged:
+            raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
+        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and self._can_gather():
+            return self._routed_gathered(x, result)
         # One LoRA pass per adapter over the rows that chose it: cost grows with the number of
         # distinct adapters in the batch, not with the number of rows.
-        check_rows(self.row_routes, x)
-        for name, rows in self.row_routes:
-            if name is None or name not in self.r:
-                continue
-            if name in self.merged_adapters:
-                raise RuntimeError(f"adapter '{name}' is merged; per-row routing needs unmerged adapters")
+        for name, rows in groups:
             rows = rows.to(x.device)
             delta = self._delta(x.index_select(0, rows), name)
             result = result.index_add(0, rows, delta.to(result.dtype))
         return result
+
+    def _can_gather(self) -> bool:
+        return False
+
+    def _routed_gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.r)
@@ -239,6 +247,48 @@ class LoraLinear(LoraLayer):
         h = F.linear(self.lora_dropout[name](x).to(a.dtype), a)
         # Scaling the (..., r) intermediate is cheaper than scaling the (..., out) result.
         return F.linear(h * self.scaling[name], self.lora_B[name].weight)
+
+    def _can_gather(self) -> bool:
+        return True
+
+    def _stacked(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        """All adapters' A and scaled B stacked (slot 0 = zeros: the base), rebuilt when a weight changes."""
+        names = tuple(self.r)
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights),
+               tuple(self.scaling[n] for n in names))
+        cached = self.__dict__.get("_stack")
+        if cached is None or cached[0] != key:
+            r_max = max(self.r.values())
+            a0, b0 = weights[0]
+            a_all = a0.new_zeros(len(names) + 1, r_max, self.in_features)
+            b_all = b0.new_zeros(len(names) + 1, self.out_features, r_max)
+            with torch.no_grad():
+                for slot, (n, (a, b)) in enumerate(zip(names, weights), start=1):
+                    a_all[slot, : self.r[n]] = a
+                    b_all[slot, :, : self.r[n]] = b * self.scaling[n]  # ranks padded with zeros
+            cached = (key, names, a_all, b_all)
+            self.__dict__["_stack"] = cached
+        return cached[1], cached[2], cached[3]
+
+    def _routed_gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # Inference with several adapters in the batch: gather each row's A and B and run two batched
+        # matmuls, so the cost per layer does not grow with the number of distinct adapters.
+        names, a_all, b_all = self._stacked()
+        routes = self.row_routes
+        cached = self.__dict__.get("_slots")
+        if cached is None or cached[0] is not routes or cached[1] != names:
+            slots = torch.zeros(sum(len(rows) for _, rows in routes), dtype=torch.long)
+            for name, rows in routes:
+                if name in names:
+                    slots[rows.cpu()] = names.index(name) + 1
+            cached = (routes, names, slots.to(a_all.device))
+            self.__dict__["_slots"] = cached
+        slots = cached[2]
+        rows = x.shape[0]
+        h = torch.bmm(x.reshape(rows, -1, self.in_features).to(a_all.dtype), a_all.index_select(0, slots).transpose(1, 2))
+        delta = torch.bmm(h, b_all.index_select(0, slots).transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight
