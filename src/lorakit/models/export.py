@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
 
+from ..fsutil import atomic_directory
 from ..lora import load_adapter, merge_lora, unload_lora
 from .loading import DTYPES, load_model, load_tokenizer
 
@@ -41,13 +39,7 @@ def export_merged(model_dir: Union[str, Path], adapter: Union[str, Path], out: U
                 error = max(error, (p - p.to(target).float()).abs().max().item())
     plain.to(target)
     plain.config.torch_dtype = target
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         plain.save_pretrained(staging, max_shard_size="2GB")
         tokenizer.save_pretrained(staging)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return error

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fsutil import atomic_directory
 from ..lora import load_adapter, save_adapter
 
 STATE_NAME = "trainer_state.json"
@@ -72,10 +72,7 @@ def save_checkpoint(
     total_limit: Optional[int] = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically and return its path."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=output_dir))
-    try:
+    with atomic_directory(output_dir / f"checkpoint-{step}", replace=True) as staging:  # a rerun replaces
         save_adapter(model, staging / "adapter_dir", adapter_name=adapter_name)
         for item in (staging / "adapter_dir").iterdir():  # adapter files sit at the checkpoint's top level
             os.replace(item, staging / item.name)
@@ -90,19 +87,10 @@ def save_checkpoint(
         if config_yaml is not None:
             (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
         (staging / STATE_NAME).write_text(json.dumps(state, indent=1))
-        for item in staging.iterdir():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # a rerun of the same step: replace the older copy
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+    return output_dir / f"checkpoint-{step}"
 
 
 def load_checkpoint(
