@@ -98,6 +98,11 @@ class TrainSection:
     """AdamW weight decay on LoRA parameters."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
+    """Data parallel engine under torchrun: ddp (replicated base) or fsdp2 (base sharded across ranks,
+    like ZeRO-3). auto: ddp when launched with several processes, else none."""
+    dist_timeout_s: float = 300.0
+    """Collectives give up after this many seconds, so a dead rank never hangs the others."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     tensorboard: bool = False

@@ -16,7 +16,7 @@ from .inject import (
     trainable_report,
     unwrap_model,
 )
-from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter, set_adapter_weights
+from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter, set_adapter_weights, write_adapter
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import merge_lora, unload_lora, unmerge_lora
 
@@ -24,6 +24,6 @@ __all__ = [
     "LoraConfig", "inject_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
     "unload_lora", "set_active_adapters", "disable_adapters", "trainable_report",
     "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict",
-    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "set_adapter_weights",
+    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "set_adapter_weights", "write_adapter",
     "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSave",
 ]

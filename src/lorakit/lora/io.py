@@ -321,6 +321,14 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] =
     return written
 
 
+def write_adapter(path: PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter directory from a config and PEFT-keyed tensors (e.g. gathered on another rank)."""
+    target = Path(path)
+    _write_adapter_dir(target, config.to_json_string(),
+                       {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    return target
+
+
 def _write_adapter_dir(target: Path, config_json: str, tensors: dict[str, torch.Tensor]) -> None:
     # A new directory is built aside and renamed into place: readers see all of it or none of it.
     # An existing one (it may hold other files) has each file replaced atomically, weights first.

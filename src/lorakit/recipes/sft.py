@@ -16,16 +16,18 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
-from ..lora import inject_lora, save_adapter, trainable_report
+from ..distributed import LossModule, all_reduce_sum, init_distributed, shutdown, wrap
+from ..lora import adapter_configs, adapter_state_dict, inject_lora, trainable_report, write_adapter
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
 from ..training import (
     MetricsWriter,
     Progress,
     causal_lm_loss,
     latest_checkpoint,
-    packed_attention_is_isolated,
-    load_checkpoint,
+    load_checkpoint_adapter,
+    load_checkpoint_state,
     lr_at,
+    packed_attention_is_isolated,
     plot_loss,
     save_checkpoint,
     warmup_steps_for,
@@ -35,8 +37,10 @@ ADAPTER = "default"
 
 
 def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Train a LoRA adapter as ``cfg`` says; return the directory of the final adapter."""
-    out = Path(cfg.output_dir)
+    """Train a LoRA adapter as ``cfg`` says; return the directory of the final adapter.
+
+    Under torchrun every rank runs this; rank 0 logs and writes files.
+    """
     tc = cfg.train
     if not cfg.model:
         raise ValueError("config: 'model' is required (a local HF model directory)")
@@ -45,17 +49,34 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
 
     # --- setup ----------------------------------------------------------------------------------
     device = resolve_device(tc.device)
+    info = init_distributed(tc.distributed, device.type, tc.dist_timeout_s)
+    try:
+        return _run(cfg, resume, log, info, device)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device: torch.device) -> Path:
+    out = Path(cfg.output_dir)
+    tc = cfg.train
+    if info.mode != "none" and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if not info.main:
+        log = lambda _message: None  # noqa: E731 - one voice: rank 0 logs, writes metrics and files
     dtype = resolve_dtype(tc.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if cfg.create_demo_model and not Path(cfg.model).exists():
+        if info.world > 1:
+            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
         write_demo_model(cfg.model)
         log(f"Created the demo model in {cfg.model}")
     tokenizer = load_tokenizer(cfg.model)
     # On GPU the frozen base is stored in the compute dtype; on CPU it stays fp32 under autocast.
     model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
     # --- data -----------------------------------------------------------------------------------
     def load_rows(path: str, what: str) -> list[Row]:
@@ -98,74 +119,94 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    # --- optimizer and schedule -----------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    batches_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
-    warmup = warmup_steps_for(total_steps, tc.warmup_ratio)
-    log(f"Training: {total_steps} steps ({steps_per_epoch}/epoch), batch {tc.batch_size} x grad_accum "
-        f"{tc.grad_accum}, lr {tc.lr:g} {tc.lr_scheduler} (warm-up {warmup}), {dtype} on {device}")
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-    # --- resume ---------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+    # --- resume (weights), wrap, optimizer, resume (state) ----------------------------------------
+    state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0}
     resumed_from: Optional[Path] = latest_checkpoint(out) if resume else None
     if resume and resumed_from is None:
         log(f"--resume: no checkpoint in {out}; starting from scratch")
     if resumed_from is not None:
-        state.update(load_checkpoint(resumed_from, model, optimizer, ADAPTER))
-        log(f"Resumed from {resumed_from} (step {state['step']}, epoch {state['epoch']}, batch {state['batch']})")
+        load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
+    step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    global_batch = tc.batch_size * info.world  # samples per micro-batch over all ranks
+    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    warmup = warmup_steps_for(total_steps, tc.warmup_ratio)
+    log(f"Training: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch * tc.grad_accum} = "
+        f"batch {tc.batch_size} x {info.world} rank(s) x grad_accum {tc.grad_accum}, lr {tc.lr:g} {tc.lr_scheduler} "
+        f"(warm-up {warmup}), {dtype} on {device}" + (f", {info.mode}" if info.mode != "none" else ""))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    if resumed_from is not None:
+        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed))
+        log(f"Resumed from {resumed_from} (step {state['step']}, epoch {state['epoch']}, sample {state['sample']})")
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state["step"] if resumed_from else None,
-                            tensorboard_dir=out / "tb" if tc.tensorboard else None)
+                            tensorboard_dir=out / "tb" if tc.tensorboard else None) if info.main else None
 
     def autocast():
         if dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
+    def micro_batch(rows: list[Row]) -> dict[str, torch.Tensor]:
+        """This rank's share of a global micro-batch (strided: every rank gets one if any is left)."""
+        mine = rows[info.rank::info.world]
+        if not mine:  # fewer samples than ranks: a sample with no labels keeps the collectives in step
+            mine = [Row(rows[0].input_ids, [IGNORE] * len(rows[0].labels), rows[0].position_ids)]
+        return {k: v.to(device) for k, v in collate(mine, pad, tc.packing, padding_free).items()}
 
     def evaluate() -> float:
-        model.eval()
-        total, count = 0.0, 0
+        step_module.eval()
+        total, count = 0.0, 0.0
         with torch.no_grad():
-            for i in range(0, len(eval_rows), tc.batch_size):
-                batch = to_device(collate(eval_rows[i:i + tc.batch_size], pad, tc.packing, padding_free))
+            for i in range(0, len(eval_rows), global_batch):
                 with autocast():
-                    loss_sum, n = causal_lm_loss(model, batch)
-                total, count = total + loss_sum.item(), count + n
-        model.train()
-        return total / max(count, 1)
+                    loss_sum, n = step_module(micro_batch(eval_rows[i:i + global_batch]))
+                total, count = total + loss_sum.item(), count + n.item()
+        step_module.train()
+        return all_reduce_sum(total, info, device) / max(all_reduce_sum(count, info, device), 1.0)
 
     def checkpoint() -> Path:
-        return save_checkpoint(out, state["step"], model, optimizer, dict(state), ADAPTER,
+        return save_checkpoint(out, state["step"], model, optimizer, dict(state), info, ADAPTER,
                                config_yaml=dump_config(cfg), total_limit=tc.save_total_limit)
 
+    def log_metrics(record: dict) -> None:
+        if metrics is not None:
+            metrics.log(record)
+
     # --- loop -----------------------------------------------------------------------------------
-    model.train()
-    progress = Progress(total_steps, initial=state["step"])
+    step_module.train()
+    progress = Progress(total_steps, initial=state["step"]) if info.main else None
     last_saved = state["step"] if resumed_from else -1
     window_tokens, window_start, tokens_per_s = 0, time.perf_counter(), 0.0
     loop_start, steps_before, tokens_before = time.perf_counter(), state["step"], state["tokens"]
     while state["step"] < total_steps:
-        # The epoch's order is a function of (seed, epoch) alone: a resumed run sees the same batches.
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(tc.seed + state["epoch"]))
-        batches = [order[i:i + tc.batch_size].tolist() for i in range(0, len(train_rows), tc.batch_size)]
-        while state["batch"] < len(batches) and state["step"] < total_steps:
-            window = [to_device(collate([train_rows[j] for j in idx], pad, tc.packing, padding_free))
-                      for idx in batches[state["batch"]:state["batch"] + tc.grad_accum]]
-            # Normalise by the labelled tokens of the whole window: each token weighs the same.
-            n_window = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
-            loss_total = 0.0
-            for batch in window:
-                with autocast():
-                    loss_sum, _ = causal_lm_loss(model, batch)
-                loss = loss_sum / n_window
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_total += loss.item()
+        # The epoch's order is a function of (seed, epoch) alone: a resumed run sees the same batches,
+        # whatever the world size; each global micro-batch is split across the ranks.
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(tc.seed + state["epoch"])).tolist()
+        while state["sample"] < len(order) and state["step"] < total_steps:
+            window = []
+            for k in range(tc.grad_accum):
+                start = state["sample"] + k * global_batch
+                if start < len(order):
+                    window.append(micro_batch([train_rows[j] for j in order[start:start + global_batch]]))
+            # Normalise by the labelled tokens of the whole window on all ranks: each token weighs the
+            # same. DDP and FSDP2 average gradients over ranks, hence the factor world.
+            n_window = all_reduce_sum(sum(float((b["labels"][:, 1:] != IGNORE).sum()) for b in window), info, device)
+            loss_local = 0.0
+            for k, batch in enumerate(window):
+                last = k == len(window) - 1
+                if info.mode == "fsdp2":
+                    step_module.set_requires_gradient_sync(last)
+                sync = step_module.no_sync() if info.mode == "ddp" and not last else nullcontext()
+                with sync:
+                    with autocast():
+                        loss_sum, _ = step_module(batch)
+                    loss = loss_sum * info.world / n_window
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_local += loss_sum.item()
+            loss_total = all_reduce_sum(loss_local, info, device) / n_window
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
@@ -178,8 +219,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens = sum(int(b["num_tokens"]) for b in window)
-            state["batch"] += len(window)
+            tokens = int(all_reduce_sum(sum(float(b["num_tokens"]) for b in window), info, device))
+            state["sample"] = min(len(order), state["sample"] + tc.grad_accum * global_batch)
             state["step"] += 1
             state["tokens"] += tokens
 
@@ -187,38 +228,49 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
             window_tokens += tokens
             if step % tc.logging_steps == 0 or step == total_steps:
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                metrics.log({"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": lr,
-                             "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
+                log_metrics({"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": lr,
+                             "grad_norm": float(full_grad_norm(grad_norm)), "tokens": state["tokens"],
+                             "tokens_per_s": tokens_per_s})
                 window_tokens, window_start = 0, time.perf_counter()
-            progress.update(step, loss=loss_total, lr=lr, tok_s=round(tokens_per_s))
+            if progress is not None:
+                progress.update(step, loss=loss_total, lr=lr, tok_s=round(tokens_per_s))
             if eval_rows and tc.eval_steps and step % tc.eval_steps == 0:
-                metrics.log({"step": step, "eval_loss": evaluate()})
+                log_metrics({"step": step, "eval_loss": evaluate()})
                 window_start = time.perf_counter()
             if tc.save_steps and step % tc.save_steps == 0:
                 checkpoint()
                 last_saved = step
                 window_start = time.perf_counter()
-        if state["batch"] >= len(batches):
+        if state["sample"] >= len(order):
             state["epoch"] += 1
-            state["batch"] = 0
-    progress.close()
+            state["sample"] = 0
+    if progress is not None:
+        progress.close()
     runtime = time.perf_counter() - loop_start
     run_tokens = state["tokens"] - tokens_before
-    metrics.log({"step": state["step"], "train_runtime": runtime, "train_tokens": run_tokens})
+    log_metrics({"step": state["step"], "train_runtime": runtime, "train_tokens": run_tokens})
     log(f"Trained {state['step'] - steps_before} steps in {runtime:.1f}s: {run_tokens:,} tokens, "
         f"{run_tokens / max(runtime, 1e-9):,.0f} tokens/s")
 
     # --- save -----------------------------------------------------------------------------------
     if eval_rows:
         eval_loss = evaluate()
-        metrics.log({"step": state["step"], "eval_loss": eval_loss})
+        log_metrics({"step": state["step"], "eval_loss": eval_loss})
         log(f"Eval loss: {eval_loss:.4f}")
     if last_saved != state["step"]:
         checkpoint()
-    metrics.close()
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir, adapter_name=ADAPTER)
-    if plot_loss(out / "metrics.jsonl", out / "loss.png"):
-        log(f"Loss curve: {out / 'loss.png'}")
+    tensors = adapter_state_dict(model, ADAPTER)  # every rank joins the gather; rank 0 writes
+    if info.main:
+        metrics.close()
+        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        if plot_loss(out / "metrics.jsonl", out / "loss.png"):
+            log(f"Loss curve: {out / 'loss.png'}")
     log(f"Adapter saved to {adapter_dir}")
     return adapter_dir
+
+
+def full_grad_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor under FSDP2: its value is the global norm."""
+    gather = getattr(norm, "full_tensor", None)
+    return gather() if callable(gather) else norm

@@ -2,13 +2,13 @@
 
 ``output_dir/checkpoint-N/`` is built in a hidden temp dir and renamed into place, so a kill at any
 moment leaves every existing checkpoint whole and never a half one under the final name. Only
-safetensors and JSON are written.
+safetensors and JSON are written. Under DDP/FSDP2 every rank joins the gathers and rank 0 writes;
+the optimizer state is saved whole (LoRA state is small), so a checkpoint resumes on any world size.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import DistInfo, barrier, full_tensor, gather_objects, like_param
 from ..fsutil import atomic_directory
-from ..lora import load_adapter, save_adapter
+from ..lora import adapter_configs, adapter_state_dict, load_adapter, write_adapter
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -57,8 +58,15 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"{names[id(p)]}::{key}"] = tensor.detach().to("cpu").contiguous()
+                tensors[f"{names[id(p)]}::{key}"] = full_tensor(tensor).detach().to("cpu").contiguous()
     return tensors, {"param_groups": groups}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
 
 
 def save_checkpoint(
@@ -67,37 +75,44 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    info: DistInfo = DistInfo(),
     adapter_name: str = "default",
     config_yaml: Optional[str] = None,
     total_limit: Optional[int] = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically and return its path."""
-    with atomic_directory(output_dir / f"checkpoint-{step}", replace=True) as staging:  # a rerun replaces
-        save_adapter(model, staging / "adapter_dir", adapter_name=adapter_name)
-        for item in (staging / "adapter_dir").iterdir():  # adapter files sit at the checkpoint's top level
-            os.replace(item, staging / item.name)
-        (staging / "adapter_dir").rmdir()
-        tensors, meta = _optimizer_tensors(model, optimizer)
-        save_file(tensors, str(staging / OPTIMIZER_NAME))
-        (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(staging / RNG_NAME))
-        if config_yaml is not None:
-            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (staging / STATE_NAME).write_text(json.dumps(state, indent=1))
-    if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return output_dir / f"checkpoint-{step}"
+    """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this)."""
+    adapter = adapter_state_dict(model, adapter_name)  # gathers sharded weights
+    tensors, meta = _optimizer_tensors(model, optimizer)
+    rngs = gather_objects(_rng_state(), info)
+    final = output_dir / f"checkpoint-{step}"
+    if info.main:
+        with atomic_directory(final, replace=True) as staging:  # a rerun of the same step replaces it
+            write_adapter(staging / "adapter", adapter_configs(model)[adapter_name], adapter)
+            for item in (staging / "adapter").iterdir():  # adapter files sit at the top level
+                item.rename(staging / item.name)
+            (staging / "adapter").rmdir()
+            save_file(tensors, str(staging / OPTIMIZER_NAME))
+            (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
+            save_file({f"rank{r}.{k}": v for r, rng in enumerate(rngs) for k, v in rng.items()}, str(staging / RNG_NAME))
+            if config_yaml is not None:
+                (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (staging / STATE_NAME).write_text(json.dumps({**state, "world_size": info.world}, indent=1))
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, adapter_name: str = "default"
-) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state and RNG from ``path``; return the loop state."""
+def load_checkpoint_adapter(path: Path, model: nn.Module, adapter_name: str = "default") -> None:
+    """Restore the adapter weights (before the model is wrapped for DDP/FSDP2)."""
     load_adapter(model, path, adapter_name=adapter_name, trainable=True)
+
+
+def load_checkpoint_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo = DistInfo(), seed: int = 0
+) -> dict[str, Any]:
+    """Restore optimizer state (resharded to this run's layout) and RNG; return the loop state."""
     names = {n: p for n, p in model.named_parameters()}
     tensors = load_file(str(path / OPTIMIZER_NAME))
     meta = json.loads((path / OPTIMIZER_META).read_text())
@@ -108,10 +123,15 @@ def load_checkpoint(
     for key, value in tensors.items():
         name, _, field = key.partition("::")
         param = names[name]
-        optimizer.state[param][field] = value.to(param.device) if field != "step" else value
+        optimizer.state[param][field] = value if field == "step" else like_param(value, param)
+    state = json.loads((path / STATE_NAME).read_text())
     rng = load_file(str(path / RNG_NAME))
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    return json.loads((path / STATE_NAME).read_text())
+    mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{info.rank}.")}
+    if state.get("world_size", 1) == info.world and "cpu" in mine:
+        torch.set_rng_state(mine["cpu"])
+        cuda = [mine[f"cuda.{i}"] for i in range(len(mine) - 1)]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    else:  # another world size: per-rank streams cannot carry over; make new ones deterministically
+        torch.manual_seed(seed + 1000003 * state["step"] + info.rank)
+    return state
