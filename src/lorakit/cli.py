@@ -71,8 +71,32 @@ def _quiet_transformers() -> None:
         pass
 
 
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """`lorakit train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lorakit train ...`."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    rest = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", *rest]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config, seed_flag_overrides
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc)
 
     extra = seed_flag_overrides(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     cfg = load_config(args.config, args.overrides, extra)
@@ -214,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. lora.r=16 train.lr=2e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--nproc", type=int, default=1, help="launch N processes on this machine with torchrun (DDP by default)")
     seed = p.add_argument_group("seed-compatible LoRA flags (same as lora.* keys)")
     seed.add_argument("--use-lora", action="store_true", help="accepted for compatibility; lorakit always trains LoRA")
     seed.add_argument("--lora-r", type=int, help="= lora.r")
