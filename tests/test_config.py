@@ -69,3 +69,18 @@ def test_seed_aliases_land_on_the_same_config(tmp_path):
 def test_alias_and_canonical_key_together_is_an_error():
     with pytest.raises(ConfigError, match="'lora_rank' sets 'lora.r', which is already set"):
         build_config({"lora.r": 8, "lora_rank": 16})
+
+
+def test_string_overrides_are_taken_as_written():
+    cfg = load_config(None, ["model=m", "data.system_prompt=Be brief. #1 rule: no jokes", "output_dir=2024"])
+    assert cfg.data.system_prompt == "Be brief. #1 rule: no jokes" and cfg.output_dir == "2024"
+    assert load_config(None, ["train.lr=2e-4"]).train.lr == 2e-4
+
+
+def test_nonsense_limits_are_refused():
+    with pytest.raises(ConfigError, match="save_total_limit' must be >= 1"):
+        load_config(None, ["train.save_total_limit=-1"])
+    with pytest.raises(ConfigError, match="'train.lr' must be finite"):
+        load_config(None, ["train.lr=.inf"])
+    with pytest.raises(ConfigError, match="'output_dir' must not be empty"):
+        load_config(None, ["output_dir="])

@@ -136,3 +136,27 @@ def test_chunked_head_loss_equals_full_logits_loss_and_grads(tok):
     assert n == int((targets != IGNORE).sum())
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ours, model.model.norm.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_labels_stay_on_the_assistant_with_a_template_that_rewrites_history(tok):
+    # Qwen3-style: only the last assistant turn gets a <think></think> block, so renders are not prefixes
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = build_demo_tokenizer()
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "Say Hello!"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello!"}]
+    enc = encode_sample(tok, Sample("x:1", messages=messages), 512)
+    labelled = "".join(tok.decode([t]) for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE)
+    assert labelled == "Hello!<|im_end|>" + "<think>\n\n</think>\n\nHello!<|im_end|>\n"
+
+
+def test_a_template_that_refuses_the_data_is_a_data_error(tok):
+    tok = build_demo_tokenizer()
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    sample = Sample("d.jsonl:4", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                           {"role": "assistant", "content": "a"}])
+    with pytest.raises(DataError, match=r"d.jsonl:4: the chat template cannot render this conversation: System role"):
+        encode_all(tok, [sample], 64)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +212,28 @@ def test_generate_with_an_adapter_uses_it(tmp_path, demo):
     adapted = complete(model, tok, "Who are you?", max_new_tokens=8)
     assert adapted != base
     assert adapted == complete(model, tok, "Who are you?", max_new_tokens=8, adapter="default")
+
+
+def test_a_fresh_run_never_reuses_or_deletes_an_earlier_runs_checkpoints(tmp_path, demo):
+    cfg = load_config(_config(tmp_path, demo, max_steps=2, save_steps=1))
+    run(cfg, log=lambda _: None)
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run; pass --resume"):
+        run(cfg, log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_resume_skips_a_metrics_line_cut_short_by_the_kill(tmp_path, demo):
+    cfg = load_config(_config(tmp_path, demo, max_steps=2, save_steps=1))
+    run(cfg, log=lambda _: None)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "loss": 1.')
+    cfg.train.max_steps = 3
+    run(cfg, resume=True, log=lambda _: None)
+    assert [r["step"] for r in _metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
+def test_bad_device_is_a_one_line_error(tmp_path, demo):
+    proc = _train([str(_config(tmp_path, demo)), "train.device=foo"])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and "device 'foo' is not a device" in out and "Traceback" not in out

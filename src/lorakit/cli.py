@@ -122,9 +122,17 @@ def _load_for_generation(args: argparse.Namespace):
     return model, tokenizer
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import complete
 
+    _check_sampling(args)
     model, tokenizer = _load_for_generation(args)
     chat = False if args.no_chat_template else None
     print(complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat))
@@ -134,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .generation import complete
 
+    _check_sampling(args)
     model, tokenizer = _load_for_generation(args)
     messages: list[dict[str, str]] = []
     if args.system:
@@ -292,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:
         # A user mistake (bad path, config, data) gets one line, not a traceback.
         if os.environ.get("LORAKIT_DEBUG"):
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -155,18 +156,23 @@ def load_config(
         for key, value in flatten(data).items():
             flat[key] = value
             where[key] = f"{path}:{lines.get(key, 1)}"
+    raw: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         flat[key] = value
+        raw[key] = text.partition("=")[2]
         where[key] = f"override '{text}'"
     for key, value in (extra or {}).items():
         flat[key] = value
         where[key] = f"flag for '{key}'"
-    return build_config(flat, where)
+    return build_config(flat, where, raw)
 
 
-def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None) -> RunConfig:
-    where = where or {}
+def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
+                 raw: Optional[dict[str, str]] = None) -> RunConfig:
+    """Typed config from dotted keys. ``raw`` holds overrides' unparsed text: a string field takes it
+    as written (so 'data.system_prompt=Be brief. #1 rule' keeps its '#')."""
+    where, raw = where or {}, raw or {}
     valid = _valid_keys()
     canonical: dict[str, Any] = {}
     for key, value in flat.items():
@@ -178,6 +184,8 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None) -
             raise ConfigError(f"{origin}: unknown key '{key}'{suggestion}")
         if name in canonical and name != key:
             raise ConfigError(f"{origin}: '{key}' sets '{name}', which is already set")
+        if key in raw and _takes_text(name):
+            value = raw[key]
         canonical[name] = (value, origin)
     cfg = RunConfig()
     for name, (value, origin) in canonical.items():
@@ -211,6 +219,12 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
             fail(name, f"must be >= 0, got {value!r}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         fail("train.max_steps", f"must be > 0, got {cfg.train.max_steps!r}")
+    if cfg.train.save_total_limit is not None and cfg.train.save_total_limit < 1:
+        fail("train.save_total_limit", f"must be >= 1 (or null to keep all), got {cfg.train.save_total_limit!r}")
+    if not math.isfinite(cfg.train.lr):
+        fail("train.lr", f"must be finite, got {cfg.train.lr!r}")
+    if not cfg.output_dir:
+        fail("output_dir", "must not be empty")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         fail("train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio!r}")
     try:
@@ -220,6 +234,14 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         name = f"lora.{field_name}"
         raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
+
+
+def _takes_text(name: str) -> bool:
+    section: Any = RunConfig
+    for part in name.split("."):
+        section = typing.get_type_hints(section)[part]
+    args = typing.get_args(section)
+    return section is str or (str in args and not any(typing.get_origin(a) is list for a in args))
 
 
 def coerce(value: Any, hint: Any) -> Any:

@@ -32,9 +32,13 @@ class Encoded:
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """Render with the tokenizer's chat template (ChatML when it has none: training and generation agree)."""
     template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=template)
+    except Exception as err:  # jinja2's TemplateError and friends: the template refuses this conversation
+        raise DataError(f"the chat template cannot render this conversation: {err}") from None
 
 
 def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
@@ -48,6 +52,10 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
+            # Walk past this turn's text too, so a content search never lands in an earlier turn.
+            found = full.find(message["content"], cursor) if message["content"] else -1
+            if found >= 0:
+                cursor = found + len(message["content"])
             continue
         prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1])

@@ -8,10 +8,10 @@ from ..data.tokenize import render_chat
 
 
 def format_prompt(tokenizer: Any, prompt: Union[str, list[dict[str, str]]], chat: Optional[bool] = None) -> tuple[str, bool]:
-    """Render ``prompt``: with the chat template and a generation prompt when ``chat`` (default: when
-    the tokenizer has a template or ``prompt`` is a list of messages). Returns (text, rendered_as_chat)."""
+    """Render ``prompt``: with the chat template and a generation prompt unless ``chat`` is False (the
+    template is the tokenizer's, or ChatML as in training). Returns (text, rendered_as_chat)."""
     if chat is None:
-        chat = isinstance(prompt, list) or bool(getattr(tokenizer, "chat_template", None))
+        chat = True
     if not chat:
         return (prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)), False
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

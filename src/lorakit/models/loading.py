@@ -17,7 +17,10 @@ class ModelError(ValueError):
 def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ModelError(f"device '{spec}' is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device '{spec}' requested but no CUDA device is available")
     return device

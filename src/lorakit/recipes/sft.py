@@ -6,6 +6,7 @@ Reads top to bottom: setup, data, adapter, optimizer, (resume), loop, save. Run 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -124,6 +125,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     resumed_from: Optional[Path] = latest_checkpoint(out) if resume else None
     if resume and resumed_from is None:
         log(f"--resume: no checkpoint in {out}; starting from scratch")
+    if not resume and latest_checkpoint(out) is not None:
+        raise ValueError(f"output_dir {out} already holds checkpoints of an earlier run; pass --resume to continue "
+                         "it, or choose another output_dir (nothing was overwritten)")
+    if resumed_from is not None and json.loads((resumed_from / "trainer_state.json").read_text())["step"] > (tc.max_steps or 1 << 62):
+        raise ValueError(f"{resumed_from} is past train.max_steps={tc.max_steps}; raise max_steps to continue")
     if resumed_from is not None:
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)

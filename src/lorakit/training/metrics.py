@@ -19,8 +19,14 @@ class MetricsWriter:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill that we resume from
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
         self._tb = None
         if tensorboard_dir is not None:
