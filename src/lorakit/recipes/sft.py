@@ -17,7 +17,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
-from ..distributed import LossModule, all_reduce_sum, init_distributed, shutdown, wrap
+from ..distributed import LossModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
 from ..lora import adapter_configs, adapter_state_dict, inject_lora, trainable_report, write_adapter
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
 from ..training import (
@@ -52,7 +52,9 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
     device = resolve_device(tc.device)
     info = init_distributed(tc.distributed, device.type, tc.dist_timeout_s)
     try:
-        return _run(cfg, resume, log, info, device)
+        adapter_dir = _run(cfg, resume, log, info, device)
+        barrier(info)  # leave together: a rank tearing down its process group early can abort a peer
+        return adapter_dir
     finally:
         shutdown(info)
 
