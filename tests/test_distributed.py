@@ -59,13 +59,13 @@ def _adapter(out_dir):
     return load_file(Path(out_dir) / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2+gc"])
 def test_two_ranks_match_one_process(tmp_path, demo, mode):
     # lr as typical for LoRA; Adam turns float-rounding noise in near-zero gradients into steps of size
     # ~lr, so the adapter tolerance scales with it
-    cfg = _config(tmp_path, demo, grad_accum=2, lr=2e-4)
+    cfg = _config(tmp_path, demo, grad_accum=2, lr=2e-4, gradient_checkpointing=mode.endswith("+gc"))
     _run(cfg, 1, f"output_dir={tmp_path / 'single'}", "train.batch_size=4")
-    log = _run(cfg, 2, f"output_dir={tmp_path / mode}", f"train.distributed={mode}")
+    log = _run(cfg, 2, f"output_dir={tmp_path / mode}", f"train.distributed={mode.split('+')[0]}")
     assert "global batch 8 = batch 2 x 2 rank(s) x grad_accum 2" in log
     single, dist = _losses(tmp_path / "single"), _losses(tmp_path / mode)
     assert sorted(single) == sorted(dist) == [1, 2, 3, 4]

@@ -298,7 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after flags (`train cfg.yaml --nproc 2 lora.r=8`): argparse cannot
+    # split one positional list around options, so the stragglers are collected here.
+    args, extra = parser.parse_known_args(argv)
+    leftovers = [e for e in extra if not (args.command == "train" and "=" in e and not e.startswith("-"))]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides) + [e for e in extra if e not in leftovers]
     try:
         return args.func(args)
     except (ValueError, OSError) as err:
