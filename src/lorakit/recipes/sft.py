@@ -6,7 +6,6 @@ Reads top to bottom: setup, data, adapter, optimizer, (resume), loop, save. Run 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -130,8 +129,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if not resume and latest_checkpoint(out) is not None:
         raise ValueError(f"output_dir {out} already holds checkpoints of an earlier run; pass --resume to continue "
                          "it, or choose another output_dir (nothing was overwritten)")
-    if resumed_from is not None and json.loads((resumed_from / "trainer_state.json").read_text())["step"] > (tc.max_steps or 1 << 62):
-        raise ValueError(f"{resumed_from} is past train.max_steps={tc.max_steps}; raise max_steps to continue")
+
     if resumed_from is not None:
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)
@@ -148,6 +146,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     if resumed_from is not None:
         state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed))
+        if state["step"] > total_steps:
+            raise ValueError(f"{resumed_from} is at step {state['step']}, past this run's {total_steps} steps; "
+                             "raise train.max_steps to continue it")
         log(f"Resumed from {resumed_from} (step {state['step']}, epoch {state['epoch']}, sample {state['sample']})")
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state["step"] if resumed_from else None,
                             tensorboard_dir=out / "tb" if tc.tensorboard else None) if info.main else None
