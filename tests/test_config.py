@@ -91,3 +91,9 @@ def test_overrides_may_follow_flags():
 
     # parse only: an unknown key proves the late override reached the config loader
     assert main(["train", "/dev/null", "--resume", "lora.rr=3"]) == 2
+
+
+def test_later_sources_override_earlier_ones_by_alias_and_empty_sections_are_fine(tmp_path):
+    path = _write(tmp_path, "model: m\nlora:\n  r: 16\ntrain:\n")
+    assert load_config(path, ["lora_rank=8"]).lora.r == 8
+    assert load_config(_write(tmp_path, "model: m\nlora: {}\n")).lora.r == 16

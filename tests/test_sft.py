@@ -237,3 +237,14 @@ def test_bad_device_is_a_one_line_error(tmp_path, demo):
     proc = _train([str(_config(tmp_path, demo)), "train.device=foo"])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2 and "device 'foo' is not a device" in out and "Traceback" not in out
+
+
+def test_resume_under_other_settings_is_refused(tmp_path, demo):
+    cfg = load_config(_config(tmp_path, demo, max_steps=2, save_steps=1))
+    run(cfg, log=lambda _: None)
+    changed = load_config(_config(tmp_path, demo, max_steps=4, save_steps=1, batch_size=2))
+    with pytest.raises(ValueError, match=r"global batch \(train.batch_size x ranks\): 4 x 1 -> 2 x 1"):
+        run(changed, resume=True, log=lambda _: None)
+    reseeded = load_config(_config(tmp_path, demo, max_steps=4, save_steps=1, seed=8))
+    with pytest.raises(ValueError, match=r"train.seed: 7 -> 8"):
+        run(reseeded, resume=True, log=lambda _: None)

@@ -79,8 +79,10 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and _is_section(dotted):
+        if isinstance(value, dict) and _is_section(dotted):
             out.update(flatten(value, dotted + "."))
+        elif value is None and _is_section(dotted) and dotted in {f.name for f in dataclasses.fields(RunConfig)}:
+            continue  # an empty section (`lora:` with nothing under it) sets nothing
         else:
             out[dotted] = value
     return out
@@ -177,12 +179,12 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
     canonical: dict[str, Any] = {}
     for key, value in flat.items():
         name = KEY_ALIASES.get(key, key)
-        origin = where.get(key, key)
+        origin = where.get(key, "config")
         if name not in valid:
             hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{origin}: unknown key '{key}'{suggestion}")
-        if name in canonical and name != key:
+        if name in canonical and name != key and _source(canonical[name][1]) == _source(origin):
             raise ConfigError(f"{origin}: '{key}' sets '{name}', which is already set")
         if key in raw and _takes_text(name):
             value = raw[key]
@@ -234,6 +236,11 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         name = f"lora.{field_name}"
         raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
+
+
+def _source(origin: str) -> str:
+    """The file of 'path:line', or 'override'/'flag': a later source may override an earlier one."""
+    return origin.split(" ")[0] if origin.startswith(("override", "flag")) else origin.rsplit(":", 1)[0]
 
 
 def _takes_text(name: str) -> bool:
