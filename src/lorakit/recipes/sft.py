@@ -17,7 +17,7 @@ import torch
 
 from ..config import RunConfig, dump_config, load_config
 from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
-from ..distributed import LossModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
+from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..lora import adapter_configs, adapter_state_dict, inject_lora, trainable_report, write_adapter
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
 from ..training import (
@@ -240,7 +240,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             if step % tc.logging_steps == 0 or step == total_steps:
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 log_metrics({"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": lr,
-                             "grad_norm": float(full_grad_norm(grad_norm)), "tokens": state["tokens"],
+                             "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP2 "tokens": state["tokens"],
                              "tokens_per_s": tokens_per_s})
                 window_tokens, window_start = 0, time.perf_counter()
             if progress is not None:
@@ -304,9 +304,3 @@ def _check_same_run(checkpoint: Path, cfg: RunConfig, world: int) -> None:
     if changed:
         raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would not continue it: "
                          + "; ".join(changed))
-
-
-def full_grad_norm(norm: torch.Tensor) -> torch.Tensor:
-    """clip_grad_norm_ returns a DTensor under FSDP2: its value is the global norm."""
-    gather = getattr(norm, "full_tensor", None)
-    return gather() if callable(gather) else norm
