@@ -86,11 +86,12 @@ def test_nonsense_limits_are_refused():
         load_config(None, ["output_dir="])
 
 
-def test_overrides_may_follow_flags():
+def test_overrides_may_follow_flags(capsys):
     from lorakit.cli import main
 
-    # parse only: an unknown key proves the late override reached the config loader
+    # an unknown key named in the error proves the late override reached the config loader
     assert main(["train", "/dev/null", "--resume", "lora.rr=3"]) == 2
+    assert "unknown key 'lora.rr' (did you mean 'lora.r'?)" in capsys.readouterr().err
 
 
 def test_later_sources_override_earlier_ones_by_alias_and_empty_sections_are_fine(tmp_path):
