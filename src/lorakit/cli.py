@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_transformers()
     if cfg.recipe == "sft":
         from .recipes.sft import run
+    elif cfg.recipe == "grpo":
+        from .recipes.grpo import run
     else:  # pragma: no cover - Literal-checked by the config loader
         raise ValueError(f"unknown recipe {cfg.recipe!r}")
     run(cfg, resume=args.resume)

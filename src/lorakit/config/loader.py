@@ -204,8 +204,12 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
     return cfg
 
 
-_POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lr", "train.epochs", "train.logging_steps")
-_NON_NEGATIVE = ("train.save_steps", "train.eval_steps", "train.weight_decay", "train.max_grad_norm")
+_POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lr", "train.epochs", "train.logging_steps",
+             "grpo.prompts_per_step", "grpo.num_iterations", "grpo.mini_batches", "grpo.max_prompt_len",
+             "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.max_batch", "rollout.timeout_s",
+             "rollout.concurrency")
+_NON_NEGATIVE = ("train.save_steps", "train.eval_steps", "train.weight_decay", "train.max_grad_norm",
+                 "grpo.clip_eps_low", "grpo.clip_eps_high", "grpo.beta", "rollout.top_k")
 
 
 def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
@@ -229,6 +233,21 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         fail("output_dir", "must not be empty")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         fail("train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio!r}")
+    if cfg.rollout.top_p > 1.0:
+        fail("rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p!r}")
+    if cfg.recipe == "grpo":
+        if cfg.rollout.num_generations < 2:
+            fail("rollout.num_generations", f"must be >= 2: advantages compare completions of the same prompt, got "
+                 f"{cfg.rollout.num_generations!r}")
+        if cfg.grpo.clip_eps_low >= 1.0:
+            fail("grpo.clip_eps_low", f"must be < 1 (the ratio's lower bound is 1 - clip_eps_low), got {cfg.grpo.clip_eps_low!r}")
+        if cfg.rollout.engine == "server" and not cfg.rollout.base_url:
+            fail("rollout.base_url", "is required with rollout.engine=server (e.g. http://127.0.0.1:8000/v1)")
+        if not cfg.grpo.rewards:
+            fail("grpo.rewards", "must name at least one reward, e.g. {numeric_match: 1.0}")
+        bad = [k for k, w in cfg.grpo.rewards.items() if not math.isfinite(w)]
+        if bad:
+            fail("grpo.rewards", f"weights must be finite numbers: {bad}")
     try:
         lora = cfg.lora.to_lora_config()
     except ValueError as err:
@@ -280,7 +299,8 @@ def coerce(value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {coerce(k, key_hint): coerce(v, value_hint) for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

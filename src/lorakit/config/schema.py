@@ -16,8 +16,9 @@ class LoraSection:
     """LoRA rank."""
     alpha: float = 32.0
     """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = 0.05
-    """Dropout on the LoRA branch input, in [0, 1)."""
+    dropout: Optional[float] = None
+    """Dropout on the LoRA branch input, in [0, 1). Default: 0.05 for SFT, 0.0 for GRPO (the
+    sampler runs without dropout, so the trainer's log-probs must too)."""
     target_modules: Union[list[str], str] = "all-linear"
     """Modules to wrap: names / dotted suffixes, a comma-separated string, a regex, or 'all-linear'."""
     use_rslora: bool = False
@@ -29,8 +30,9 @@ class LoraSection:
     init_lora_weights: Union[bool, str] = True
     """True (kaiming A, zero B) or 'gaussian'."""
 
-    def to_lora_config(self, **extra: object) -> LoraConfig:
-        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+    def to_lora_config(self, default_dropout: float = 0.05, **extra: object) -> LoraConfig:
+        dropout = default_dropout if self.dropout is None else self.dropout
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=dropout, target_modules=self.target_modules,
                           use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
                           modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
                           **extra)
@@ -110,20 +112,100 @@ class TrainSection:
 
 
 @dataclass
+class RolloutSection:
+    """Where GRPO's completions come from."""
+
+    engine: Literal["local", "server"] = "local"
+    """local: lorakit's generation engine in this process (the policy's own weights, or under FSDP2 a
+    full copy whose adapter is updated in place). server: an OpenAI-compatible server with
+    /v1/load_lora_adapter (lorakit serve, vLLM); after each update only the adapter is written and
+    loaded there under a new name."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (a group)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    max_new_tokens: int = 256
+    """Completion length limit (finish_reason 'length' beyond it)."""
+    max_batch: int = 64
+    """Completions generated together in one local batch."""
+    base_url: Optional[str] = None
+    """Server engine: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    api_key: Optional[str] = None
+    """Server engine: bearer token (default: the LORAKIT_API_KEY or OPENAI_API_KEY environment variable)."""
+    adapter_dir: Optional[str] = None
+    """Server engine: where adapters are written for the server to load; it must read the same
+    filesystem (default: output_dir/rollout_adapters)."""
+    timeout_s: float = 600.0
+    """Server engine: seconds to wait for one HTTP request."""
+    concurrency: int = 16
+    """Server engine: requests in flight at once (the server batches them)."""
+
+
+@dataclass
+class GrpoSection:
+    """Group Relative Policy Optimisation on verifiable rewards."""
+
+    rewards: dict[str, float] = field(default_factory=lambda: {"numeric_match": 1.0})
+    """Reward functions and their weights: built-ins numeric_match, answer_format, countdown, or
+    'package.module:function' taking (prompt, completion, **record_fields) -> float."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch, over all ranks (each gets rollout.num_generations completions)."""
+    num_iterations: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    mini_batches: int = 1
+    """Optimizer steps per pass: a rollout batch gives num_iterations x mini_batches updates."""
+    clip_eps_low: float = 0.2
+    """Lower trust-region bound: ratio >= 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """Upper bound: ratio <= 1 + clip_eps_high (DAPO's clip-higher uses 0.28)."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the reference (0: no penalty)."""
+    log_kl: bool = False
+    """Compute the KL to the reference for the log even when beta is 0 (one more forward pass)."""
+    reference: Literal["auto", "base", "init_adapter"] = "auto"
+    """The reference policy: the base with adapters disabled, or a frozen copy of init_adapter.
+    auto: init_adapter when one is given, else base."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (False: Dr. GRPO's r - mean)."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """token: every completion token of the batch weighs the same; sequence: mean per completion,
+    then over completions."""
+    mask_truncated: bool = False
+    """Leave completions cut off by max_new_tokens out of the loss."""
+    max_prompt_len: int = 512
+    """Prompts longer than this (in tokens) are an error naming the line."""
+    chat_template: bool = True
+    """Render prompts with the chat template and a generation prompt (False: the raw prompt text)."""
+    eval_max_new_tokens: Optional[int] = None
+    """Greedy completion length for held-out evaluation (default: rollout.max_new_tokens)."""
+
+
+@dataclass
 class RunConfig:
     """A `lorakit train` run."""
 
-    recipe: Literal["sft"] = "sft"
-    """Which recipe runs the config."""
+    recipe: Literal["sft", "grpo"] = "sft"
+    """Which recipe runs the config: sft (chat/Alpaca/text data) or grpo (prompts + rewards)."""
     model: str = ""
     """Base model: a local Hugging Face model directory (or a hub id where a network exists)."""
     create_demo_model: bool = False
     """If `model` is a directory that does not exist yet, write lorakit's tiny demo model there first."""
     output_dir: str = "out/run"
     """Checkpoints, the final adapter (output_dir/adapter), metrics.jsonl and the loss curve go here."""
+    init_adapter: Optional[str] = None
+    """Start from this adapter (a PEFT directory) instead of a fresh one; lora.* then comes from its
+    config. GRPO keeps a frozen copy of it as the reference (see grpo.reference)."""
     data: DataSection = field(default_factory=DataSection)
     """Training and evaluation data."""
     lora: LoraSection = field(default_factory=LoraSection)
     """The adapter."""
     train: TrainSection = field(default_factory=TrainSection)
     """The loop."""
+    grpo: GrpoSection = field(default_factory=GrpoSection)
+    """GRPO settings (recipe: grpo)."""
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    """Completion sampling for GRPO (recipe: grpo)."""

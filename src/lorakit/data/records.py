@@ -140,3 +140,71 @@ def read_jsonl(
     if not samples:
         raise DataError(f"{path}: no usable samples" + (f" ({skipped} invalid lines skipped)" if skipped else ""))
     return samples, skipped
+
+
+@dataclass
+class PromptRecord:
+    """One RL prompt and the fields its rewards read."""
+
+    source: str
+    """Where it came from, as ``path:line``."""
+    prompt: str
+    """The prompt text (for ``messages`` records, the last user turn), as rewards receive it."""
+    messages: Optional[list[dict[str, str]]]
+    """The chat turns of a ``messages`` record (no assistant reply at the end), else None."""
+    fields: dict[str, Any]
+    """Every other key of the record (``answer``, ``nums``, ``target`` ...)."""
+
+
+def read_prompts(path: Union[str, Path], skip_invalid: bool = False) -> tuple[list[PromptRecord], int]:
+    """Read RL prompts: JSONL records with ``prompt`` (a string) or ``messages`` (chat turns ending
+    with a user turn), plus any fields the rewards read.
+
+    Returns:
+        ``(records, number of skipped lines)``.
+
+    Raises:
+        DataError: ``path:line: what is wrong`` (unless skipped), or ``path: ...`` for a missing or
+            empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompt file")
+    records: list[PromptRecord] = []
+    skipped = 0
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
+                if "messages" in record:
+                    turns = record["messages"]
+                    if not isinstance(turns, list) or not turns:
+                        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+                    messages = []
+                    for i, turn in enumerate(turns):
+                        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+                            raise ValueError(f"messages[{i}] must be {{role: one of {list(ROLES)}, content: string}}")
+                        messages.append({"role": turn["role"], "content": turn["content"]})
+                    if messages[-1]["role"] != "user":
+                        raise ValueError("the last message must be the user's (the model writes the reply)")
+                    records.append(PromptRecord(where, messages[-1]["content"], messages, fields))
+                elif isinstance(record.get("prompt"), str) and record["prompt"]:
+                    records.append(PromptRecord(where, record["prompt"], None, fields))
+                else:
+                    raise ValueError(f"expected a non-empty 'prompt' string or 'messages'; got keys {sorted(record)}")
+            except ValueError as err:
+                if not skip_invalid:
+                    raise DataError(f"{where}: {err}") from None
+                skipped += 1
+    if not records:
+        raise DataError(f"{path}: no usable prompts" + (f" ({skipped} invalid lines skipped)" if skipped else ""))
+    return records, skipped

@@ -57,6 +57,10 @@ class Completion:
     finish_reason: str
     """'stop' (end-of-sequence or a stop string) or 'length'."""
     prompt_tokens: int
+    stop_token_id: Optional[int] = None
+    """The end-of-sequence token that ended the completion (not in token_ids or text), if one did."""
+    stop_logprob: Optional[float] = None
+    """Its log-prob (RL trains on it: stopping is a choice too)."""
 
 
 @dataclass
@@ -80,6 +84,8 @@ class _Row:
         self.emitted = 0  # characters of text already streamed
         self.text = ""
         self.finish: Optional[str] = None
+        self.stop_token: Optional[int] = None
+        self.stop_logprob: Optional[float] = None
         seed = request.params.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         # Held back while streaming: a stop string may still be completing.
@@ -89,6 +95,7 @@ class _Row:
         params = self.request.params
         if token in self.eos and not params.ignore_eos:
             self.finish = "stop"
+            self.stop_token, self.stop_logprob = token, logprob
             return Delta(0, self._flush(), None, None, self.finish)
         self.tokens.append(token)
         self.logprobs.append(logprob)
@@ -164,8 +171,8 @@ class Engine:
         for deltas in self._run(requests, rows):
             if on_delta is not None:
                 on_delta(deltas)
-        return [Completion(r.tokens, r.text, r.logprobs, r.finish or "length", len(q.prompt_ids))
-                for r, q in zip(rows, requests)]
+        return [Completion(r.tokens, r.text, r.logprobs, r.finish or "length", len(q.prompt_ids), r.stop_token,
+                           r.stop_logprob) for r, q in zip(rows, requests)]
 
     def stream(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:
         """Yield, after each decode step, the new text of every row that produced some."""

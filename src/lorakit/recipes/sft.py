@@ -6,7 +6,6 @@ Reads top to bottom: setup, data, adapter, optimizer, (resume), loop, save. Run 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -15,12 +14,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import RunConfig, dump_config, load_config
+from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
-from ..lora import adapter_configs, adapter_state_dict, inject_lora, trainable_report, write_adapter
+from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
+                    write_adapter)
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
 from ..training import (
+    check_same_run,
     MetricsWriter,
     Progress,
     causal_lm_loss,
@@ -101,8 +102,13 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     # --- adapter --------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    lora_config = cfg.lora.to_lora_config(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)
-    wrapped = inject_lora(model, lora_config, adapter_name=ADAPTER)
+    if cfg.init_adapter:  # continue training an existing adapter: its own config rules
+        load_adapter(model, cfg.init_adapter, adapter_name=ADAPTER, trainable=True)
+        wrapped = [name for name, _ in lora_modules(model)]
+        log(f"Starting from adapter {cfg.init_adapter} (its lora settings replace the config's)")
+    else:
+        lora_config = cfg.lora.to_lora_config(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)
+        wrapped = inject_lora(model, lora_config, adapter_name=ADAPTER)
     log("=" * 72)
     log(f"Applying LoRA to {type(model).__name__} ({cfg.model})")
     for name in wrapped[:4]:
@@ -132,7 +138,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                          "it, or choose another output_dir (nothing was overwritten)")
 
     if resumed_from is not None:
-        _check_same_run(resumed_from, cfg, info.world)
+        check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS, global_batch=True)
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -283,24 +289,4 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
 # What must not change between a run and its resumption (the data order and the adapter's math).
 _RESUME_KEYS = ("data.train", "data.format", "data.system_prompt", "train.seed", "train.max_seq_len", "train.packing",
-                "train.grad_accum", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora")
-
-
-def _check_same_run(checkpoint: Path, cfg: RunConfig, world: int) -> None:
-    """Refuse to resume a checkpoint under settings that would not continue the same run."""
-    if not (checkpoint / "config.yaml").is_file():
-        return
-    saved = load_config(checkpoint / "config.yaml")
-    saved_world = json.loads((checkpoint / "trainer_state.json").read_text()).get("world_size", 1)
-    changed = []
-    for key in _RESUME_KEYS:
-        section, name = key.split(".")
-        before, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
-        if before != now:
-            changed.append(f"{key}: {before!r} -> {now!r}")
-    if saved.train.batch_size * saved_world != cfg.train.batch_size * world:
-        changed.append(f"global batch (train.batch_size x ranks): {saved.train.batch_size} x {saved_world} -> "
-                       f"{cfg.train.batch_size} x {world}")
-    if changed:
-        raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would not continue it: "
-                         + "; ".join(changed))
+                "train.grad_accum", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "init_adapter")

@@ -175,7 +175,9 @@ class LoraServer:
             seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
             ignore_eos=bool(body.get("ignore_eos", False)),
         )
-        return Request(ids, adapter, params), {"model": body["model"], "logprobs": body.get("logprobs")}
+        meta = {"model": body["model"], "logprobs": body.get("logprobs") is not None and body.get("logprobs") is not False,
+                "token_ids": bool(body.get("return_tokens_as_token_ids", False))}
+        return Request(ids, adapter, params), meta
 
     def run(self, request: Request):
         """Submit ``request``; yield its Deltas as they come, then its Completion."""
@@ -206,7 +208,17 @@ def _usage(done: Completion) -> dict:
             "total_tokens": done.prompt_tokens + len(done.token_ids)}
 
 
-def _completion_logprobs(server: LoraServer, done: Completion, chat: bool) -> dict:
+def _completion_logprobs(server: LoraServer, done: Completion, chat: bool, token_ids: bool = False) -> dict:
+    """OpenAI's logprobs object. ``token_ids`` (vLLM's return_tokens_as_token_ids) names each token
+    ``token_id:N`` and, as vLLM does, includes the end-of-sequence token the model stopped on."""
+    if token_ids:
+        ids = done.token_ids + ([done.stop_token_id] if done.stop_token_id is not None else [])
+        logprobs = done.logprobs + ([done.stop_logprob] if done.stop_token_id is not None else [])
+        tokens = [f"token_id:{t}" for t in ids]
+        if chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": None, "top_logprobs": []}
+                                for t, lp in zip(tokens, logprobs)]}
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
     tokens = [server.tokenizer.decode([t]) for t in done.token_ids]
     if chat:
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
@@ -306,7 +318,7 @@ def make_handler(server: LoraServer) -> type:
                 done = [item for item in server.run(request) if isinstance(item, Completion)][0]
                 choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
                 if meta["logprobs"]:
-                    choice["logprobs"] = _completion_logprobs(server, done, chat)
+                    choice["logprobs"] = _completion_logprobs(server, done, chat, meta["token_ids"])
                 if chat:
                     choice["message"] = {"role": "assistant", "content": done.text}
                 else:

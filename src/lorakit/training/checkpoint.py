@@ -135,3 +135,34 @@ def load_checkpoint_state(
     else:  # another world size: per-rank streams cannot carry over; make new ones deterministically
         torch.manual_seed(seed + 1000003 * state["step"] + info.rank)
     return state
+
+
+def check_same_run(checkpoint: Path, cfg: Any, world: int, keys: tuple[str, ...], global_batch: bool = False) -> None:
+    """Refuse to resume ``checkpoint`` under settings that would not continue the same run.
+
+    Args:
+        checkpoint: the checkpoint directory (its config.yaml is compared; none: nothing to check).
+        cfg: this run's RunConfig.
+        world: this run's number of ranks.
+        keys: dotted config keys that must be equal (the data order and the adapter's math).
+        global_batch: also require the same train.batch_size x ranks.
+    """
+    from ..config import load_config  # config builds on lora only; keep this module importable alone
+
+    if not (checkpoint / "config.yaml").is_file():
+        return
+    saved = load_config(checkpoint / "config.yaml")
+    saved_world = json.loads((checkpoint / STATE_NAME).read_text()).get("world_size", 1)
+    changed = []
+    for key in keys:
+        before, now = saved, cfg
+        for part in key.split("."):
+            before, now = getattr(before, part), getattr(now, part)
+        if before != now:
+            changed.append(f"{key}: {before!r} -> {now!r}")
+    if global_batch and saved.train.batch_size * saved_world != cfg.train.batch_size * world:
+        changed.append(f"global batch (train.batch_size x ranks): {saved.train.batch_size} x {saved_world} -> "
+                       f"{cfg.train.batch_size} x {world}")
+    if changed:
+        raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would not continue it: "
+                         + "; ".join(changed))

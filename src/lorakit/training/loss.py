@@ -103,3 +103,59 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if n == 0:
         return selected.sum() * 0.0, 0
     return _LinearCrossEntropy.apply(selected, head.weight, targets[keep]), n
+
+
+class _LinearLogProb(torch.autograd.Function):
+    """Per-row ``log_softmax(hidden @ weight.T / temperature)[target]``, chunk by chunk.
+
+    As in ``_LinearCrossEntropy``, the per-row gradient w.r.t. ``hidden`` is formed in the forward
+    pass, so the backward keeps (M, H) rather than (M, vocab); ``weight`` is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h = hidden[start:start + CHUNK_ROWS]
+            y = targets[start:start + CHUNK_ROWS]
+            logits = (h @ weight.T).float() / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start:start + CHUNK_ROWS] = logits.gather(1, y[:, None]).squeeze(1) - lse
+            if grad is not None:
+                # d logp / d logits = onehot - softmax; the 1/temperature comes from the chain rule.
+                probs = -torch.exp(logits - lse[:, None])
+                probs[torch.arange(len(y), device=y.device), y] += 1.0
+                grad[start:start + CHUNK_ROWS] = ((probs / temperature).to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output[:, None].to(grad.dtype), None, None, None
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of chosen next tokens, computed only where ``batch["labels"]`` asks.
+
+    Args:
+        model: a HF causal LM, LoRA or not.
+        batch: ``input_ids`` (B, T), ``labels`` (B, T) holding the token whose log-prob is wanted
+            at position t (the token at t, predicted from position t - 1) and IGNORE elsewhere,
+            and ``attention_mask`` or ``position_ids`` (B, T).
+        temperature: logits are divided by it first (the sampler's distribution).
+
+    Returns:
+        (n,) fp32 log-probs, in row-major order of the labelled positions (``labels[:, 1:] != IGNORE``).
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not _plain_head(model):
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float() / temperature
+        return torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None]).squeeze(1)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+    return _LinearLogProb.apply(hidden, model.get_output_embeddings().weight, targets[keep], float(temperature))

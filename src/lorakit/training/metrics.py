@@ -82,6 +82,16 @@ class Progress:
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     """Draw train (and eval) loss against step; False when matplotlib is not installed."""
+    return plot_metrics(metrics_path, png_path, {"loss": "train loss", "eval_loss": "eval loss"},
+                        "loss (per labelled token)", "optimizer step")
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, series: dict[str, str], ylabel: str, xlabel: str = "step") -> bool:
+    """Draw each metric key of ``series`` (key -> legend label) against step from metrics.jsonl.
+
+    Keys logged at every step are drawn as lines; sparse ones (evaluations) get markers too.
+    Returns False when matplotlib is not installed.
+    """
     try:
         import matplotlib
 
@@ -89,20 +99,21 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train, evals = [], []
+    points: dict[str, list[tuple[int, float]]] = {key: [] for key in series}
+    steps = set()
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "eval_loss" in record:
-            evals.append((record["step"], record["eval_loss"]))
+        steps.add(record.get("step"))
+        for key in series:
+            if isinstance(record.get(key), (int, float)):
+                points[key].append((record["step"], record[key]))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per labelled token)")
+    for key, label in series.items():
+        if points[key]:
+            sparse = len(points[key]) < len(steps) / 2
+            ax.plot(*zip(*points[key]), marker="o" if sparse else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

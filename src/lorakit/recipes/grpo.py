@@ -1,0 +1,499 @@
+"""GRPO with LoRA on verifiable rewards (RLVR).
+
+The policy is base + LoRA; the reference is the same base with the adapter disabled (or a frozen
+copy of ``init_adapter``): no second model. Rollouts come from lorakit's engine in this process or
+from an OpenAI-compatible server that receives only adapter weights after each update.
+
+Reads top to bottom: setup, prompts and rewards, adapter, rollout engine, optimizer, (resume), loop
+(sample, score, advantages, old/reference log-probs, clipped updates, log, evaluate, checkpoint),
+save. Run it with ``lorakit train CONFIG.yaml`` (``recipe: grpo``) or ``run(load_config(...))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..data import IGNORE, PromptRecord, Row, collate, pad_token_id, read_prompts, render_chat
+from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
+from ..generation import SamplingParams
+from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, inject_lora, load_adapter, lora_modules,
+                    set_active_adapters, trainable_report, write_adapter)
+from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
+from ..rl import LocalRollout, RewardSet, Sample, ServerRollout, group_advantages, grpo_loss, token_weights
+from ..training import (
+    MetricsWriter,
+    Progress,
+    check_same_run,
+    latest_checkpoint,
+    load_checkpoint_adapter,
+    load_checkpoint_state,
+    lr_at,
+    packed_attention_is_isolated,
+    plot_metrics,
+    save_checkpoint,
+    token_logprobs,
+    warmup_steps_for,
+)
+
+ADAPTER = "default"
+REFERENCE = "reference"
+# Below this, an lr is a full fine-tune's; LoRA's updates need about 10x more to move as far.
+FULL_FINETUNE_LR = 1e-5
+
+
+def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Train a LoRA adapter with GRPO as ``cfg`` says; return the directory of the final adapter.
+
+    Under torchrun every rank runs this on its share of the prompts; rank 0 logs and writes files.
+    """
+    if not cfg.model:
+        raise ValueError("config: 'model' is required (a local HF model directory)")
+    if not cfg.data.train:
+        raise ValueError("config: 'data.train' is required (a JSONL file of prompts)")
+    device = resolve_device(cfg.train.device)
+    info = init_distributed(cfg.train.distributed, device.type, cfg.train.dist_timeout_s)
+    try:
+        adapter_dir = _run(cfg, resume, log, info, device)
+        barrier(info)
+        return adapter_dir
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device: torch.device) -> Path:
+    out = Path(cfg.output_dir)
+    tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
+    G = rc.num_generations
+    if info.mode != "none" and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if not info.main:
+        log = lambda _message: None  # noqa: E731 - rank 0 speaks for all
+    dtype = resolve_dtype(tc.dtype, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if gc.prompts_per_step % info.world:
+        raise ValueError(f"grpo.prompts_per_step={gc.prompts_per_step} must be a multiple of the {info.world} ranks "
+                         "(each rank samples whole groups)")
+    if tc.lr < FULL_FINETUNE_LR:
+        log(f"Warning: train.lr={tc.lr:g} looks like a full fine-tuning learning rate; LoRA usually wants about 10x "
+            "more (RL with LoRA: 1e-5 to 1e-4 on large models, more on small ones)")
+    if cfg.create_demo_model and not Path(cfg.model).exists():
+        if info.world > 1:
+            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
+        write_demo_model(cfg.model)
+        log(f"Created the demo model in {cfg.model}")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+    # --- prompts and rewards --------------------------------------------------------------------
+    def load_prompts(path: str, what: str) -> tuple[list[PromptRecord], list[list[int]]]:
+        records, skipped = read_prompts(path, cfg.data.skip_invalid)
+        ids = []
+        for record in records:
+            if gc.chat_template:
+                messages = record.messages or [{"role": "user", "content": record.prompt}]
+                if cfg.data.system_prompt and messages[0]["role"] != "system":
+                    messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
+                text = render_chat(tokenizer, messages, add_generation_prompt=True)
+                tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                tokens = tokenizer(record.prompt)["input_ids"]
+            if len(tokens) > gc.max_prompt_len:
+                raise ValueError(f"{record.source}: the prompt has {len(tokens)} tokens, over grpo.max_prompt_len="
+                                 f"{gc.max_prompt_len}")
+            ids.append(tokens)
+        log(f"{what} prompts: {path}: {len(records)} ({skipped} invalid lines skipped)")
+        return records, ids
+
+    prompts, prompt_ids = load_prompts(cfg.data.train, "train")
+    evals, eval_ids = load_prompts(cfg.data.eval, "eval") if cfg.data.eval else ([], [])
+    if len(prompts) < gc.prompts_per_step:
+        raise ValueError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than grpo.prompts_per_step={gc.prompts_per_step}")
+    rewards = RewardSet(gc.rewards)
+    for record in (prompts[:1] + evals[:1]):  # a reward that cannot read the records fails now, not mid-run
+        try:
+            rewards.score([record.prompt], [""], [record.fields])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ValueError(f"{record.source}: grpo.rewards cannot score this record: {err}") from None
+
+    # --- adapter and reference ------------------------------------------------------------------
+    torch.manual_seed(tc.seed)
+    reference = gc.reference if gc.reference != "auto" else ("init_adapter" if cfg.init_adapter else "base")
+    if reference == "init_adapter" and not cfg.init_adapter:
+        raise ValueError("grpo.reference=init_adapter needs init_adapter: DIR")
+    if cfg.init_adapter:
+        if reference == "init_adapter":  # loaded first: the trainable copy's load freezes everything else
+            load_adapter(model, cfg.init_adapter, adapter_name=REFERENCE, activate=False)
+        load_adapter(model, cfg.init_adapter, adapter_name=ADAPTER, trainable=True)
+        log(f"Starting from adapter {cfg.init_adapter}; reference: "
+            + ("a frozen copy of it" if reference == "init_adapter" else "the base model"))
+    else:
+        lora_config = cfg.lora.to_lora_config(default_dropout=0.0, task_type="CAUSAL_LM",
+                                              base_model_name_or_path=cfg.model)
+        inject_lora(model, lora_config, adapter_name=ADAPTER)
+    config = adapter_configs(model)[ADAPTER]
+    if config.dropout > 0:
+        log(f"Warning: LoRA dropout {config.dropout:g}: the sampler runs without dropout, so the trainer's log-probs "
+            "differ from the sampler's; RL usually sets lora.dropout: 0")
+    log("=" * 72)
+    log(f"GRPO with LoRA on {type(model).__name__} ({cfg.model}): r={config.r}, alpha={config.alpha:g}, "
+        f"{sum(1 for _ in lora_modules(model))} modules")
+    log(str(trainable_report(model)))
+    log("=" * 72)
+
+    @contextlib.contextmanager
+    def reference_policy() -> Iterator[None]:
+        if reference == "base":
+            with disable_adapters(model):
+                yield
+        else:
+            set_active_adapters(model, [REFERENCE])
+            try:
+                yield
+            finally:
+                set_active_adapters(model, [ADAPTER])
+
+    padding_free = tc.padding_free and packed_attention_is_isolated(model)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    # --- rollout engine -------------------------------------------------------------------------
+    server: Optional[ServerRollout] = None
+    if rc.engine == "server":
+        eos = [t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None]
+        api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
+                               rc.timeout_s, rc.concurrency)
+        run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
+        local = None
+    elif info.mode == "fsdp2":
+        # Sharded weights make every forward a collective, and ranks sample different lengths: the
+        # engine gets a whole copy of the base, and the adapter alone is copied in after each update.
+        copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
+        inject_lora(copy, config, adapter_name=ADAPTER, trainable=False)
+        local = LocalRollout(copy, tokenizer, ADAPTER, rc.max_batch)
+    else:
+        local = LocalRollout(model, tokenizer, ADAPTER, rc.max_batch)  # the policy's own weights
+    serving: Optional[str] = None  # the server's name for the current adapter
+    synced_at: Optional[int] = None
+
+    def sync_rollout(step: int) -> None:
+        """Give the rollout engine the adapter as it is after ``step`` steps (once per step)."""
+        nonlocal serving, synced_at
+        if synced_at == step:
+            return
+        synced_at = step
+        if server is not None:
+            tensors = adapter_state_dict(model, ADAPTER)
+            name = f"{run_name}-step{step}"
+            if info.main:
+                server.sync(name, adapter_configs(model)[ADAPTER], tensors)
+            barrier(info)  # nobody samples before the server holds the new adapter
+            serving = name
+        elif info.mode == "fsdp2":
+            local.sync(adapter_state_dict(model, ADAPTER))
+
+    def sample(ids: list[list[int]], params: list[SamplingParams]) -> list[Sample]:
+        if server is not None:
+            return server.generate(serving, ids, params)
+        return local.generate(ids, params)
+
+    # --- resume (weights), wrap, optimizer, resume (state) ----------------------------------------
+    state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0}
+    resumed_from = latest_checkpoint(out) if resume else None
+    if resume and resumed_from is None:
+        log(f"--resume: no checkpoint in {out}; starting from scratch")
+    if not resume and latest_checkpoint(out) is not None:
+        raise ValueError(f"output_dir {out} already holds checkpoints of an earlier run; pass --resume to continue "
+                         "it, or choose another output_dir (nothing was overwritten)")
+    if resumed_from is not None:
+        check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS)
+        load_checkpoint_adapter(resumed_from, model, ADAPTER)
+
+    temperature = rc.temperature
+
+    def forward(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Log-probs of the batch's completion tokens; with advantages, the GRPO loss on them."""
+        logp = token_logprobs(policy, batch, temperature)
+        if "advantages" not in batch:
+            return logp, int(logp.numel())
+        old = batch.get("old_logp", logp.detach())
+        loss, stats = grpo_loss(logp, old, batch["advantages"], batch["weights"], gc.clip_eps_low, gc.clip_eps_high,
+                                batch.get("ref_logp"), gc.beta)
+        forward.stats, forward.logp = stats, logp.detach()  # type: ignore[attr-defined]
+        return loss, int(logp.numel())
+
+    step_module = wrap(LossModule(model, forward), info, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = len(prompts) // gc.prompts_per_step
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    updates_per_step = gc.num_iterations * gc.mini_batches
+    total_updates = total_steps * updates_per_step
+    warmup = warmup_steps_for(total_updates, tc.warmup_ratio)
+    log(f"GRPO: {total_steps} steps x {gc.prompts_per_step} prompts x {G} completions, {updates_per_step} optimizer "
+        f"update(s) per step, lr {tc.lr:g} {tc.lr_scheduler}, clip [{1 - gc.clip_eps_low:g}, {1 + gc.clip_eps_high:g}], "
+        f"beta {gc.beta:g}, {gc.loss_aggregation}-level loss, rollouts: {rc.engine}, {dtype} on {device}"
+        + (f", {info.mode} x {info.world}" if info.mode != "none" else ""))
+    if resumed_from is not None:
+        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed))
+        if state["step"] > total_steps:
+            raise ValueError(f"{resumed_from} is at step {state['step']}, past this run's {total_steps} steps; "
+                             "raise train.max_steps to continue it")
+        log(f"Resumed from {resumed_from} (step {state['step']})")
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state["step"] if resumed_from else None,
+                            tensorboard_dir=out / "tb" if tc.tensorboard else None) if info.main else None
+
+    def autocast():
+        return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+    def log_metrics(record: dict) -> None:
+        if metrics is not None:
+            metrics.log(record)
+
+    def rows_for(indices: list[int], seq_prompts: list[list[int]], completions: list[Sample]) -> list[Row]:
+        rows = []
+        for i in indices:
+            p, c = seq_prompts[i], completions[i].token_ids
+            rows.append(Row(p + c, [IGNORE] * len(p) + c, list(range(len(p) + len(c)))))
+        return rows
+
+    def run_batches(indices: list[int], seq_prompts: list[list[int]], completions: list[Sample],
+                    extra: Optional[dict[str, torch.Tensor]] = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of train.batch_size sequences, with per-token tensors sliced to match."""
+        offsets = [0]
+        for i in range(len(completions)):
+            offsets.append(offsets[-1] + len(completions[i].token_ids))
+        for start in range(0, len(indices), tc.batch_size):
+            chunk = indices[start:start + tc.batch_size]
+            batch = {k: v.to(device) for k, v in
+                     collate(rows_for(chunk, seq_prompts, completions), pad, False, padding_free).items()}
+            for key, values in (extra or {}).items():
+                batch[key] = torch.cat([values[offsets[i]:offsets[i + 1]] for i in chunk]).to(device)
+            yield batch
+
+    def logprobs_of(indices, seq_prompts, completions, ref: bool) -> torch.Tensor:
+        """Per-token log-probs (flat, in sequence order) under the current policy or the reference."""
+        parts = []
+        with torch.no_grad(), (reference_policy() if ref else contextlib.nullcontext()):
+            for batch in run_batches(indices, seq_prompts, completions):
+                with autocast():
+                    logp, _ = step_module(batch)
+                parts.append(logp.float().cpu())
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def evaluate() -> float:
+        """Held-out score: greedy completions; accuracy when a reward defines it, else the mean reward."""
+        mine = list(range(info.rank, len(evals), info.world))
+        greedy = SamplingParams(max_new_tokens=gc.eval_max_new_tokens or rc.max_new_tokens, temperature=0.0)
+        done = sample([eval_ids[i] for i in mine], [greedy] * len(mine)) if mine else []
+        scored = rewards.score([evals[i].prompt for i in mine], [d.text for d in done], [evals[i].fields for i in mine])
+        local_sum = sum(map(float, scored.correct)) if scored.correct is not None else sum(scored.total)
+        return all_reduce_sum(local_sum, info, device) / len(evals)
+
+    eval_key = "eval_accuracy" if rewards.accuracy else "eval_reward"
+    pad = pad_token_id(tokenizer)
+
+    # --- loop -----------------------------------------------------------------------------------
+    step_module.train()
+    progress = Progress(total_steps, initial=state["step"]) if info.main else None
+    last_saved = state["step"] if resumed_from else -1
+    loop_start, steps_before = time.perf_counter(), state["step"]
+    if evals and resumed_from is None:
+        sync_rollout(0)
+        score = evaluate()
+        log_metrics({"step": 0, eval_key: score})
+        log(f"Held-out {eval_key.split('_')[1]} before training: {score:.3f} ({len(evals)} prompts)")
+    while state["step"] < total_steps:
+        step_start = time.perf_counter()
+        # The prompt order is a function of (seed, epoch), and each completion's sampling seed of
+        # (seed, step, prompt slot, g): a resumed run, on any number of ranks, draws the same rollouts.
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(tc.seed + state["epoch"])).tolist()
+        chosen = order[state["sample"]:state["sample"] + gc.prompts_per_step]
+        slots = list(range(info.rank, gc.prompts_per_step, info.world))  # this rank's whole groups
+        mine = [chosen[s] for s in slots]
+
+        # 1. sample G completions per prompt from the current policy
+        sync_rollout(state["step"])
+        seq_prompts, sampling = [], []
+        for slot, index in zip(slots, mine):
+            for g in range(G):
+                seed = (tc.seed * 1_000_003 + state["step"] * 10_007 + slot * 101 + g) % (2 ** 63)
+                seq_prompts.append(prompt_ids[index])
+                sampling.append(SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                                             top_p=rc.top_p, top_k=rc.top_k, seed=seed))
+        completions = sample(seq_prompts, sampling)
+        rollout_s = time.perf_counter() - step_start
+
+        # 2. rewards and group advantages (groups never straddle ranks)
+        records = [prompts[i] for i in mine for _ in range(G)]
+        scored = rewards.score([r.prompt for r in records], [c.text for c in completions], [r.fields for r in records])
+        reward = torch.tensor(scored.total, dtype=torch.float32)
+        advantages, zero_std = group_advantages(reward, G, gc.scale_rewards)
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+        keep = ~truncated if gc.mask_truncated else torch.ones_like(truncated)
+
+        # 3. old (sampling-time) and reference log-probs, when the loss needs them
+        every = list(range(len(completions)))
+        extra: dict[str, torch.Tensor] = {}
+        if updates_per_step > 1:
+            extra["old_logp"] = logprobs_of(every, seq_prompts, completions, ref=False)
+        if gc.beta > 0 or gc.log_kl:
+            extra["ref_logp"] = logprobs_of(every, seq_prompts, completions, ref=True)
+        extra["advantages"] = advantages.repeat_interleave(lengths.long())
+
+        # 4. clipped policy updates: num_iterations passes, mini_batches optimizer steps each
+        chunks = [every[k::gc.mini_batches] for k in range(gc.mini_batches)]
+        width = int(lengths.max()) if len(lengths) else 0
+        real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T) completion tokens
+        totals = {"loss": 0.0, "clipped": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0}
+        mismatch, mismatch_n = 0.0, 0
+        grad_norm = torch.zeros(())
+        for iteration in range(gc.num_iterations):
+            for c, chunk in enumerate(chunks):
+                # Normalise over the whole mini-batch on all ranks, however it splits into micro-batches.
+                n_tokens = all_reduce_sum(float((lengths[chunk] * keep[chunk]).sum()), info, device)
+                n_seqs = all_reduce_sum(float(keep[chunk].sum()), info, device)
+                weights = token_weights(real & keep[:, None], gc.loss_aggregation, n_tokens, n_seqs)
+                extra["weights"] = weights[real]  # flat, in sequence order, like the log-probs
+                batches = list(run_batches(chunk, seq_prompts, completions, extra))
+                for k, batch in enumerate(batches):
+                    last = k == len(batches) - 1
+                    if info.mode == "fsdp2":
+                        step_module.set_requires_gradient_sync(last)
+                    sync = step_module.no_sync() if info.mode == "ddp" and not last else contextlib.nullcontext()
+                    with sync:
+                        with autocast():
+                            loss, _ = step_module(batch)
+                        # DDP and FSDP2 average gradients over ranks; the weights already sum over all.
+                        (loss * info.world).backward()
+                    stats = forward.stats  # type: ignore[attr-defined]
+                    totals["loss"] += float(loss)
+                    for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
+                        totals[key] += getattr(stats, key)
+                    if iteration == 0 and temperature == 1.0 and "old_logp" not in batch:
+                        # Trainer vs sampler log-probs of the same tokens (before any update).
+                        mismatch += _logprob_gap(forward.logp.cpu(), chunk[k * tc.batch_size:(k + 1) * tc.batch_size],  # type: ignore[attr-defined]
+                                                 completions)
+                        mismatch_n += sum(len(completions[i].token_ids) for i in chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
+                                          if completions[i].logprobs is not None)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+                update = state["step"] * updates_per_step + iteration * gc.mini_batches + c
+                lr = lr_at(update, total_updates, tc.lr, warmup, tc.lr_scheduler)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 5. bookkeeping: global statistics over all ranks
+        def total(value: float) -> float:
+            return all_reduce_sum(value, info, device)
+
+        n = total(float(len(completions)))
+        tokens_trained = total(float(sum(len(p) for p in seq_prompts) + lengths.sum()))
+        mean_reward = total(float(reward.sum())) / n
+        std_reward = math.sqrt(max(total(float((reward ** 2).sum())) / n - mean_reward ** 2, 0.0))
+        trained_tokens = total(totals["tokens"])
+        state["sample"] += gc.prompts_per_step
+        state["step"] += 1
+        state["tokens"] += int(tokens_trained)
+        if state["sample"] + gc.prompts_per_step > len(order):
+            state["epoch"] += 1
+            state["sample"] = 0
+        step = state["step"]
+        record = {
+            "step": step, "epoch": state["epoch"], "reward_mean": mean_reward, "reward_std": std_reward,
+            **{f"reward/{name}": total(sum(values)) / n for name, values in scored.parts.items()},
+            "zero_std_frac": total(float(zero_std.sum())) / (n / G),
+            "completion_len": total(float(lengths.sum())) / n,
+            "truncated_frac": total(float(truncated.sum())) / n,
+            "clip_frac": total(totals["clipped"]) / max(trained_tokens, 1.0),
+            "clip_low_frac": total(totals["clipped_low"]) / max(trained_tokens, 1.0),
+            "clip_high_frac": total(totals["clipped_high"]) / max(trained_tokens, 1.0),
+            "loss": total(totals["loss"]) / updates_per_step, "lr": lr, "grad_norm": float(full_tensor(grad_norm)),
+            "tokens_per_s": tokens_trained / max(time.perf_counter() - step_start, 1e-9),
+            "rollout_s": rollout_s, "step_s": time.perf_counter() - step_start,
+        }
+        if scored.correct is not None:
+            record["accuracy"] = total(float(sum(scored.correct))) / n
+        if "ref_logp" in extra:
+            record["kl"] = total(totals["kl"]) / max(trained_tokens, 1.0)
+        gap_n = total(float(mismatch_n))
+        if gap_n:
+            record["logprob_gap"] = total(mismatch) / gap_n
+        if step % tc.logging_steps == 0 or step == total_steps:
+            log_metrics(record)
+        if progress is not None:
+            shown = {"reward": mean_reward, **({"acc": record["accuracy"]} if "accuracy" in record else {}),
+                     "zero_std": record["zero_std_frac"], "len": record["completion_len"]}
+            if "kl" in record:
+                shown["kl"] = record["kl"]
+            progress.update(step, **shown)
+        if evals and tc.eval_steps and step % tc.eval_steps == 0 and step != total_steps:
+            sync_rollout(step)
+            log_metrics({"step": step, eval_key: evaluate()})
+        if tc.save_steps and step % tc.save_steps == 0:
+            save_checkpoint(out, step, model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
+                            total_limit=tc.save_total_limit)
+            last_saved = step
+    if progress is not None:
+        progress.close()
+    runtime = time.perf_counter() - loop_start
+    log(f"Trained {state['step'] - steps_before} GRPO steps in {runtime:.1f}s")
+
+    # --- save -----------------------------------------------------------------------------------
+    if evals:
+        sync_rollout(state["step"])
+        score = evaluate()
+        log_metrics({"step": state["step"], eval_key: score})
+        log(f"Held-out {eval_key.split('_')[1]} after training: {score:.3f} ({len(evals)} prompts)")
+    log_metrics({"step": state["step"], "train_runtime": runtime})
+    if last_saved != state["step"]:
+        save_checkpoint(out, state["step"], model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
+                        total_limit=tc.save_total_limit)
+    if server is not None and info.main and server.current is not None:
+        server.unload(server.current)  # the final adapter is written below; free the server
+    adapter_dir = out / "adapter"
+    tensors = adapter_state_dict(model, ADAPTER)
+    if info.main:
+        metrics.close()
+        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        curves = {"reward_mean": "reward (mean over samples)", eval_key: f"held-out {eval_key.split('_')[1]} (greedy)"}
+        if rewards.accuracy:
+            curves["accuracy"] = "accuracy (samples)"
+        if plot_metrics(out / "metrics.jsonl", out / "reward.png", curves, "reward / accuracy", "GRPO step"):
+            log(f"Reward curve: {out / 'reward.png'}")
+    log(f"Adapter saved to {adapter_dir}")
+    return adapter_dir
+
+
+def _logprob_gap(trainer: torch.Tensor, indices: list[int], completions: list[Sample]) -> float:
+    """Sum over tokens of |trainer log-prob - sampler log-prob| for the completions that report them."""
+    gap, offset = 0.0, 0
+    for i in indices:
+        n = len(completions[i].token_ids)
+        if completions[i].logprobs is not None:
+            gap += float((trainer[offset:offset + n] - torch.tensor(completions[i].logprobs)).abs().sum())
+        offset += n
+    return gap
+
+
+# What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
+_RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
+                "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
+                "rollout.max_new_tokens", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+                "init_adapter")
