@@ -186,8 +186,8 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
             raise ConfigError(f"{origin}: unknown key '{key}'{suggestion}")
         if name in canonical and name != key and _source(canonical[name][1]) == _source(origin):
             raise ConfigError(f"{origin}: '{key}' sets '{name}', which is already set")
-        if key in raw and _takes_text(name):
-            value = raw[key]
+        if key in raw and _takes_text(name) and not (value is None and _optional(name)):
+            value = raw[key]  # `key=null` still clears an optional path
         canonical[name] = (value, origin)
     cfg = RunConfig()
     for name, (value, origin) in canonical.items():
@@ -262,12 +262,21 @@ def _source(origin: str) -> str:
     return origin.split(" ")[0] if origin.startswith(("override", "flag")) else origin.rsplit(":", 1)[0]
 
 
+def _optional(name: str) -> bool:
+    section: Any = RunConfig
+    for part in name.split("."):
+        section = typing.get_type_hints(section)[part]
+    return type(None) in typing.get_args(section)
+
+
 def _takes_text(name: str) -> bool:
     section: Any = RunConfig
     for part in name.split("."):
         section = typing.get_type_hints(section)[part]
+    if typing.get_origin(section) not in (Union, types.UnionType):
+        return section is str  # dict[str, float] holds strings, but is not one
     args = typing.get_args(section)
-    return section is str or (str in args and not any(typing.get_origin(a) is list for a in args))
+    return str in args and not any(typing.get_origin(a) in (list, dict) for a in args)
 
 
 def coerce(value: Any, hint: Any) -> Any:

@@ -44,7 +44,13 @@ def build_demo_model(vocab_size: int, seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
         tie_word_embeddings=True, rope_theta=10000.0,
     )
-    return Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config)
+    # The head is the tied embedding behind a unit-gain RMSNorm, so logits are bounded by
+    # |h| |e| = sqrt(hidden) * |e|. At the usual std 0.02 that is ~5: no token can get more than
+    # ~1/3 of the probability, whatever an adapter learns. Unit-norm embeddings lift the cap.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(config.hidden_size ** -0.5 / config.initializer_range)
+    return model
 
 
 def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:

@@ -382,7 +382,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                         # DDP and FSDP2 average gradients over ranks; the weights already sum over all.
                         (loss * info.world).backward()
                     stats = forward.stats  # type: ignore[attr-defined]
-                    totals["loss"] += float(loss)
+                    totals["loss"] += float(loss.detach())
                     for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
                         totals[key] += getattr(stats, key)
                     if iteration == 0 and temperature == 1.0 and "old_logp" not in batch:
