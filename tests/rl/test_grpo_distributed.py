@@ -39,7 +39,8 @@ def test_two_ranks_match_one_process(tmp_path, demo, mode):
     body = {"recipe": "grpo", "model": str(demo), "output_dir": str(tmp_path / "single"),
             "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
             "lora": {"r": 4, "alpha": 8},
-            "grpo": {"prompts_per_step": 4, "num_iterations": 2, "log_kl": True},
+            "grpo": {"prompts_per_step": 4, "num_iterations": 2, "log_kl": True,
+                     "rewards": {"numeric_match": 1.0, "tests.rl.rewards_for_tests:odd_chars": 0.1}},
             "rollout": {"num_generations": 4, "max_new_tokens": 4},
             "train": {"max_steps": 2, "batch_size": 4, "lr": 2e-4, "seed": 5, "warmup_ratio": 0.0}}
     cfg = tmp_path / "cfg.yaml"
@@ -58,3 +59,4 @@ def test_two_ranks_match_one_process(tmp_path, demo, mode):
     b = load_file(tmp_path / mode / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # it did train

@@ -23,6 +23,8 @@ from ..models import randomize_lora
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "examples" / "data" / "arith_rl.jsonl"
 HELD_OUT = ROOT / "examples" / "data" / "arith_eval.jsonl"
+# Correctness, plus a user reward that differs between a random model's samples (a learning signal).
+REWARDS = {"numeric_match": 1.0, "tests.rl.rewards_for_tests:odd_chars": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def _config(tmp_path, demo, name="cfg.yaml", **sections):
     body = {"recipe": "grpo", "model": str(demo), "output_dir": str(tmp_path / "run"),
             "data": {"train": str(PROMPTS)},
             "lora": {"r": 4, "alpha": 8},
-            "grpo": {"prompts_per_step": 2, "log_kl": True},
+            "grpo": {"prompts_per_step": 2, "log_kl": True, "rewards": REWARDS},
             "rollout": {"num_generations": 4, "max_new_tokens": 4},
             "train": {"max_steps": 2, "batch_size": 4, "lr": 5e-3, "seed": 3, "warmup_ratio": 0.0}}
     for section, values in sections.items():
@@ -90,7 +92,8 @@ def test_only_the_adapter_moves_and_everything_is_logged(tmp_path, demo, monkeyp
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward_mean", "reward_std", "accuracy", "zero_std_frac", "kl", "clip_frac", "completion_len",
-                "tokens_per_s", "reward/numeric_match", "logprob_gap", "lr", "grad_norm"):
+                "tokens_per_s", "reward/numeric_match", "reward/tests.rl.rewards_for_tests:odd_chars", "logprob_gap",
+                "lr", "grad_norm"):
         assert key in steps[0], key
     # Step 1 samples from, and is scored by, a fresh adapter (B = 0): policy == reference.
     assert steps[0]["kl"] == 0.0
@@ -189,10 +192,16 @@ def test_run_errors_before_training(tmp_path, demo):
     assert any("looks like a full fine-tuning learning rate" in line for line in lines)
 
 
-def test_cli_runs_the_grpo_recipe(tmp_path, demo):
-    cfg = _config(tmp_path, demo, train={"max_steps": 1})
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", str(cfg), "rollout.max_new_tokens=3"],
-                          capture_output=True, text=True, timeout=300)
+def test_cli_runs_the_grpo_recipe_at_rank_1(tmp_path, demo):
+    cfg = _config(tmp_path, demo, train={"max_steps": 2, "lr": 2e-2})
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", str(cfg), "rollout.max_new_tokens=3", "lora.r=1",
+                           "lora.alpha=2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "GRPO: 1 steps x 2 prompts x 4 completions" in proc.stdout
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert "GRPO: 2 steps x 2 prompts x 4 completions" in proc.stdout
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 1
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert all(v.shape[0] == 1 for k, v in tensors.items() if "lora_A" in k)
+    steps = [r for r in _metrics(tmp_path / "run") if "reward_mean" in r]
+    assert steps[0]["zero_std_frac"] < 1.0
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)
