@@ -307,6 +307,17 @@ def gpt_checks():
     with torch.no_grad():
         record("gpt_fresh_lora_is_noop", maxdiff(gpt_logits(model), base_logits))
 
+    # Megatron distributed checkpointing sees the base under its pre-LoRA keys plus LoRA shards
+    sharded = model.sharded_state_dict()
+    base_keys = {k for k in sharded if ".lora_" not in k}
+    plain_keys = {k for k in build_gpt(hf, seed=9).sharded_state_dict()}
+    record("dist_ckpt_base_keys_unchanged", base_keys == plain_keys)
+    qkv_b = sharded["decoder.layers.0.self_attention.linear_qkv.lora_B.default.weight"]
+    proj_a = sharded["decoder.layers.0.self_attention.linear_proj.lora_A.default.weight"]
+    record("dist_ckpt_lora_layout", [list(qkv_b.global_shape), list(qkv_b.axis_fragmentations),
+                                     list(proj_a.global_shape), list(proj_a.axis_fragmentations),
+                                     type(sharded["decoder.layers.0.mlp.linear_fc1.lora_B.default.weight"]).__name__])
+
     randomize_full_lora(model)
     with torch.no_grad():
         lora_logits = gpt_logits(model)

@@ -79,6 +79,10 @@ def test_gpt_model_from_hf_qwen3_and_exported_adapter(runs, tp):
     assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (4, 8, "LORA", "CAUSAL_LM")
     assert r["offline_export_equal"]
+    # Megatron dist-checkpoint entries: base keys as without LoRA; qkv B split on rows, proj A on columns
+    assert r["dist_ckpt_base_keys_unchanged"]
+    # (the leading axis of 2 is the layer index Megatron prepends)
+    assert r["dist_ckpt_lora_layout"] == [[2, 64, 4], [2, tp, 1], [2, 4, 32], [2, 1, tp], "ShardedTensorFactory"]
 
 
 def test_apply_report_and_freezing(runs):

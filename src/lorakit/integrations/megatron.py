@@ -172,7 +172,16 @@ class MegatronLoraLinear(ParallelLoraLinear):
         kwargs = {}
         if metadata is not None and "dp_cp_group" in metadata:
             kwargs["dp_cp_group"] = metadata["dp_cp_group"]
-        out.update(make_sharded_tensors_for_checkpoint(lora, prefix, axes, sharded_offsets, tp_group=self.tp_group, **kwargs))
+        sharded = make_sharded_tensors_for_checkpoint(lora, prefix, axes, sharded_offsets, tp_group=self.tp_group, **kwargs)
+        if self.partition_stride == 2:
+            # SwiGLU's fc1: B's rows are [gate_i; up_i] per rank; save them as Megatron saves the
+            # fc1 weight itself (gate and up sharded separately), so any TP size reloads them.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            singleton = bool((metadata or {}).get("singleton_local_shards", False))
+            for key in [k for k in sharded if ".lora_B." in k]:
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        out.update(sharded)
         return out
 
 
