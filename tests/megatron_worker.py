@@ -392,6 +392,21 @@ def gpt_checks():
     with torch.no_grad():
         record("import_logits", maxdiff(gpt_logits(imported), lora_logits))
 
+    # an adapter whose q and v have different A cannot become one fused linear_qkv: refused, and
+    # the adapter injected for the import is removed again
+    from lorakit.lora.io import read_adapter, write_adapter
+
+    hf_cfg, hf_tensors, _ = read_adapter(adapter_dir)
+    hf_tensors["model.layers.0.self_attn.v_proj.lora_A.weight"] = hf_tensors["model.layers.0.self_attn.v_proj.lora_A.weight"] + 1
+    write_adapter(OUT / f"broken_rank{RANK}", hf_cfg, {"base_model.model." + k: v for k, v in hf_tensors.items()})
+    refused = build_gpt(hf, seed=8)
+    try:
+        mlora.import_hf_adapter([refused], OUT / f"broken_rank{RANK}")
+        record("import_refused", "")
+    except ValueError as err:
+        record("import_refused", str(err))
+    record("import_refused_leaves_no_adapter", not mlora.module_infos([refused]))
+
     # merge on the shards: same logits; unmerge gives the base back
     merge_lora(model)
     with torch.no_grad():

@@ -112,6 +112,8 @@ def test_checkpoints_base_load_import_merge(runs, tp):
         assert "missing base key 'decoder.layers.1.mlp.linear_fc2.base_layer.weight'" in r["base_load_missing_key_error"]
         assert r["reload_same_tp_exact"] and r["reload_logits"] == 0.0
         assert r["import_equal"] and r["import_logits"] == 0.0
+        assert "cannot be represented exactly" in r["import_refused"] and "v_proj" in r["import_refused"]
+        assert r["import_refused_leaves_no_adapter"]
         assert r["merge_logits"] <= 1e-5 and r["unmerge_base_restored"] <= 1e-5
 
 
@@ -214,3 +216,38 @@ def test_seed_flags_make_a_config():
     assert custom_megatron_init(parser.parse_args([])) is None
     with pytest.raises(ValueError, match="LoRA flags: .*r must be a positive integer"):
         custom_megatron_init(parser.parse_args(["--use-lora", "--lora-r", "0"]))
+
+
+class TELayerNormColumnParallelLinear(torch.nn.Module):
+    """Stands in for Transformer Engine's fused RMSNorm + column-parallel linear (TE needs CUDA):
+    same class name and attributes, TP size 1, returns (output, None) like Megatron's TE wrapper."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.parallel_mode = d_in, d_out, "column"
+        self.tp_group, self.sequence_parallel, self.normalization, self.eps = None, False, "RMSNorm", 1e-6
+        self.zero_centered_gamma = False
+        self.layer_norm_weight = torch.nn.Parameter(torch.rand(d_in) + 0.5)
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in))
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.layer_norm_weight
+        return normed @ self.weight.T, None
+
+
+def test_fused_norm_linear_feeds_the_normed_input_to_lora():
+    from lorakit.integrations.megatron import NormedInputLoraLinear, apply_lora_to_megatron_model
+
+    torch.manual_seed(0)
+    holder = torch.nn.ModuleDict({"linear_qkv": TELayerNormColumnParallelLinear(8, 12)})
+    apply_lora_to_megatron_model(holder, LoraConfig(r=2, alpha=4, target_modules=["linear_qkv"],
+                                                    init_lora_weights=False), log=False)
+    layer = holder["linear_qkv"]
+    assert isinstance(layer, NormedInputLoraLinear)
+    x = torch.randn(3, 2, 8)
+    out, bias = layer(x)
+    base = layer.base_layer
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + base.eps) * base.layer_norm_weight
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(out, base(x)[0] + normed @ a.T @ b.T * 2.0)
+    assert bias is None

@@ -772,49 +772,69 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
                       trainable: bool = True) -> LoraConfig:
     """Load an HF PEFT adapter (q/k/v, o, gate/up, down projections) into Megatron shards. A collective.
 
-    If the model does not carry ``adapter_name`` yet, it is injected on the Megatron layers whose
-    HF projections the adapter has. Exact where representable: a fused layer needs the same A,
-    rank and alpha for all of its projections present (a missing one gets zero B rows).
+    If the model does not carry ``adapter_name`` yet, it is injected on the Megatron layer types
+    whose HF projections the adapter has (and removed again if the import fails). Exact where
+    representable: a fused layer needs the same A, rank and alpha for all of its projections
+    present; a projection the adapter leaves out gets zero B rows, a layer it leaves out zero B.
 
     Raises:
-        ValueError: projections of a fused layer disagree, a shape does not fit, or the adapter
-            has layers the model lacks; nothing was changed.
+        ValueError: projections of a fused layer disagree, a shape or rank does not fit, or the
+            adapter has weights for layers this model (this pipeline stage) lacks; no LoRA weight
+            was changed.
     """
+    from ..lora.inject import delete_adapter
+    from .megatron_hf import HF_NAMES, hf_module
+
     hf_config, tensors, source = read_adapter(path)
     chunks = model_chunks(model)
+    injected = False
     if not module_infos(chunks, adapter_name):
         roles = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
                  "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
-        present = sorted({roles[k.split(".lora_")[0].rsplit(".", 1)[-1]] for k in tensors
-                          if k.split(".lora_")[0].rsplit(".", 1)[-1] in roles})
-        layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))})
+        leaves = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
+        present = sorted({roles[leaf] for leaf in leaves if leaf in roles})
+        if not present:
+            raise ValueError(f"{source}: no q/k/v/o/gate/up/down projection weights to import")
         inject = LoraConfig(r=hf_config.r, alpha=hf_config.alpha, dropout=hf_config.dropout, target_modules=present,
                             use_rslora=hf_config.use_rslora)
         apply_lora_to_megatron_model(chunks, inject, adapter_name, log=False)
-        # Only the layers the adapter has keep a wrapper with this adapter's weights; others would
-        # stay at init (B = 0), a no-op, which is what the missing HF keys mean.
-        del layers
-    plan = []
-    used = set()
-    for info, layer in module_infos(chunks, adapter_name):
-        got = from_hf_adapter(info, hf_config, tensors, source)
-        if got is None:
-            a = layer.gather("lora_A", layer.lora_A[adapter_name].weight.detach())
-            got = (a, torch.zeros(info.out_features, info.r, dtype=a.dtype), info.r, info.alpha)
-        else:
-            used.update(k for k in tensors if k.startswith(f"model.layers.{info.layer}.") and _role_key(k, info.role))
-        a, b, r, alpha = got
-        if r != layer.r[adapter_name]:
-            raise ValueError(f"{source}: rank {r} for {info.key}, but the model's adapter '{adapter_name}' has rank "
-                             f"{layer.r[adapter_name]}")
-        plan.append((layer, layer.shard("lora_A", a), layer.shard("lora_B", b), alpha))
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"{source}: keys with no Megatron LoRA layer in this model (this rank's pipeline stage "
-                         f"aside), e.g. {extra[:5]}; nothing was changed")
+        injected = True
+    try:
+        plan = []
+        used: set[str] = set()
+        local_layers = set()
+        for info, layer in module_infos(chunks, adapter_name):
+            local_layers.add(info.layer)
+            got = from_hf_adapter(info, hf_config, tensors, source)
+            if got is None:  # the adapter does not touch this layer: a no-op here
+                plan.append((layer, None, torch.zeros_like(layer.lora_B[adapter_name].weight), info.alpha))
+                continue
+            for projection in HF_NAMES[info.role][1]:
+                used.update({f"{hf_module(info, projection)}.lora_A.weight", f"{hf_module(info, projection)}.lora_B.weight"})
+            a, b, r, alpha = got
+            if r != layer.r[adapter_name]:
+                raise ValueError(f"{source}: rank {r} for {info.key}, but the model's adapter '{adapter_name}' has "
+                                 f"rank {layer.r[adapter_name]}")
+            plan.append((layer, layer.shard("lora_A", a), layer.shard("lora_B", b), alpha))
+        pipeline = _parallel_ranks()["pp_size"] > 1
+        extra = []
+        for key in sorted(set(tensors) - used):
+            found = re.match(r"model\.layers\.(\d+)\.", key)
+            if pipeline and found and int(found.group(1)) not in local_layers:
+                continue  # another pipeline stage's layer
+            extra.append(key)
+        if extra:
+            raise ValueError(f"{source}: weights with no Megatron LoRA layer in this model, e.g. {extra[:5]}")
+    except ValueError:
+        if injected:
+            for chunk in chunks:
+                if adapter_name in adapter_configs(chunk):
+                    delete_adapter(chunk, adapter_name)
+        raise
     with torch.no_grad():
         for layer, a, b, alpha in plan:
-            layer.lora_A[adapter_name].weight.copy_(a)
+            if a is not None:
+                layer.lora_A[adapter_name].weight.copy_(a)
             layer.lora_B[adapter_name].weight.copy_(b)
             if alpha != layer.lora_alpha[adapter_name] or hf_config.use_rslora != layer.use_rslora[adapter_name]:
                 layer.set_scale(adapter_name, alpha, hf_config.use_rslora)
@@ -822,13 +842,6 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
     for chunk in chunks:
         mark_trainable(chunk, adapter_name if trainable else None)
     return hf_config
-
-
-def _role_key(key: str, role: str) -> bool:
-    from .megatron_hf import HF_NAMES
-
-    parent, names = HF_NAMES[role]
-    return any(f".{parent}.{n}.lora_" in key for n in names)
 
 
 # --- command line: offline export ----------------------------------------------------------------
