@@ -295,7 +295,7 @@ def gpt_checks():
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        mlora.apply_lora_to_megatron_model([model], LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+        mlora.apply_lora_to_megatron_model([model], LoraConfig(r=8, alpha=16, target_modules=TARGETS))
     report = mlora.megatron_lora_report([model])
     record("gpt_report_text", buf.getvalue())
     record("gpt_global_total", report.global_total)
@@ -355,7 +355,7 @@ def gpt_checks():
 
     # a fresh model: inject first, then load the LoRA-free base checkpoint (strict=False issue)
     fresh = build_gpt(hf, seed=5)
-    mlora.apply_lora_to_megatron_model([fresh], LoraConfig(r=4, alpha=8, target_modules=TARGETS), log=False)
+    mlora.apply_lora_to_megatron_model([fresh], LoraConfig(r=8, alpha=16, target_modules=TARGETS), log=False)
     broken = dict(base_sd)
     broken.pop("decoder.layers.1.mlp.linear_fc2.weight")
     try:
@@ -377,7 +377,7 @@ def gpt_checks():
     if ARGS.reshard_from:
         other = build_gpt(hf, seed=6)
         other.load_state_dict(base_sd, strict=False)
-        mlora.apply_lora_to_megatron_model([other], LoraConfig(r=4, alpha=8, target_modules=TARGETS), log=False)
+        mlora.apply_lora_to_megatron_model([other], LoraConfig(r=8, alpha=16, target_modules=TARGETS), log=False)
         mlora.load_megatron_lora([other], ARGS.reshard_from)
         with torch.no_grad():
             record("reshard_logits", maxdiff(gpt_logits(other), lora_logits))
@@ -450,7 +450,7 @@ def main():
             model = build_gpt(hf)
             base_sd = {k: v.to(DEV) for k, v in hf_to_megatron(hf).items()}
             model.load_state_dict(base_sd, strict=False)
-            mlora.apply_lora_to_megatron_model([model], LoraConfig(r=4, alpha=8, target_modules=TARGETS, init_lora_weights=False))
+            mlora.apply_lora_to_megatron_model([model], LoraConfig(r=8, alpha=16, target_modules=TARGETS, init_lora_weights=False))
             train_check(model, base_sd)
         else:
             if WORLD > 1:

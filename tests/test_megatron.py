@@ -77,12 +77,16 @@ def test_gpt_model_from_hf_qwen3_and_exported_adapter(runs, tp):
     assert r["export_peft_vs_megatron_logits"] <= 1e-5
     cfg = r["export_config"]
     assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (4, 8, "LORA", "CAUSAL_LM")
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (8, 16, "LORA", "CAUSAL_LM")
     assert r["offline_export_equal"]
+    # nothing in it that vLLM would refuse (the check behind `lorakit inspect --check vllm`)
+    from lorakit.lora.describe import describe_adapter, vllm_problems
+
+    assert vllm_problems(describe_adapter(runs[0] / f"tp{tp}" / "adapter")) == []
     # Megatron dist-checkpoint entries: base keys as without LoRA; qkv B split on rows, proj A on columns
     assert r["dist_ckpt_base_keys_unchanged"]
     # (the leading axis of 2 is the layer index Megatron prepends)
-    assert r["dist_ckpt_lora_layout"] == [[2, 64, 4], [2, tp, 1], [2, 4, 32], [2, 1, tp], "ShardedTensorFactory"]
+    assert r["dist_ckpt_lora_layout"] == [[2, 64, 8], [2, tp, 1], [2, 8, 32], [2, 1, tp], "ShardedTensorFactory"]
 
 
 def test_apply_report_and_freezing(runs):
@@ -90,7 +94,7 @@ def test_apply_report_and_freezing(runs):
     from tests.models import tiny_qwen3
 
     hf_params = sum(p.numel() for p in tiny_qwen3().parameters())
-    lora_params = 2 * 4 * ((32 + 64) + (32 + 32) + (32 + 128) + (64 + 32))  # 2 layers, r=4: qkv, proj, fc1, fc2
+    lora_params = 2 * 8 * ((32 + 64) + (32 + 32) + (32 + 128) + (64 + 32))  # 2 layers, r=8: qkv, proj, fc1, fc2
     for r in (tp1, tp2):
         assert r["gpt_global_total"] == hf_params + lora_params
         assert r["gpt_global_trainable"] == lora_params
