@@ -385,14 +385,16 @@ def megatron_lora_report(model: Chunks, config: Optional[LoraConfig] = None) -> 
     Global counts take a TP-replicated parameter once (Megatron's ``tensor_model_parallel``
     attribute marks the split ones); data-parallel replicas are not counted again.
     """
+    from megatron.core import parallel_state
+
     chunks = model_chunks(model)
-    tp_rank = 0
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     wrapped = []
     total = trainable = unique_total = unique_trainable = 0
     for index, chunk in enumerate(chunks):
         for path, layer in lora_modules(chunk):
             wrapped.append(path if len(chunks) == 1 else f"model{index}.{path}")
-            if isinstance(layer, ParallelLoraLinear):
+            if isinstance(layer, ParallelLoraLinear) and not parallel_state.model_parallel_is_initialized():
                 tp_rank = layer.tp_rank
         for p in chunk.parameters():
             n = p.numel()
