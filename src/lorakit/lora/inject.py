@@ -103,6 +103,19 @@ def _is_target(path: str, config: LoraConfig, names: Union[list[str], str]) -> b
     return _layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
+def is_target(path: str, config: LoraConfig, names: Union[list[str], str, None] = None) -> bool:
+    """Whether ``config`` targets the module at ``path`` (PEFT's rule; exclusions and layers too).
+
+    ``names`` is the resolved target list (default: ``config.target_modules``; resolve
+    ``"all-linear"`` first, as it depends on the model). Backends that wrap other layer types
+    (``lorakit.integrations.megatron``) match targets with this, so the rules stay the same.
+    """
+    names = config.target_modules if names is None else names
+    if names == ALL_LINEAR:
+        raise ValueError("resolve 'all-linear' to module names before calling is_target")
+    return _is_target(path, config, names)
+
+
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):

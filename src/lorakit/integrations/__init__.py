@@ -1,0 +1,1 @@
+"""Backends and frameworks lorakit plugs into (each imported lazily; optional extras)."""
