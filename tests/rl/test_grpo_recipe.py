@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit.recipes.grpo as grpo
+import lorakit.training.setup
 from lorakit.config import ConfigError, load_config
 from lorakit.data import collate
 from lorakit.data.tokenize import IGNORE, Row
@@ -73,7 +74,7 @@ def test_only_the_adapter_moves_and_everything_is_logged(tmp_path, demo, monkeyp
         loaded.append(load_model(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(grpo, "load_model", keep)
+    monkeypatch.setattr(lorakit.training.setup, "load_model", keep)
     cfg = load_config(_config(tmp_path, demo, data={"eval": str(HELD_OUT)}, train={"eval_steps": 1}))
     lines = []
     adapter = grpo.run(cfg, log=lines.append)

@@ -27,9 +27,10 @@ from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init
 from ..generation import SamplingParams
 from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, inject_lora, load_adapter, lora_modules,
                     set_active_adapters, trainable_report, write_adapter)
-from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
+from ..models import load_model, resolve_device
 from ..rl import LocalRollout, RewardSet, Sample, ServerRollout, group_advantages, grpo_loss, token_weights
 from ..training import (
+    start_run,
     MetricsWriter,
     Progress,
     check_same_run,
@@ -73,29 +74,14 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     out = Path(cfg.output_dir)
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
-    if info.mode != "none" and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    if not info.main:
-        log = lambda _message: None  # noqa: E731 - rank 0 speaks for all
-    dtype = resolve_dtype(tc.dtype, device)
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    run = start_run(cfg, info, device, log)
+    device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
     if gc.prompts_per_step % info.world:
         raise ValueError(f"grpo.prompts_per_step={gc.prompts_per_step} must be a multiple of the {info.world} ranks "
                          "(each rank samples whole groups)")
     if tc.lr < FULL_FINETUNE_LR:
         log(f"Warning: train.lr={tc.lr:g} looks like a full fine-tuning learning rate; LoRA usually wants about 10x "
             "more (RL with LoRA: 1e-5 to 1e-4 on large models, more on small ones)")
-    if cfg.create_demo_model and not Path(cfg.model).exists():
-        if info.world > 1:
-            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
-        write_demo_model(cfg.model)
-        log(f"Created the demo model in {cfg.model}")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
     # --- prompts and rewards --------------------------------------------------------------------
     def load_prompts(path: str, what: str) -> tuple[list[PromptRecord], list[list[int]]]:

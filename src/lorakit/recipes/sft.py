@@ -19,8 +19,9 @@ from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, t
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
-from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, write_demo_model
+from ..models import resolve_device
 from ..training import (
+    start_run,
     check_same_run,
     MetricsWriter,
     Progress,
@@ -63,24 +64,8 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
 def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device: torch.device) -> Path:
     out = Path(cfg.output_dir)
     tc = cfg.train
-    if info.mode != "none" and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    if not info.main:
-        log = lambda _message: None  # noqa: E731 - one voice: rank 0 logs, writes metrics and files
-    dtype = resolve_dtype(tc.dtype, device)
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.create_demo_model and not Path(cfg.model).exists():
-        if info.world > 1:
-            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
-        write_demo_model(cfg.model)
-        log(f"Created the demo model in {cfg.model}")
-    tokenizer = load_tokenizer(cfg.model)
-    # On GPU the frozen base is stored in the compute dtype; on CPU it stays fp32 under autocast.
-    model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    run = start_run(cfg, info, device, log)
+    device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
 
     # --- data -----------------------------------------------------------------------------------
     def load_rows(path: str, what: str) -> list[Row]:

@@ -1,0 +1,51 @@
+"""The start every recipe shares: device and dtype, the (demo) base model, its tokenizer, the run dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..distributed import DistInfo
+from ..models import load_model, load_tokenizer, resolve_dtype, write_demo_model
+
+
+@dataclass
+class RunStart:
+    """What ``start_run`` hands the recipe."""
+
+    device: torch.device
+    """This rank's device (cuda:<local rank> under torchrun on GPUs)."""
+    dtype: torch.dtype
+    """Compute (autocast) dtype."""
+    tokenizer: Any
+    model: Any
+    """The base model: in the compute dtype on GPU, fp32 on CPU (autocast does the rest)."""
+    log: Callable[[str], None]
+    """The recipe's log on rank 0, silent elsewhere: one voice."""
+
+
+def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callable[[str], None]) -> RunStart:
+    """Resolve device and dtype, write the demo model if asked, load tokenizer and base, record the config."""
+    if info.mode != "none" and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if not info.main:
+        log = lambda _message: None  # noqa: E731 - rank 0 logs, writes metrics and files
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.create_demo_model and not Path(cfg.model).exists():
+        if info.world > 1:
+            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
+        write_demo_model(cfg.model)
+        log(f"Created the demo model in {cfg.model}")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
+    if info.main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    return RunStart(device, dtype, tokenizer, model, log)
