@@ -2,8 +2,10 @@
 
     python examples/make_arith_data.py    # rewrites examples/data/arith_*.jsonl
 
-Problems are ``a + b`` with 0 <= a, b < LIMIT; the three files use disjoint (a, b) pairs, so the
-held-out accuracy measures generalisation, not recall.
+Problems are ``a + b`` with 0 <= a < 997 and 1 <= b <= 3, written with fixed widths ("047+3=")
+and answered with three digits ("050"): the demo model is a random-init transformer, and a digit
+table this small, at fixed positions, is what its LoRA can learn in minutes on a CPU. The three
+files use disjoint (a, b) pairs, so the held-out accuracy measures generalisation, not recall.
 """
 
 from __future__ import annotations
@@ -12,28 +14,27 @@ import json
 import random
 from pathlib import Path
 
-LIMIT = 50
 SFT, RL, EVAL = 1500, 600, 200
 DATA = Path(__file__).parent / "data"
 
 
 def question(a: int, b: int) -> str:
-    return f"{a}+{b}="
+    return f"{a:03d}+{b}="
 
 
 def main() -> None:
-    pairs = [(a, b) for a in range(LIMIT) for b in range(LIMIT)]
+    pairs = [(a, b) for a in range(997) for b in range(1, 4)]
     random.Random(0).shuffle(pairs)
     sft, rl, held = pairs[:SFT], pairs[SFT:SFT + RL], pairs[SFT + RL:SFT + RL + EVAL]
     DATA.mkdir(exist_ok=True)
     with open(DATA / "arith_sft.jsonl", "w") as f:
         for a, b in sft:
             f.write(json.dumps({"messages": [{"role": "user", "content": question(a, b)},
-                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
+                                             {"role": "assistant", "content": f"{a + b:03d}"}]}) + "\n")
     for name, chunk in (("arith_rl.jsonl", rl), ("arith_eval.jsonl", held)):
         with open(DATA / name, "w") as f:
             for a, b in chunk:
-                f.write(json.dumps({"prompt": question(a, b), "answer": str(a + b)}) + "\n")
+                f.write(json.dumps({"prompt": question(a, b), "answer": f"{a + b:03d}"}) + "\n")
 
 
 if __name__ == "__main__":
