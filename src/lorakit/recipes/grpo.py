@@ -458,8 +458,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if info.main:
         metrics.close()
         write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
-        curves = {"reward_mean": "reward (mean over samples)", eval_key: f"held-out {eval_key.split('_')[1]} (greedy)"}
-        if rewards.accuracy:
+        curves = {"reward_mean": "reward (mean over sampled completions)", eval_key: f"held-out {eval_key.split('_')[1]} (greedy)"}
+        if rewards.accuracy and rewards.weights != {rewards.accuracy: 1.0}:  # else the same line as the reward
             curves["accuracy"] = "accuracy (samples)"
         if plot_metrics(out / "metrics.jsonl", out / "reward.png", curves, "reward / accuracy", "GRPO step"):
             log(f"Reward curve: {out / 'reward.png'}")
