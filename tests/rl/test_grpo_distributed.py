@@ -50,9 +50,9 @@ def test_two_ranks_match_one_process(tmp_path, demo, mode):
     assert f"{mode} x 2" in log
     single, dist = _steps(tmp_path / "single"), _steps(tmp_path / mode)
     assert sorted(single) == sorted(dist) == [1, 2]
-    for step in single:  # the same completions were drawn, scored and normalised over both ranks
+    for step in single:  # the same completions were drawn, scored and normalised over both ranks (fp32 sums)
         for key in ("reward_mean", "completion_len", "zero_std_frac"):
-            assert single[step][key] == pytest.approx(dist[step][key], abs=1e-9), (step, key)
+            assert single[step][key] == pytest.approx(dist[step][key], abs=1e-6), (step, key)
         assert single[step]["loss"] == pytest.approx(dist[step]["loss"], abs=1e-5)
         assert single[step]["kl"] == pytest.approx(dist[step]["kl"], abs=1e-6)
     a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
