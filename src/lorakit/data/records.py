@@ -27,6 +27,17 @@ class Sample:
     """Plain text (text records); all of it is trained on."""
 
 
+def _json_object(line: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; ValueError says what is wrong (the caller adds path:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def detect_format(record: dict[str, Any]) -> Optional[str]:
     if "conversations" in record or "messages" in record:
         return "chat"
@@ -110,12 +121,7 @@ def read_jsonl(
                 continue
             where = f"{path}:{lineno}"
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                record = _json_object(line)
                 if fmt is None:
                     fmt = detect_format(record)
                     if fmt is None:
@@ -178,12 +184,7 @@ def read_prompts(path: Union[str, Path], skip_invalid: bool = False) -> tuple[li
                 continue
             where = f"{path}:{lineno}"
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                record = _json_object(line)
                 fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
                 if "messages" in record:
                     turns = record["messages"]
