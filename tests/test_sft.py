@@ -158,28 +158,33 @@ def test_cli_errors_are_one_line(tmp_path, demo):
     assert "no such directory" in out and "Traceback" not in out
 
 
-def test_generate_prints_only_the_completion(tmp_path, demo):
-    run(load_config(_config(tmp_path, demo, max_steps=3)), log=lambda _: None)
-    adapter = tmp_path / "run" / "adapter"
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(demo), "--adapter", str(adapter),
-                           "--prompt", "Who are you?", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    expected = _hf_reply(demo, [{"role": "user", "content": "Who are you?"}], 12, adapter=adapter)
-    assert proc.stdout == expected + "\n"
-    assert "Who are you?" not in proc.stdout and "<|im_start|>" not in proc.stdout
-
-
-def test_chat_is_multi_turn(tmp_path, demo):
+def _random_adapter(demo, path):
+    """A saved adapter with random weights: the random base answers every prompt alike, this does not."""
     from lorakit import LoraConfig, inject_lora, save_adapter
     from lorakit.models import load_model
 
     from .models import randomize_lora
 
-    model = load_model(str(demo))  # the random base answers everything alike; a random adapter does not
+    model = load_model(str(demo))
     inject_lora(model, LoraConfig(r=8, target_modules="all-linear"))
     randomize_lora(model, scale=0.5)
-    adapter = tmp_path / "adapter"
-    save_adapter(model, adapter)
+    save_adapter(model, path)
+    return path
+
+
+def test_generate_prints_only_the_completion(tmp_path, demo):
+    adapter = _random_adapter(demo, tmp_path / "adapter")
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(demo), "--adapter", str(adapter),
+                           "--prompt", "Who are you?", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = _hf_reply(demo, [{"role": "user", "content": "Who are you?"}], 12, adapter=adapter)
+    assert expected != _hf_reply(demo, [{"role": "user", "content": "Who are you?"}], 12)  # the adapter shows
+    assert proc.stdout == expected + "\n"
+    assert "Who are you?" not in proc.stdout and "<|im_start|>" not in proc.stdout
+
+
+def test_chat_is_multi_turn(tmp_path, demo):
+    adapter = _random_adapter(demo, tmp_path / "adapter")
     proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", str(demo), "--adapter", str(adapter),
                            "--max-new-tokens", "6"],
                           input="hello\nagain\n/reset\nonce more\n/exit\n", capture_output=True, text=True, timeout=120)
