@@ -67,21 +67,31 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
+def _expected_encoding(tok, pieces):
+    """Hand-built ids and labels: ``pieces`` are (text, trained) in order; trained text gets labels.
+
+    The demo tokenizer is byte-level with no merges, so encoding the pieces one by one and
+    concatenating gives the ids of the whole text; the first position is never a target.
+    """
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    labels[0] = IGNORE
+    return ids, labels
+
+
 def test_labels_cover_exactly_the_assistant_tokens(tok):
-    sample = Sample("x:1", messages=CHAT["conversations"])
-    enc = encode_sample(tok, sample, max_seq_len=1024)
-    full = tok.apply_chat_template(CHAT["conversations"], tokenize=False)
-    assert tok.decode(enc.input_ids) == full
-    # token by token: the demo tokenizer is byte-level, so token i is character i here (ASCII text)
-    expected = []
-    for reply in ("yo", "ok"):
-        start = full.index(f"<|im_start|>assistant\n{reply}") + len("<|im_start|>assistant\n")
-        expected.append((start, full.index("<|im_start|>", start) if "<|im_start|>" in full[start:] else len(full)))
-    labelled_text = "".join(tok.decode([t]) for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE)
-    assert labelled_text == "yo<|im_end|>\nok<|im_end|>\n"
-    for token, label in zip(enc.input_ids, enc.labels):
-        assert label in (IGNORE, token)
-    assert enc.labels[0] == IGNORE
+    enc = encode_sample(tok, Sample("x:1", messages=CHAT["conversations"]), max_seq_len=1024)
+    # ChatML written out by hand: each assistant turn trains its content, <|im_end|> and the newline after.
+    ids, labels = _expected_encoding(tok, [
+        ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False), ("yo<|im_end|>\n", True),
+        ("<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n", False), ("ok<|im_end|>\n", True),
+    ])
+    assert enc.input_ids == ids
+    assert enc.labels == labels
+    assert enc.num_labels == len("yo\nok\n") + 2  # the two <|im_end|> are one token each
 
 
 def test_truncation_and_samples_without_labels_dropped(tok):
@@ -149,8 +159,13 @@ def test_labels_stay_on_the_assistant_with_a_template_that_rewrites_history(tok)
     messages = [{"role": "user", "content": "Say Hello!"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello!"}]
     enc = encode_sample(tok, Sample("x:1", messages=messages), 512)
-    labelled = "".join(tok.decode([t]) for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE)
-    assert labelled == "Hello!<|im_end|>" + "<think>\n\n</think>\n\nHello!<|im_end|>\n"
+    ids, labels = _expected_encoding(tok, [
+        ("<|im_start|>user\nSay Hello!<|im_end|>\n<|im_start|>assistant\n", False), ("Hello!<|im_end|>", True),
+        ("\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>\n\n</think>\n\nHello!<|im_end|>\n", True),
+    ])
+    assert enc.input_ids == ids
+    assert enc.labels == labels
 
 
 def test_a_template_that_refuses_the_data_is_a_data_error(tok):

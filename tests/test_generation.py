@@ -43,6 +43,28 @@ def test_mixed_batch_rows_equal_each_row_alone(model, tok):
     assert len({tuple(v) for v in outs.values()}) == 3
 
 
+def test_mixed_batch_greedy_equals_transformers_generate_with_peft(model, tok):
+    """Oracle: transformers' own ``generate`` on the same base with each adapter put in by ``peft``."""
+    peft = pytest.importorskip("peft")
+    engine = Engine(model, tok)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    mixed = engine.generate([Request(_ids(tok, p), a, params) for p, a in PROMPTS])
+    one_adapter = [(p, a) for p, a in PROMPTS if a == "math"]  # one LoRA pass, not the gathered one
+    single = engine.generate([Request(_ids(tok, p), a, params) for p, a in one_adapter])
+    references = {None: tiny_qwen3(vocab=320)}
+    for name in ("math", "code"):
+        ref = peft.get_peft_model(tiny_qwen3(vocab=320), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        loaded = peft.set_peft_model_state_dict(ref, adapter_state_dict(model, name))
+        assert not loaded.unexpected_keys
+        references[name] = ref.eval()
+    for (prompt, adapter), got in zip(PROMPTS + one_adapter, mixed + single):
+        ids = torch.tensor([_ids(tok, prompt)])
+        with torch.no_grad():
+            want = references[adapter].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                max_new_tokens=8, min_new_tokens=8)[0, ids.shape[1]:].tolist()
+        assert got.token_ids == want, (prompt, adapter)
+
+
 def test_logprobs_equal_a_full_forward_of_the_completion(model, tok):
     engine = Engine(model, tok)
     prompt = _ids(tok, "The answer is")

@@ -223,35 +223,59 @@ def test_seed_flags_make_a_config():
 
 
 class TELayerNormColumnParallelLinear(torch.nn.Module):
-    """Stands in for Transformer Engine's fused RMSNorm + column-parallel linear (TE needs CUDA):
-    same class name and attributes, TP size 1, returns (output, None) like Megatron's TE wrapper."""
+    """Stands in for Transformer Engine's fused norm + column-parallel linear (TE needs CUDA): TE's
+    attribute names (``normalization``, ``eps``, ``zero_centered_gamma``, ``layer_norm_weight``/``_bias``),
+    TP size 1, returns (output, None) like Megatron's TE wrapper. The norm is torch's own."""
 
-    def __init__(self, d_in: int, d_out: int) -> None:
+    def __init__(self, d_in: int, d_out: int, normalization: str, zero_centered_gamma: bool) -> None:
         super().__init__()
         self.in_features, self.out_features, self.parallel_mode = d_in, d_out, "column"
-        self.tp_group, self.sequence_parallel, self.normalization, self.eps = None, False, "RMSNorm", 1e-6
-        self.zero_centered_gamma = False
+        self.tp_group, self.sequence_parallel, self.normalization, self.eps = None, False, normalization, 1e-6
+        self.zero_centered_gamma = zero_centered_gamma
         self.layer_norm_weight = torch.nn.Parameter(torch.rand(d_in) + 0.5)
+        self.layer_norm_bias = torch.nn.Parameter(torch.randn(d_in)) if normalization == "LayerNorm" else None
         self.weight = torch.nn.Parameter(torch.randn(d_out, d_in))
 
+    def norm_module(self) -> torch.nn.Module:
+        """The same norm as a separate torch module (zero-centred gamma stores weight - 1)."""
+        gamma = self.layer_norm_weight.detach() + (1 if self.zero_centered_gamma else 0)
+        if self.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(self.in_features, eps=self.eps)
+        else:
+            norm = torch.nn.LayerNorm(self.in_features, eps=self.eps)
+            norm.bias.data.copy_(self.layer_norm_bias.detach())
+        norm.weight.data.copy_(gamma)
+        return norm
+
     def forward(self, x):
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.layer_norm_weight
-        return normed @ self.weight.T, None
+        return torch.nn.functional.linear(self.norm_module()(x), self.weight), None
 
 
-def test_fused_norm_linear_feeds_the_normed_input_to_lora():
+@pytest.mark.parametrize("normalization, zero_centered", [("RMSNorm", False), ("RMSNorm", True), ("LayerNorm", False),
+                                                          ("LayerNorm", True)])
+def test_fused_norm_linear_feeds_the_normed_input_to_lora(normalization, zero_centered):
+    """Oracle: the unfused model (torch's norm, then a Linear with the same LoRA put in by ``peft``)."""
+    peft = pytest.importorskip("peft")
     from lorakit.integrations.megatron import NormedInputLoraLinear, apply_lora_to_megatron_model
 
     torch.manual_seed(0)
-    holder = torch.nn.ModuleDict({"linear_qkv": TELayerNormColumnParallelLinear(8, 12)})
+    fused = TELayerNormColumnParallelLinear(8, 12, normalization, zero_centered)
+    holder = torch.nn.ModuleDict({"linear_qkv": fused})
     apply_lora_to_megatron_model(holder, LoraConfig(r=2, alpha=4, target_modules=["linear_qkv"],
                                                     init_lora_weights=False), log=False)
     layer = holder["linear_qkv"]
     assert isinstance(layer, NormedInputLoraLinear)
-    x = torch.randn(3, 2, 8)
-    out, bias = layer(x)
-    base = layer.base_layer
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + base.eps) * base.layer_norm_weight
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    torch.testing.assert_close(out, base(x)[0] + normed @ a.T @ b.T * 2.0)
+    linear = torch.nn.Linear(8, 12, bias=False)
+    linear.weight.data.copy_(fused.weight.detach())
+    unfused = peft.get_peft_model(torch.nn.Sequential(fused.norm_module(), linear),
+                                  peft.LoraConfig(r=2, lora_alpha=4, target_modules=["1"]))
+    unfused.base_model.model[1].lora_A["default"].weight.data.copy_(layer.lora_A["default"].weight.detach())
+    unfused.base_model.model[1].lora_B["default"].weight.data.copy_(layer.lora_B["default"].weight.detach())
+    x = torch.randn(3, 2, 8) * 3 + 1
+    with torch.no_grad():
+        out, bias = layer(x)
+        expected = unfused(x)
+        base_only = fused(x)[0]
     assert bias is None
+    assert not torch.allclose(out, base_only, atol=1e-3)  # the LoRA branch contributes
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

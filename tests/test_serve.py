@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, inject_lora, save_adapter
-from lorakit.generation import complete
-from lorakit.lora import load_adapter
-from lorakit.models import load_model, load_tokenizer, write_demo_model
+from lorakit.models import load_model, write_demo_model
 
 from .models import randomize_lora, tiny_qwen3
 
 openai = pytest.importorskip("openai")
+peft = pytest.importorskip("peft")
 KEY = "test-key"
 
 
@@ -55,12 +54,27 @@ def client(setup):
     return openai.OpenAI(base_url=setup["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _expected(setup, adapter, prompt, n, chat):
-    model = load_model(str(setup["demo"])).eval()
-    tok = load_tokenizer(str(setup["demo"]))
+def _reference(setup, adapter):
+    """The oracle: the base in plain transformers, with the adapter loaded by the real ``peft``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(setup["demo"], dtype=torch.float32).eval()
     if adapter:
-        load_adapter(model, setup["adapters"] / adapter, adapter_name="served")
-    return complete(model, tok, prompt, max_new_tokens=n, chat=chat, adapter="served" if adapter else None)
+        model = peft.PeftModel.from_pretrained(model, setup["adapters"] / adapter).eval()
+    return model
+
+
+def _expected(setup, adapter, prompt, n, chat, ignore_eos=False):
+    """Greedy text from transformers' own ``generate`` (no lorakit code on this path)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup["demo"])
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if chat else prompt
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = _reference(setup, adapter).generate(**ids, max_new_tokens=n, do_sample=False,
+                                                  min_new_tokens=n if ignore_eos else 0)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _post(setup, path, body, key=KEY, raw=None):
@@ -80,10 +94,13 @@ def test_models_lists_base_and_adapters(client):
 
 
 def test_completions_pick_the_adapter_by_model_name(setup, client):
+    texts = {}
     for name in ("math", "code", "demo"):
         got = client.completions.create(model=name, prompt="Hello", max_tokens=10, temperature=0)
-        assert got.choices[0].text == _expected(setup, None if name == "demo" else name, "Hello", 10, chat=False)
+        texts[name] = got.choices[0].text
+        assert texts[name] == _expected(setup, None if name == "demo" else name, "Hello", 10, chat=False)
         assert got.usage.completion_tokens <= 10 and got.model == name
+    assert len(set(texts.values())) == 3  # a wrong adapter would show
 
 
 def test_chat_completion_and_its_stream_agree(setup, client):
@@ -114,9 +131,8 @@ def test_concurrent_requests_to_different_adapters_are_batched(setup, client):
     for t in threads:
         t.join()
     for i, name in enumerate(names):
-        alone = client.completions.create(model=name, prompt=f"Item {i}:", max_tokens=8, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].text
-        assert results[i] == alone
+        alone = _expected(setup, None if name == "demo" else name, f"Item {i}:", 8, chat=False, ignore_eos=True)
+        assert results[i] == alone, (i, name)
     with urllib.request.urlopen(urllib.request.Request(setup["url"] + "/health",
                                                        headers={"Authorization": f"Bearer {KEY}"})) as resp:
         assert json.loads(resp.read())["largest_batch"] > 1
@@ -164,8 +180,7 @@ def test_merge_export_loads_in_transformers_and_matches(setup, tmp_path):
                            str(setup["adapters"] / "math"), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    reference = load_model(str(setup["demo"])).eval()
-    load_adapter(reference, setup["adapters"] / "math")
+    reference = _reference(setup, "math")
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)

@@ -41,6 +41,21 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _hf_reply(demo, messages, max_new_tokens, adapter=None):
+    """The oracle for generation: transformers' own greedy ``generate`` (the adapter loaded by ``peft``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo)
+    model = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = pytest.importorskip("peft").PeftModel.from_pretrained(model, adapter).eval()
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_run_trains_saves_checkpoints_and_a_peft_adapter(tmp_path, demo):
     cfg = load_config(_config(tmp_path, demo, save_steps=3, max_steps=9), ["data.eval=" + str(DATA)])
     lines = []
@@ -143,28 +158,46 @@ def test_cli_errors_are_one_line(tmp_path, demo):
     assert "no such directory" in out and "Traceback" not in out
 
 
-def test_generate_prints_only_the_completion(tmp_path, demo):
-    from lorakit.generation import complete
-    from lorakit.lora import load_adapter
-    from lorakit.models import load_model, load_tokenizer
+def _random_adapter(demo, path):
+    """A saved adapter with random weights: the random base answers every prompt alike, this does not."""
+    from lorakit import LoraConfig, inject_lora, save_adapter
+    from lorakit.models import load_model
 
-    run(load_config(_config(tmp_path, demo, max_steps=3)), log=lambda _: None)
-    adapter = tmp_path / "run" / "adapter"
+    from .models import randomize_lora
+
+    model = load_model(str(demo))
+    inject_lora(model, LoraConfig(r=8, target_modules="all-linear"))
+    randomize_lora(model, scale=0.5)
+    save_adapter(model, path)
+    return path
+
+
+def test_generate_prints_only_the_completion(tmp_path, demo):
+    adapter = _random_adapter(demo, tmp_path / "adapter")
     proc = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(demo), "--adapter", str(adapter),
                            "--prompt", "Who are you?", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    model = load_model(str(demo)).eval()
-    load_adapter(model, adapter)
-    expected = complete(model, load_tokenizer(str(demo)), "Who are you?", max_new_tokens=12)
+    expected = _hf_reply(demo, [{"role": "user", "content": "Who are you?"}], 12, adapter=adapter)
+    assert expected != _hf_reply(demo, [{"role": "user", "content": "Who are you?"}], 12)  # the adapter shows
     assert proc.stdout == expected + "\n"
     assert "Who are you?" not in proc.stdout and "<|im_start|>" not in proc.stdout
 
 
 def test_chat_is_multi_turn(tmp_path, demo):
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", str(demo), "--max-new-tokens", "4"],
-                          input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=120)
+    adapter = _random_adapter(demo, tmp_path / "adapter")
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", str(demo), "--adapter", str(adapter),
+                           "--max-new-tokens", "6"],
+                          input="hello\nagain\n/reset\nonce more\n/exit\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("assistant> ") == 2 and "(history cleared)" in proc.stdout
+    # the second reply continues the conversation; after /reset the history is gone
+    first = _hf_reply(demo, [{"role": "user", "content": "hello"}], 6, adapter)
+    second = _hf_reply(demo, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "again"}], 6, adapter)
+    third = _hf_reply(demo, [{"role": "user", "content": "once more"}], 6, adapter)
+    assert second != _hf_reply(demo, [{"role": "user", "content": "again"}], 6, adapter)  # history counts
+    turns = proc.stdout.split("you> ")[1:]
+    assert turns == [f"assistant> {first}\n", f"assistant> {second}\n", "(history cleared)\n",
+                     f"assistant> {third}\n", ""]
 
 
 def test_demo_model_command_writes_a_loadable_model(tmp_path):
@@ -196,22 +229,22 @@ def test_padding_free_batches_train_like_padded_ones(tmp_path, demo):
 
 def test_generate_with_an_adapter_uses_it(tmp_path, demo):
     """Regression: `complete` once routed every row to the base, ignoring the loaded adapter."""
+    from lorakit import LoraConfig, inject_lora, save_adapter
     from lorakit.generation import complete
-    from lorakit.lora import load_adapter
     from lorakit.models import load_model, load_tokenizer
 
     from .models import randomize_lora
 
     tok = load_tokenizer(str(demo))
     model = load_model(str(demo)).eval()
-    base = complete(model, tok, "Who are you?", max_new_tokens=8)
-    from lorakit import LoraConfig, inject_lora
-
     inject_lora(model, LoraConfig(r=8, target_modules="all-linear"))
     randomize_lora(model, scale=0.5)
+    save_adapter(model, tmp_path / "adapter")
+    messages = [{"role": "user", "content": "Who are you?"}]
     adapted = complete(model, tok, "Who are you?", max_new_tokens=8)
-    assert adapted != base
-    assert adapted == complete(model, tok, "Who are you?", max_new_tokens=8, adapter="default")
+    assert adapted == _hf_reply(demo, messages, 8, adapter=tmp_path / "adapter")
+    assert adapted != _hf_reply(demo, messages, 8)
+    assert complete(model, tok, "Who are you?", max_new_tokens=8, adapter="default") == adapted
 
 
 def test_a_fresh_run_never_reuses_or_deletes_an_earlier_runs_checkpoints(tmp_path, demo):

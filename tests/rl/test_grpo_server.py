@@ -12,15 +12,18 @@ import torch
 
 import lorakit.recipes.grpo as grpo
 from lorakit.config import load_config
-from lorakit.generation import Engine, Request, SamplingParams
+from lorakit.generation import SamplingParams
 from lorakit.lora import LoraConfig, adapter_configs, adapter_state_dict, inject_lora
 from lorakit.models import load_model, load_tokenizer, write_demo_model
 from lorakit.rl import RolloutServerError, ServerRollout
 
 from ..models import randomize_lora
 
+peft = pytest.importorskip("peft")
+
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "rollout-key"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +47,21 @@ def _served(server):
         return [m["id"] for m in json.loads(resp.read())["data"]]
 
 
+def _peft_policy(server, state):
+    """The oracle: the base in plain transformers with the policy's LoRA tensors put in by ``peft``."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(server["demo"], dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    result = peft.set_peft_model_state_dict(model, state)
+    assert not result.unexpected_keys
+    return model.eval()
+
+
 def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
     tokenizer = load_tokenizer(server["demo"])
     policy = load_model(server["demo"], dtype=torch.float32, device=torch.device("cpu"))
-    inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    engine = Engine(policy, tokenizer)
+    inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=TARGETS))
     eos = [tokenizer.eos_token_id]
     rollout = ServerRollout(server["url"], server["root"] / "sync", eos, api_key=KEY)
     prompt = tokenizer("12+7=")["input_ids"]
@@ -59,13 +72,23 @@ def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
         randomize_lora(policy, seed=seed, scale=0.3)  # an "update"
         name = rollout.sync(f"policy-v{version}", adapter_configs(policy)["default"], adapter_state_dict(policy))
         assert _served(server)[1:] == [name]  # the previous version was unloaded
+        reference = _peft_policy(server, adapter_state_dict(policy))
+        with torch.no_grad():
+            want = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                      max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
         for params in (greedy, sampled):
-            local = engine.generate([Request(prompt, "default", params)])[0]
             remote = rollout.generate(name, [prompt], [params])[0]
-            want = local.token_ids + ([local.stop_token_id] if local.stop_token_id is not None else [])
-            assert remote.token_ids == want and remote.text == local.text
-            assert remote.finish_reason == local.finish_reason
-            assert max(abs(a - b) for a, b in zip(remote.logprobs, local.logprobs)) < 1e-5
+            if params is greedy:  # transformers' greedy decoding, stop token included
+                assert remote.token_ids == want
+                assert remote.text == tokenizer.decode(want, skip_special_tokens=True)
+                assert remote.finish_reason == ("stop" if want[-1] in eos else "length")
+            # the reported log-probs are the policy's: a full forward of prompt + completion
+            with torch.no_grad():
+                logits = reference(torch.tensor([prompt + remote.token_ids])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            expected = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(remote.token_ids)]
+            assert len(remote.logprobs) == len(remote.token_ids)
+            assert max(abs(a - b) for a, b in zip(remote.logprobs, expected)) < 1e-5
         seen.append(remote.token_ids)
     assert seen[0] != seen[1]  # the second adapter really replaced the first
     assert not (server["root"] / "sync" / "policy-v0").exists()  # superseded adapters are removed
