@@ -17,8 +17,8 @@ The peer runs at its best correct settings. Both sides skip padding the same way
   So it is correct here; the benchmark does not assume it: before timing, a ``verify`` child takes
   the first batch of TRL's own dataloader, computes TRL's loss on it and compares it with each
   sample run alone through the model (independent oracle), and stops if they differ. TRL without
-  padding-free pads every batch to its longest sample, which costs it ~30% extra tokens of compute
-  here, so padding-free is its faster correct setting.
+  padding-free pads every batch to its longest sample and spends compute and activations on the
+  padding, so padding-free is its faster correct setting for the same batches.
 * ``--layout packing``: samples packed into rows of up to --max-len tokens — lorakit's
   ``train.packing``, TRL's ``packing=True`` (strategy ``bfd``, itself padding-free). The same
   tokens, but fewer and larger steps on both sides.
