@@ -2,19 +2,26 @@
 
 Model: Qwen3-shaped, built from a config (hidden 512, 8 layers, vocab 32000, ~58M parameters,
 random init); LoRA r=16 on every linear layer; batch 4 x 256 tokens; CPU fp32. A step is
-forward + backward + AdamW. The two sides alternate step by step (so drift in machine load hits
-both), after warm-up; the median of each is compared.
+forward + backward + AdamW. PEFT is at its defaults for LoRA training (its best correct setting on
+CPU: nothing in PEFT 0.21 makes a plain LoRA step faster there). The two sides alternate step by
+step, the order flipping each repeat (so drift in machine load hits both), after warm-up; printed:
+each side's median and min-max ms/step over --repeats steps, and the ratio of the two steps of each
+repeat (median and min-max).
 
-    python benchmarks/core_overhead.py [--steps 7] [--warmup 2] [--seq 256] [--batch 4]
+    python benchmarks/core_overhead.py [--repeats 3] [--warmup 2] [--seq 256] [--batch 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import load, ratios, spread  # noqa: E402
 
 
 def build(seed: int):
@@ -44,7 +51,7 @@ def make_peft(r: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7, help="measured steps per side (median taken)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured steps per side (at least 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -69,19 +76,18 @@ def main() -> None:
         return time.perf_counter() - start
 
     print(f"model: {n_params / 1e6:.1f}M base params, LoRA r={args.r} all-linear ({trainable['lorakit']:,} trainable), "
-          f"batch {args.batch}x{args.seq}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"batch {args.batch}x{args.seq}, torch {torch.__version__}, {torch.get_num_threads()} threads; start: {load()}")
     times: dict[str, list[float]] = {"lorakit": [], "peft": []}
-    for i in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.repeats):
         order = ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit")
         for name in order:
             took = step(name)
             if i >= args.warmup:
                 times[name].append(took)
-    med = {k: statistics.median(v) for k, v in times.items()}
     for name, values in times.items():
-        print(f"{name:8s} median {med[name] * 1000:8.1f} ms/step  (min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})")
-    print(f"ratio lorakit/peft = {med['lorakit'] / med['peft']:.3f}")
-
+        print(f"{name:8s} ms/step {spread([v * 1000 for v in values])}")
+    print(f"ratio lorakit/peft ms/step {spread(ratios(times['lorakit'], times['peft']), '.3f')}")
+    print(f"end: {load()}")
 
 if __name__ == "__main__":
     main()

@@ -4,19 +4,24 @@ vs the merged model; same batch size, same prompt and output lengths, one proces
 Model: Qwen3-shaped, ~58M parameters (hidden 512, 8 layers, vocab 32000), random init; adapters:
 r=16 on all linear layers, random weights. Batch 8, prompts of 64 tokens, 64 new tokens each
 (greedy, end-of-sequence ignored so every run decodes the same number of tokens). The three modes
-alternate; the median of the repeats is kept.
+alternate within each repeat (after one warm-up round); printed: each mode's median and min-max
+tokens/s, and the ratios of modes measured in the same repeat (median and min-max).
 
-    python benchmarks/multi_adapter.py [--batch 8] [--prompt-len 64] [--new 64] [--repeats 5]
+    python benchmarks/multi_adapter.py [--batch 8] [--prompt-len 64] [--new 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import load, ratios, spread  # noqa: E402
 
 
 def build(n_adapters: int):
@@ -44,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     from lorakit import merge_lora, set_active_adapters, unload_lora
@@ -64,6 +69,7 @@ def main() -> None:
         "8 adapters mixed": ("lorakit", [f"a{i % 8}" for i in range(args.batch)]),
         "merged (no LoRA)": ("merged", [None] * args.batch),
     }
+    print(f"start: {load()}")
     times: dict[str, list[float]] = {m: [] for m in modes}
     for repeat in range(args.repeats + 1):
         for mode, (engine, names) in modes.items():
@@ -76,13 +82,12 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"model ~58M Qwen3-shaped, 8 adapters r=16 all-linear, batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.new} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    tps = {}
-    for mode, values in times.items():
-        tps[mode] = tokens / statistics.median(values)
-        print(f"{mode:18s} {tps[mode]:8.1f} tokens/s  (median of {len(values)})")
-    print(f"ratio 8-mixed / 1-adapter = {tps['8 adapters mixed'] / tps['1 adapter']:.3f}")
-    print(f"ratio 1-adapter / merged  = {tps['1 adapter'] / tps['merged (no LoRA)']:.3f}")
-
+    tps = {mode: [tokens / t for t in values] for mode, values in times.items()}
+    for mode, values in tps.items():
+        print(f"{mode:18s} tokens/s {spread(values)}")
+    print(f"ratio 8-mixed / 1-adapter {spread(ratios(tps['8 adapters mixed'], tps['1 adapter']), '.3f')}")
+    print(f"ratio 1-adapter / merged  {spread(ratios(tps['1 adapter'], tps['merged (no LoRA)']), '.3f')}")
+    print(f"end: {load()}")
 
 if __name__ == "__main__":
     main()
