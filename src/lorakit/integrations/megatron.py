@@ -45,8 +45,8 @@ from ..lora.inject import (
     is_target,
     iter_modules,
     lora_modules,
-    mark_trainable,
     set_active_adapters,
+    set_adapter_trainable,
 )
 from ..lora.layer import check_adapter_name
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear, group_rank, group_size, shard_tensor
@@ -252,8 +252,10 @@ def apply_lora_to_megatron_model(
     """Wrap the targeted parallel linear layers of every model chunk with LoRA, in place.
 
     Call it on every rank right after the model is built, before Megatron's DDP wrapper and the
-    optimizer are created (they must see which parameters require grad). Afterwards only the
-    LoRA weights of ``adapter_name`` require grad. A collective: every rank of the job calls it.
+    optimizer are created (they must see which parameters require grad). Afterwards the base is
+    frozen and the LoRA weights of ``adapter_name`` require grad; other adapters keep theirs
+    (``lorakit.lora.mark_trainable`` picks the trained set explicitly). A collective: every rank
+    of the job calls it.
 
     Args:
         model: the list of model chunks (virtual pipeline) or one chunk; DDP/Float16 wrappers are
@@ -321,7 +323,7 @@ def apply_lora_to_megatron_model(
         adapter_configs(chunk)[adapter_name] = stored
         if plan:
             set_active_adapters(chunk, [adapter_name])
-        mark_trainable(chunk, adapter_name)
+        set_adapter_trainable(chunk, adapter_name, True)
     if log:
         report = megatron_lora_report(model, config)
         logger.info("%s", report.rank_line())

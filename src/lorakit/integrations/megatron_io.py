@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..lora.config import LoraConfig
-from ..lora.inject import adapter_configs, lora_modules, mark_trainable
+from ..lora.inject import adapter_configs, lora_modules, set_adapter_trainable
 from ..lora.io import read_adapter, write_adapter
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear, unshard_tensor
 from .megatron_hf import ModuleInfo, from_hf_adapter, role_of, to_hf_adapter
@@ -403,5 +403,5 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
                 layer.set_scale(adapter_name, alpha, hf_config.use_rslora)
             layer.set_dropout(adapter_name, hf_config.dropout)
     for chunk in chunks:
-        mark_trainable(chunk, adapter_name if trainable else None)
+        set_adapter_trainable(chunk, adapter_name, trainable)
     return hf_config

@@ -26,9 +26,9 @@ from .inject import (
     adapter_names,
     inject_lora,
     lora_modules,
-    mark_trainable,
     plan_injection,
     set_active_adapters,
+    set_adapter_trainable,
     active_adapters,
     unwrap_model,
 )
@@ -245,7 +245,9 @@ def load_adapter(
         model: the base model (or one that already carries adapters).
         path: adapter directory (``adapter_config.json`` + weights) or a ``.pth`` file.
         adapter_name: name the adapter gets in ``model``.
-        trainable: leave the adapter's parameters requiring grad (to continue training it).
+        trainable: leave the adapter's parameters requiring grad (to continue training it);
+            False freezes this adapter only. The base is frozen and other adapters keep their
+            ``requires_grad`` (see :func:`lorakit.lora.inject.set_adapter_trainable`).
         activate: make it the one active adapter.
 
     Returns:
@@ -281,7 +283,7 @@ def load_adapter(
             layer.set_scale(adapter_name, config.alpha_for(layer_path), config.use_rslora)
             layer.set_dropout(adapter_name, config.dropout)
         adapter_configs(model)[adapter_name] = config
-        mark_trainable(model, adapter_name if trainable else None)
+        set_adapter_trainable(model, adapter_name, trainable)
     else:
         inject_lora(model, config, adapter_name, trainable=trainable)
         live = _adapter_tensors(model, adapter_name)
