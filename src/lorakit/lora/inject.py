@@ -375,20 +375,18 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the bare base model inside the block (the RL reference policy); adapters come back after.
 
-    Merged adapters are unmerged for the block and merged again after it.
+    No weight is written, so the model after the block is bit for bit the model before it, in
+    any dtype and after any number of blocks. A merged adapter's update is part of the base
+    weights, so inside the block each merged layer computes ``base(x) - scale * B(A(x))``
+    (in the adapters' dtype, float32 for half-precision bases, without dropout, with no
+    gradient to A and B) instead of unmerging. For a half-precision merged model that output
+    differs from the original base model's by the rounding the merge itself introduced (as the
+    merged model's output differs from the unmerged adapter's); unmerging and re-merging
+    instead would rewrite the weights on every call, and cost a pass over every merged weight.
     """
-    from .merge import merge_lora, unmerge_lora  # merge builds on this module
-
     modules = [m for _, m in lora_modules(model)]
-    merged = {name for m in modules if isinstance(m, LoraLayer) for name in m.merged_adapters}
-    if merged:
-        unmerge_lora(model)
-    try:
-        with _set_on_all(modules, "disabled", True):
-            yield
-    finally:
-        if merged:
-            merge_lora(model, sorted(merged))
+    with _set_on_all(modules, "disabled", True):
+        yield
 
 
 @contextlib.contextmanager
