@@ -74,7 +74,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  #
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
-from lorakit import LoraConfig, inject_lora, merge_lora, unmerge_lora  # noqa: E402
+from lorakit import LoraConfig, disable_adapters, inject_lora, merge_lora, unmerge_lora  # noqa: E402
 from lorakit.integrations import megatron as mlora  # noqa: E402
 from lorakit.integrations.megatron_hf import fuse_qkv  # noqa: E402
 from lorakit.lora.parallel import shard_tensor, unshard_tensor  # noqa: E402
@@ -174,6 +174,18 @@ def layer_checks():
                 y2, b2 = layer(x.detach())
                 y2 = y2 + b2 if b2 is not None else y2
             record(f"layer_{tag}_merged_out", maxdiff(y2, y.detach()))
+            # disabled while merged: the base layer's own output, and the merged weight untouched
+            merged_weight = layer.base_layer.weight.detach().clone()
+            with torch.no_grad(), disable_adapters(holder):
+                y3, b3 = layer(x.detach())
+                y3 = y3 + b3 if b3 is not None else y3
+            base_full = F.linear(x_full, w_full, bias_full)
+            if kind == "column":
+                base_ref = shard_tensor(base_full, 2, RANK, WORLD)
+            else:
+                base_ref = shard_tensor(base_full, 0, RANK, WORLD) if sp else base_full
+            record(f"layer_{tag}_disabled_merged_out", maxdiff(y3, base_ref))
+            record(f"layer_{tag}_disabled_keeps_weight", torch.equal(layer.base_layer.weight, merged_weight))
             unmerge_lora(holder)
             record(f"layer_{tag}_unmerged_weight", maxdiff(layer.base_layer.weight, shard_tensor(w_full, w_dim, RANK, WORLD)))
 

@@ -62,6 +62,9 @@ def test_tp2_layer_matches_dense_reference(runs, layer):
         # merged shards == the dense merge's shards; merge keeps outputs, unmerge restores the weight
         assert r[f"layer_{layer}_merged_weight"] <= TOL
         assert r[f"layer_{layer}_merged_out"] <= TOL
+        # disabled while merged: the base layer's output, computed without rewriting the weight
+        assert r[f"layer_{layer}_disabled_merged_out"] <= TOL
+        assert r[f"layer_{layer}_disabled_keeps_weight"]
         assert r[f"layer_{layer}_unmerged_weight"] <= TOL
 
 

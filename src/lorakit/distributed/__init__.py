@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..lora.tensors import full_tensor  # noqa: F401  (one implementation, for the recipes)
+
 
 @dataclass
 class DistInfo:
@@ -116,12 +118,6 @@ def all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item())
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (a collective every rank must join); a plain tensor as is."""
-    gather = getattr(tensor, "full_tensor", None)
-    return gather() if callable(gather) else tensor
 
 
 def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

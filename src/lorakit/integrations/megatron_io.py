@@ -11,33 +11,28 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..lora.atomic import atomic_file
 from ..lora.config import LoraConfig
-from ..lora.inject import adapter_configs, lora_modules, mark_trainable
+from ..lora.inject import adapter_configs, delete_adapter, lora_modules, set_adapter_trainable
 from ..lora.io import read_adapter, write_adapter
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear, unshard_tensor
-from .megatron_hf import ModuleInfo, from_hf_adapter, role_of, to_hf_adapter
+from .megatron_hf import HF_NAMES, ModuleInfo, from_hf_adapter, hf_module, role_of, to_hf_adapter
+from .megatron_model import apply_lora_to_megatron_model, model_chunks
 
 logger = logging.getLogger("lorakit.integrations.megatron")
 
 META_NAME = "lora_meta.json"
 SHARD_NAME = "adapter_shard.safetensors"
 Chunks = Union[nn.Module, list, tuple]
-
-
-def _chunks(model: Chunks) -> list[nn.Module]:
-    from .megatron import model_chunks  # the chunk unwrapping lives with the layer glue
-
-    return model_chunks(model)
 
 
 # --- what export and checkpoints need to know -----------------------------------------------------
@@ -56,7 +51,7 @@ def _layer_index(chunk: nn.Module, path: str) -> int:
 def module_infos(model: Chunks, adapter_name: str = "default") -> list[tuple[ModuleInfo, ParallelLoraLinear]]:
     """Every wrapped layer carrying ``adapter_name``, with what export needs to know about it."""
     out = []
-    for index, chunk in enumerate(_chunks(model)):
+    for index, chunk in enumerate(model_chunks(model)):
         for path, layer in lora_modules(chunk):
             if not isinstance(layer, ParallelLoraLinear) or adapter_name not in layer.r:
                 continue
@@ -109,7 +104,7 @@ def save_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
     layer's full shapes and split), written last: a directory with the meta file is complete.
     Each file is written to a temp name and renamed.
     """
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     infos = module_infos(chunks, adapter_name)
     if not infos:
         raise ValueError(f"the model has no LoRA adapter '{adapter_name}' to save")
@@ -122,7 +117,7 @@ def save_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
             tensors[f"{info.key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
         folder = root / f"mp_rank_{ranks['tp']:02d}_{ranks['pp']:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic(folder / SHARD_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_file(folder / SHARD_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     # The meta lists every pipeline stage's layers: gather them to write one file.
     local = [info.to_dict() for info, _ in infos]
     if ranks["pp_size"] > 1:
@@ -136,23 +131,9 @@ def save_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
         meta = {"format": "lorakit-megatron-lora", "version": 1, "tp_size": ranks["tp_size"],
                 "pp_size": ranks["pp_size"], "config": config.to_peft_dict(), "modules": local}
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _atomic(root / META_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_file(root / META_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     _barrier()
     return root
-
-
-def _atomic(target: Path, write: Callable[[str], Any]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_meta(root: Path) -> dict:
@@ -260,7 +241,7 @@ def load_base_checkpoint(chunk: nn.Module, state_dict: dict[str, Any]) -> BaseLo
     Raises:
         ValueError: base keys missing from the checkpoint, or keys the model does not have.
     """
-    chunk = _chunks(chunk)[0]
+    chunk = model_chunks(chunk)[0]
     result = chunk.load_state_dict(state_dict, strict=False)
     lora = re.compile(r"(^|\.)lora_[AB]\.")
     fresh = [k for k in result.missing_keys if lora.search(k)]
@@ -301,7 +282,7 @@ def export_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
     modules = gather_lora(model, adapter_name)
     if not modules:
         raise ValueError(f"the model has no LoRA adapter '{adapter_name}' to export")
-    config = next(adapter_configs(c)[adapter_name] for c in _chunks(model) if adapter_name in adapter_configs(c))
+    config = next(adapter_configs(c)[adapter_name] for c in model_chunks(model) if adapter_name in adapter_configs(c))
     target = Path(path)
     if not dist.is_initialized() or dist.get_rank() == 0:
         hf_config, tensors = to_hf_adapter(modules, config, base_model_name_or_path)
@@ -343,11 +324,8 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
             adapter has weights for layers this model (this pipeline stage) lacks; no LoRA weight
             was changed.
     """
-    from ..lora.inject import delete_adapter
-    from .megatron_hf import HF_NAMES, hf_module
-
     hf_config, tensors, source = read_adapter(path)
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     injected = False
     if not module_infos(chunks, adapter_name):
         roles = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
@@ -358,8 +336,6 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
             raise ValueError(f"{source}: no q/k/v/o/gate/up/down projection weights to import")
         inject = LoraConfig(r=hf_config.r, alpha=hf_config.alpha, dropout=hf_config.dropout, target_modules=present,
                             use_rslora=hf_config.use_rslora)
-        from .megatron import apply_lora_to_megatron_model
-
         apply_lora_to_megatron_model(chunks, inject, adapter_name, log=False)
         injected = True
     try:
@@ -403,5 +379,5 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
                 layer.set_scale(adapter_name, alpha, hf_config.use_rslora)
             layer.set_dropout(adapter_name, hf_config.dropout)
     for chunk in chunks:
-        mark_trainable(chunk, adapter_name if trainable else None)
+        set_adapter_trainable(chunk, adapter_name, trainable)
     return hf_config

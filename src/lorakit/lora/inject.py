@@ -239,15 +239,17 @@ def inject_lora(
 ) -> list[str]:
     """Wrap the modules ``config`` targets with LoRA adapter ``adapter_name``, in place.
 
-    Afterwards only this adapter's parameters (LoRA A/B and its ``modules_to_save`` copies)
-    require grad, and it is the one active adapter.
+    Afterwards it is the one active adapter, and gradients follow :func:`set_adapter_trainable`:
+    the base is frozen, this adapter's parameters (LoRA A/B and its ``modules_to_save`` copies)
+    require grad iff ``trainable``, and other adapters keep whatever they had.
 
     Args:
         model: any ``nn.Module``; its submodules are replaced, the root is kept.
         config: the adapter's hyper-parameters.
         adapter_name: name of the new adapter (several can live in one model).
         dtype: dtype of the adapter weights; default: the base's, or float32 for fp16/bf16 bases.
-        trainable: False leaves every parameter frozen (an adapter for inference).
+        trainable: False freezes this adapter (for inference, or an RL reference) and leaves
+            an adapter being trained training.
 
     Returns:
         The paths of the wrapped modules, in model order.
@@ -279,19 +281,59 @@ def inject_lora(
         stored = dataclasses.replace(stored, fan_in_fan_out=True)
     adapter_configs(model)[adapter_name] = stored
     set_active_adapters(model, [adapter_name])
-    mark_trainable(model, adapter_name if trainable else None)
+    set_adapter_trainable(model, adapter_name, trainable)
     return [t.path for t in targets]
 
 
-def mark_trainable(model: nn.Module, adapter_name: Optional[str]) -> None:
-    """Freeze every parameter, then unfreeze those of ``adapter_name`` (None: keep all frozen)."""
+def _adapter_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    owned: dict[str, list[nn.Parameter]] = {}
+    for _, module in lora_modules(model):
+        for name in module.adapter_names:
+            owned.setdefault(name, []).extend(module.adapter_parameters(name))
+    return owned
+
+
+def set_adapter_trainable(model: nn.Module, adapter_name: str, trainable: bool) -> None:
+    """Freeze the base and set one adapter's ``requires_grad``; other adapters are left alone.
+
+    This is the rule ``inject_lora`` and ``load_adapter`` apply, so adding a frozen adapter (a
+    reference policy, a second adapter for inference) never stops another from training, and
+    the order adapters are added in does not matter:
+
+    * every parameter no adapter owns (the base, ``original_module`` of trained-in-full
+      modules) gets ``requires_grad=False``: lorakit never trains base weights;
+    * ``adapter_name``'s parameters (LoRA A/B, its ``modules_to_save`` copies) get ``trainable``;
+    * every other adapter's parameters keep the value they had.
+
+    Use :func:`mark_trainable` to choose the whole set of trained adapters at once.
+    """
     model = unwrap_model(model)
+    owned = _adapter_params(model)
+    ids = {id(p) for params in owned.values() for p in params}
+    for p in model.parameters():
+        if id(p) not in ids:
+            p.requires_grad_(False)
+    for p in owned.get(adapter_name, []):
+        p.requires_grad_(trainable)
+
+
+def mark_trainable(model: nn.Module, adapter_names_: Union[str, Sequence[str], None]) -> None:
+    """Make exactly ``adapter_names_`` trainable: every other parameter, base or adapter, is frozen.
+
+    Args:
+        model: a model with LoRA layers.
+        adapter_names_: one adapter, several, or None (freeze everything).
+    """
+    model = unwrap_model(model)
+    names = [] if adapter_names_ is None else [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+    owned = _adapter_params(model)
+    unknown = [n for n in names if n not in owned]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(owned)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    if adapter_name is None:
-        return
-    for _, module in lora_modules(model):
-        for p in module.adapter_parameters(adapter_name):
+    for name in names:
+        for p in owned[name]:
             p.requires_grad_(True)
 
 
@@ -333,20 +375,18 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the bare base model inside the block (the RL reference policy); adapters come back after.
 
-    Merged adapters are unmerged for the block and merged again after it.
+    No weight is written, so the model after the block is bit for bit the model before it, in
+    any dtype and after any number of blocks. A merged adapter's update is part of the base
+    weights, so inside the block each merged layer computes ``base(x) - scale * B(A(x))``
+    (in the adapters' dtype, float32 for half-precision bases, without dropout, with no
+    gradient to A and B) instead of unmerging. For a half-precision merged model that output
+    differs from the original base model's by the rounding the merge itself introduced (as the
+    merged model's output differs from the unmerged adapter's); unmerging and re-merging
+    instead would rewrite the weights on every call, and cost a pass over every merged weight.
     """
-    from .merge import merge_lora, unmerge_lora  # merge builds on this module
-
     modules = [m for _, m in lora_modules(model)]
-    merged = {name for m in modules if isinstance(m, LoraLayer) for name in m.merged_adapters}
-    if merged:
-        unmerge_lora(model)
-    try:
-        with _set_on_all(modules, "disabled", True):
-            yield
-    finally:
-        if merged:
-            merge_lora(model, sorted(merged))
+    with _set_on_all(modules, "disabled", True):
+        yield
 
 
 @contextlib.contextmanager

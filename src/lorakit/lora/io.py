@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_directory, atomic_file
 from .config import CONFIG_NAME, LoraConfig
 from .inject import (
     Target,
@@ -26,13 +25,14 @@ from .inject import (
     adapter_names,
     inject_lora,
     lora_modules,
-    mark_trainable,
     plan_injection,
     set_active_adapters,
+    set_adapter_trainable,
     active_adapters,
     unwrap_model,
 )
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
+from .tensors import full_tensor
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -68,14 +68,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
-    return {PEFT_PREFIX + k: _full(v.detach()) for k, v in _adapter_tensors(model, adapter_name).items()}
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    # FSDP2 shards parameters as DTensors: gather the whole adapter weight (a collective: every
-    # rank must call this).
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
+    # Under FSDP2 each weight is a DTensor: gathered whole (a collective: every rank calls this).
+    return {PEFT_PREFIX + k: full_tensor(v.detach()) for k, v in _adapter_tensors(model, adapter_name).items()}
 
 
 def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -245,7 +239,9 @@ def load_adapter(
         model: the base model (or one that already carries adapters).
         path: adapter directory (``adapter_config.json`` + weights) or a ``.pth`` file.
         adapter_name: name the adapter gets in ``model``.
-        trainable: leave the adapter's parameters requiring grad (to continue training it).
+        trainable: leave the adapter's parameters requiring grad (to continue training it);
+            False freezes this adapter only. The base is frozen and other adapters keep their
+            ``requires_grad`` (see :func:`lorakit.lora.inject.set_adapter_trainable`).
         activate: make it the one active adapter.
 
     Returns:
@@ -281,7 +277,7 @@ def load_adapter(
             layer.set_scale(adapter_name, config.alpha_for(layer_path), config.use_rslora)
             layer.set_dropout(adapter_name, config.dropout)
         adapter_configs(model)[adapter_name] = config
-        mark_trainable(model, adapter_name if trainable else None)
+        set_adapter_trainable(model, adapter_name, trainable)
     else:
         inject_lora(model, config, adapter_name, trainable=trainable)
         live = _adapter_tensors(model, adapter_name)
@@ -330,26 +326,16 @@ def write_adapter(path: PathLike, config: LoraConfig, tensors: dict[str, torch.T
 
 
 def _write_adapter_dir(target: Path, config_json: str, tensors: dict[str, torch.Tensor]) -> None:
-    # A new directory is built aside and renamed into place: readers see all of it or none of it.
-    # An existing one (it may hold other files) has each file replaced atomically, weights first.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not target.exists()
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(config_json, encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(staging / name)
-        if fresh:
-            os.replace(staging, target)
-            return
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(staging / name, target / name)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    def weights(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+    if not target.exists():
+        # A new directory is built aside and renamed into place: readers see all of it or none.
+        with atomic_directory(target) as staging:
+            weights(str(staging / WEIGHTS_NAME))
+            (staging / CONFIG_NAME).write_text(config_json, encoding="utf-8")
+        return
+    # An existing one may hold other files (a tokenizer, a README): each of ours is replaced
+    # atomically, weights first, so the config never describes weights that are not there yet.
+    atomic_file(target / WEIGHTS_NAME, weights)
+    atomic_file(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json, encoding="utf-8"))

@@ -166,10 +166,23 @@ class LoraLayer(nn.Module):
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         return result + self._delta(x, name).to(result.dtype)
 
+    def _merged_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What merged adapter ``name`` adds to the output: no dropout (the merged weight has
+        none) and no gradient to its A and B (the merged weight is frozen)."""
+        raise NotImplementedError
+
+    def _without_merged(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # Disabled with adapters merged: take their updates out of the output, never out of the
+        # weights, so a merged model is bit for bit the same after any number of disable blocks.
+        # ``result - delta`` runs in the adapters' (float32) dtype and rounds once.
+        for name in self.merged_adapters:
+            result = (result - self._merged_delta(x, name)).to(result.dtype)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return result
+            return self._without_merged(result, x) if self.merged_adapters else result
         if self.row_routes is not None:
             return self._routed(x, result)
         for name in self._live:
@@ -241,6 +254,10 @@ class LoraLinear(LoraLayer):
         b = self.lora_B[name].weight.detach().float()
         delta = (b @ a) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
+
+    def _merged_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
+        return F.linear(F.linear(x.to(a.dtype), a) * self.scaling[name], b)
 
     def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight
@@ -339,10 +356,15 @@ class LoraEmbedding(LoraLayer):
         b = self.lora_embedding_B[name].detach().float()
         return (b @ a).T * self.scaling[name]
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _merged_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self._delta(x, name, detach=True)
+
+    def _delta(self, x: torch.Tensor, name: str, detach: bool = False) -> torch.Tensor:
         # Dropout on integer ids is meaningless; PEFT skips it for embeddings too.
         base = self.base_layer
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if detach:
+            a, b = a.detach(), b.detach()
         after_a = F.embedding(
             x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
             scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,

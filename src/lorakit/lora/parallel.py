@@ -297,21 +297,33 @@ class ParallelLoraLinear(LoraLayer):
         if self.row_routes is not None:
             raise RuntimeError("per-row adapter routing is not supported on tensor-parallel LoRA layers")
         out = self.base_layer(x, *args, **kwargs)
+        if self.disabled and self.merged_adapters:
+            result, bias = self._check_pair(out)
+            h_in = self.lora_input(x)
+            for name in self.merged_adapters:  # see LoraLayer._without_merged
+                result = (result - self._parallel_delta(h_in, name, merged=True)).to(result.dtype)
+            return result, bias
         if self.disabled or not self._live:
             return out
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise RuntimeError(
-                f"{type(self.base_layer).__name__} returned {type(out).__name__}; a tensor-parallel LoRA "
-                "layer expects the (output, output_bias) pair of Megatron's parallel linear layers"
-            )
-        result, bias = out
+        result, bias = self._check_pair(out)
         h_in = self.lora_input(x)
         for name in self._live:
             result = result + self._parallel_delta(h_in, name).to(result.dtype)
         return result, bias
 
-    def _parallel_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _check_pair(self, out: Any) -> tuple[torch.Tensor, Any]:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise RuntimeError(
+                f"{type(self.base_layer).__name__} returned {type(out).__name__}; a tensor-parallel LoRA "
+                "layer expects the (output, output_bias) pair of Megatron's parallel linear layers"
+            )
+        return out[0], out[1]
+
+    def _parallel_delta(self, x: torch.Tensor, name: str, merged: bool = False) -> torch.Tensor:
         """This rank's part of ``B(A(dropout(x))) * scale``, laid out like the base output.
+
+        ``merged``: the update a merged adapter put into the weight (no dropout, no gradient to
+        A and B), which a disabled layer takes out of its output.
 
         Shapes (s = sequence, b = batch, t = TP size; under sequence parallelism the column input
         and the row output have s / t rows):
@@ -321,7 +333,11 @@ class ParallelLoraLinear(LoraLayer):
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
         group = self.tp_group
-        x = self.lora_dropout[name](x).to(a.dtype)
+        if merged:
+            a, b = a.detach(), b.detach()
+        else:
+            x = self.lora_dropout[name](x)
+        x = x.to(a.dtype)
         if self.tp_world == 1:
             return F.linear(F.linear(x, a) * self.scaling[name], b)
         if self.parallel_mode == COLUMN:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Union
 
 from ..data.tokenize import CHATML_TEMPLATE
-from ..fsutil import atomic_directory
+from ..lora.atomic import atomic_directory
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -7,7 +7,7 @@ from typing import Union
 
 import torch
 
-from ..fsutil import atomic_directory
+from ..lora.atomic import atomic_directory
 from ..lora import load_adapter, merge_lora, unload_lora
 from .loading import DTYPES, load_model, load_tokenizer
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..distributed import DistInfo, barrier, full_tensor, gather_objects, like_param
-from ..fsutil import atomic_directory
 from ..lora import adapter_configs, adapter_state_dict, load_adapter, write_adapter
+from ..lora.atomic import atomic_directory
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -87,10 +87,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     if info.main:
         with atomic_directory(final, replace=True) as staging:  # a rerun of the same step replaces it
-            write_adapter(staging / "adapter", adapter_configs(model)[adapter_name], adapter)
-            for item in (staging / "adapter").iterdir():  # adapter files sit at the top level
-                item.rename(staging / item.name)
-            (staging / "adapter").rmdir()
+            write_adapter(staging, adapter_configs(model)[adapter_name], adapter)  # at the top level
             save_file(tensors, str(staging / OPTIMIZER_NAME))
             (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
             save_file({f"rank{r}.{k}": v for r, rng in enumerate(rngs) for k, v in rng.items()}, str(staging / RNG_NAME))
