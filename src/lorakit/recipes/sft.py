@@ -231,8 +231,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             if step % tc.logging_steps == 0 or step == total_steps:
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 log_metrics({"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": lr,
-                             "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP2 "tokens": state["tokens"],
-                             "tokens_per_s": tokens_per_s})
+                             "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP2
+                             "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
                 window_tokens, window_start = 0, time.perf_counter()
             if progress is not None:
                 progress.update(step, loss=loss_total, lr=lr, tok_s=round(tokens_per_s))
