@@ -180,6 +180,12 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
     for key, value in flat.items():
         name = KEY_ALIASES.get(key, key)
         origin = where.get(key, "config")
+        if name == "create_demo_model":  # removed; `false` (older runs' config.yaml) meant nothing anyway
+            if value not in (False, None):
+                raise ConfigError(f"{origin}: 'create_demo_model' was removed (it wrote a random model wherever "
+                                  "'model' pointed, so a mistyped path trained one): write 'model: demo' for "
+                                  "lorakit's demo model")
+            continue
         if name not in valid:
             hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""

@@ -191,9 +191,9 @@ class RunConfig:
     recipe: Literal["sft", "grpo"] = "sft"
     """Which recipe runs the config: sft (chat/Alpaca/text data) or grpo (prompts + rewards)."""
     model: str = ""
-    """Base model: a local Hugging Face model directory (or a hub id where a network exists)."""
-    create_demo_model: bool = False
-    """If `model` is a directory that does not exist yet, write lorakit's tiny demo model there first."""
+    """Base model: a local Hugging Face model directory, `demo` (lorakit's tiny demo model, cached in
+    $LORAKIT_CACHE or ~/.cache/lorakit and built on first use), or a hub id where a network exists.
+    A path that does not exist is an error."""
     output_dir: str = "out/run"
     """Checkpoints, the final adapter (output_dir/adapter), metrics.jsonl and the loss curve go here."""
     init_adapter: Optional[str] = None

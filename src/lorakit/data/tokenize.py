@@ -41,7 +41,20 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
         raise DataError(f"the chat template cannot render this conversation: {err}") from None
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+def collect_eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Every token id that ends a sequence: the tokenizer's eos first, then the generation config's.
+
+    Instruct models often list several (Qwen: ``[<|im_end|>, <|endoftext|>]``; Llama 3:
+    ``[<|end_of_text|>, <|eom_id|>, <|eot_id|>]``) in ``generation_config.eos_token_id``, an int or a list.
+    """
+    listed = getattr(generation_config, "eos_token_id", None)
+    listed = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+    ids = [tokenizer.eos_token_id, *listed]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str,
+                     eos_ids: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Character spans of ``full`` written by the assistant (its content and end-of-turn marker).
 
     A turn's span is what rendering ``messages[:i+1]`` adds over ``messages[:i]`` plus the
@@ -67,24 +80,33 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
         if start < 0:
             raise DataError("the chat template does not reproduce an assistant turn's content verbatim")
         end = start + len(message["content"])
-        eos = getattr(tokenizer, "eos_token", None)
-        if eos and full.startswith(eos, end):
-            end += len(eos)
+        # The turn's end-of-turn marker is learnt too: any of the eos tokens right after the content.
+        for eos in (tokenizer.decode([i]) for i in eos_ids):
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+                break
         spans.append((start, end))
         cursor = end
     return spans
 
 
-def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int) -> Encoded:
-    """Tokenize a sample; chat samples get labels on assistant tokens only. Truncates to max_seq_len."""
+def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int, eos_token_ids: Sequence[int] = ()) -> Encoded:
+    """Tokenize a sample; chat samples get labels on assistant tokens only. Truncates to max_seq_len.
+
+    Args:
+        eos_token_ids: end-of-sequence ids besides the tokenizer's own (``collect_eos_ids`` with the
+            model's generation config): a text sample ends with the first of all of them, and an
+            assistant turn's label span takes in whichever follows its content.
+    """
+    eos_ids = list(dict.fromkeys(collect_eos_ids(tokenizer) + [int(i) for i in eos_token_ids]))
     if sample.text is not None:
         ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
+        if eos_ids:
+            ids = ids + [eos_ids[0]]
         labels = list(ids)
     else:
         full = render_chat(tokenizer, sample.messages)
-        spans = _assistant_spans(tokenizer, sample.messages, full)
+        spans = _assistant_spans(tokenizer, sample.messages, full, eos_ids)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         labels = []
@@ -98,12 +120,14 @@ def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int) -> Encoded:
     return Encoded(ids, labels, sample.source)
 
 
-def encode_all(tokenizer: Any, samples: Sequence[Sample], max_seq_len: int) -> tuple[list[Encoded], int]:
-    """Encode samples, dropping those left with no label after truncation. Returns (encoded, dropped)."""
+def encode_all(tokenizer: Any, samples: Sequence[Sample], max_seq_len: int,
+               eos_token_ids: Sequence[int] = ()) -> tuple[list[Encoded], int]:
+    """Encode samples (see ``encode_sample``), dropping those left with no label after truncation.
+    Returns (encoded, dropped)."""
     out, dropped = [], 0
     for sample in samples:
         try:
-            enc = encode_sample(tokenizer, sample, max_seq_len)
+            enc = encode_sample(tokenizer, sample, max_seq_len, eos_token_ids)
         except DataError as err:
             raise DataError(f"{sample.source}: {err}") from None
         if enc.num_labels == 0:

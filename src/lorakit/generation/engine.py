@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ..data.tokenize import collect_eos_ids
 from ..lora import adapter_names, route_adapters, set_adapter_weights
 
 
@@ -147,10 +148,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
+        eos = set(collect_eos_ids(tokenizer, getattr(model, "generation_config", None)))
         self.eos = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
 

@@ -1,17 +1,26 @@
 """lorakit's embedded demo model: a tiny Qwen3 with a byte-level tokenizer, written as an HF model dir.
 
 Random init, a few million parameters, no download: the base every quick start and test can build.
+``model: demo`` (or ``--model demo``) names it; ``ensure_demo_model`` keeps one cached copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from ..data.tokenize import CHATML_TEMPLATE
 from ..lora.atomic import atomic_directory
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEMO = "demo"
+"""The model name that means lorakit's demo model (``model: demo``, ``--model demo``)."""
+DEMO_VERSION = 1
+"""Bump when the demo model or tokenizer changes: the cache directory is named after it."""
 
 
 def build_demo_tokenizer():
@@ -53,14 +62,8 @@ def build_demo_model(vocab_size: int, seed: int = 0):
     return model
 
 
-def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
-    """Write the demo model (config, safetensors weights, tokenizer, chat template) to ``path``.
-
-    The directory is built aside and renamed into place, so a half-written model never appears.
-    """
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path}: already exists")
+def _save_demo(directory: Path, seed: int) -> None:
+    """Save the demo model and its tokenizer into the (existing, empty) ``directory``."""
     tokenizer = build_demo_tokenizer()
     vocab = -(-len(tokenizer) // 64) * 64  # round up: tidy matrix shapes
     model = build_demo_model(vocab, seed=seed)
@@ -70,7 +73,85 @@ def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
+    # Written by hand, not with save_pretrained: under an initialised process group that writes
+    # nothing on ranks other than 0, and any rank may be the one that builds the cached copy.
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
+               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}  # tied: stored once
+    save_file(tensors, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+
+
+def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
+    """Write the demo model (config, safetensors weights, tokenizer, chat template) to ``path``.
+
+    The directory is built aside and renamed into place, so a half-written model never appears.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists")
     with atomic_directory(path) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _save_demo(staging, seed)
     return path
+
+
+def cache_dir() -> Path:
+    """lorakit's cache: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
+
+
+def demo_model_dir() -> Path:
+    """Where ``model: demo`` lives. The version in the name changes whenever the demo model's
+    definition does, so a cache written by an older lorakit is never mistaken for today's."""
+    return cache_dir() / f"demo-model-v{DEMO_VERSION}"
+
+
+def ensure_demo_model() -> Path:
+    """The cached demo model's directory, written on first use.
+
+    Safe when several processes (torchrun ranks, parallel jobs) ask at once: one builds it under a
+    file lock while the others wait, and the finished directory is renamed into place in one step,
+    so nobody ever reads half a model. Where no file lock exists, a loser of the race drops its copy.
+    """
+    target = demo_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _save_demo(staging, seed=0)
+            for file in staging.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            try:
+                os.rename(staging, target)  # fails if another process's copy is already there
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): the atomic rename alone keeps readers safe
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer from a local HF directory (or a hub id where a network exists)."""
+"""Load a causal LM and its tokenizer from a local HF directory, ``demo``, or a hub id where a network exists."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .demo import DEMO, ensure_demo_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,9 +37,31 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+def resolve_model(name: str) -> str:
+    """Where to load model ``name`` from: ``demo`` is lorakit's demo model (cached, built on first
+    use); an existing directory is itself; anything else must look like a hub id ("org/name").
+
+    Raises:
+        ModelError: ``name`` is empty, or a path (absolute, ``./``, ``~``, several parts) that does not exist.
+    """
+    if name == DEMO:
+        return str(ensure_demo_model())
+    if not name:
+        raise ModelError("model: no model given (a local Hugging Face model directory, or 'demo')")
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    # A hub id is "name" or "org/name"; anything else can only be a local path, and a missing one is
+    # a typo to report now, not a random or remote model to fall back on.
+    if path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or "\\" in name:
+        raise ModelError(f"model '{name}': no such directory (lorakit's demo model is `model: demo`)")
+    return name
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    name = resolve_model(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -48,6 +72,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: Optional[t
     """``AutoModelForCausalLM.from_pretrained`` with errors that say what went wrong."""
     from transformers import AutoModelForCausalLM
 
+    name = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as err:
@@ -64,4 +89,4 @@ def _explain(name: str, what: str, err: Exception) -> str:
     if path.exists():
         return f"model '{name}': is a file; expected a Hugging Face model directory"
     return (f"model '{name}': no such directory, and it could not be fetched as a hub id "
-            f"(no network, or no such repo). Create a local one with `lorakit demo-model DIR`.")
+            f"(no network, or no such repo). lorakit's demo model is `model: demo` (or --model demo).")

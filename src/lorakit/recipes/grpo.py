@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..config import RunConfig, dump_config
-from ..data import IGNORE, PromptRecord, Row, collate, pad_token_id, read_prompts, render_chat
+from ..data import IGNORE, PromptRecord, Row, collate, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..generation import SamplingParams
 from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, inject_lora, load_adapter, lora_modules,
@@ -159,7 +159,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     # --- rollout engine -------------------------------------------------------------------------
     server: Optional[ServerRollout] = None
     if rc.engine == "server":
-        eos = [t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None]
+        eos = collect_eos_ids(tokenizer, model.generation_config)
         api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
         server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
                                rc.timeout_s, rc.concurrency)

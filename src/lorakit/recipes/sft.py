@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import RunConfig, dump_config
-from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
+from ..data import IGNORE, Row, collate, collect_eos_ids, encode_all, pad_token_id, read_jsonl, to_rows
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
@@ -70,7 +70,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     # --- data -----------------------------------------------------------------------------------
     def load_rows(path: str, what: str) -> list[Row]:
         samples, skipped = read_jsonl(path, cfg.data.format, cfg.data.skip_invalid, cfg.data.system_prompt)
-        encoded, dropped = encode_all(tokenizer, samples, tc.max_seq_len)
+        eos_ids = collect_eos_ids(tokenizer, model.generation_config)  # instruct models may list several
+        encoded, dropped = encode_all(tokenizer, samples, tc.max_seq_len, eos_ids)
         if not encoded:
             raise ValueError(f"{path}: no sample has a labelled token left within train.max_seq_len={tc.max_seq_len}")
         rows = to_rows(encoded, tc.max_seq_len, tc.packing)
@@ -231,8 +232,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             if step % tc.logging_steps == 0 or step == total_steps:
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 log_metrics({"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": lr,
-                             "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP2 "tokens": state["tokens"],
-                             "tokens_per_s": tokens_per_s})
+                             "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP2
+                             "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
                 window_tokens, window_start = 0, time.perf_counter()
             if progress is not None:
                 progress.update(step, loss=loss_total, lr=lr, tok_s=round(tokens_per_s))

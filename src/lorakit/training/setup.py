@@ -10,7 +10,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..distributed import DistInfo
-from ..models import load_model, load_tokenizer, resolve_dtype, write_demo_model
+from ..models import DEMO, demo_model_dir, load_model, load_tokenizer, resolve_dtype
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RunStart:
 
 
 def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callable[[str], None]) -> RunStart:
-    """Resolve device and dtype, write the demo model if asked, load tokenizer and base, record the config."""
+    """Resolve device and dtype, load tokenizer and base (``demo``: the cached demo model), record the config."""
     if info.mode != "none" and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if not info.main:
@@ -37,11 +37,8 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     dtype = resolve_dtype(cfg.train.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.create_demo_model and not Path(cfg.model).exists():
-        if info.world > 1:
-            raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
-        write_demo_model(cfg.model)
-        log(f"Created the demo model in {cfg.model}")
+    if cfg.model == DEMO and not demo_model_dir().exists():
+        log(f"Building lorakit's demo model in {demo_model_dir()} (once; later runs reuse it)")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
     if info.main:

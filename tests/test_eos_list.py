@@ -1,0 +1,197 @@
+"""A list of end-of-sequence ids (Qwen/Llama instruct: ``generation_config.eos_token_id = [a, b]``,
+the tokenizer's eos being one of them): data labels, the engine, `generate`, `chat` and `serve` stop
+on either. The oracle for stopping is transformers' own ``generate`` with that generation config.
+
+The model is a tiny Qwen3 turned into a bigram machine: attention and MLP outputs are zeroed, so the
+last hidden state is the current token's (normalised) embedding, and the head maps chosen tokens to
+chosen next tokens. Each prompt's last token thus starts a known chain that ends in one eos id.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorakit.data import IGNORE, Sample, encode_sample
+from lorakit.generation import Engine, Request, SamplingParams
+from lorakit.models import build_demo_tokenizer, load_model, load_tokenizer
+
+# prompt end -> ... -> eos. "b" ends a plain prompt, "\n" ends every chat prompt, "r" a second plain one.
+CHAINS = {"b": "cd<|im_end|>", "\n": "ok<|endoftext|>", "r": "st<|endoftext|>"}
+
+
+def _id(tokenizer, text):
+    ids = tokenizer.convert_tokens_to_ids([text]) if text.startswith("<|") else tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, text
+    return ids[0]
+
+
+def _pieces(chain):
+    return re.findall(r"<\|[a-z_]+\|>|.", chain, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def two_eos(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_demo_tokenizer()  # eos <|im_end|>, pad <|endoftext|>
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros_like(model.lm_head.weight)
+        for start, chain in CHAINS.items():
+            pieces = [start, *_pieces(chain)]
+            for here, nxt in zip(pieces, pieces[1:]):
+                head[_id(tok, nxt)] += 100 * emb[_id(tok, here)]
+        model.lm_head.weight.copy_(head)
+    im_end, endoftext = _id(tok, "<|im_end|>"), _id(tok, "<|endoftext|>")
+    assert tok.eos_token_id == im_end
+    model.config.eos_token_id = im_end  # as an instruct model's config.json has it: one id
+    model.config.pad_token_id = endoftext
+    model.generation_config.eos_token_id = [im_end, endoftext]
+    model.generation_config.pad_token_id = endoftext
+    path = tmp_path_factory.mktemp("models") / "two-eos"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _hf_greedy(path, prompt_ids, max_new_tokens=10):
+    """transformers' generate with the saved generation config: the new tokens, eos included."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert model.generation_config.eos_token_id == [_id(load_tokenizer(str(path)), "<|im_end|>"),
+                                                    _id(load_tokenizer(str(path)), "<|endoftext|>")]
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def _chat_ids(tok, text):
+    from lorakit.data import render_chat
+
+    return tok(render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("prompt", ["ab", "qr", "chat"])
+def test_the_engine_stops_on_either_eos_like_transformers(two_eos, prompt):
+    tok = load_tokenizer(str(two_eos))
+    model = load_model(str(two_eos)).eval()
+    ids = _chat_ids(tok, "hi") if prompt == "chat" else tok(prompt, add_special_tokens=False)["input_ids"]
+    expected = _hf_greedy(two_eos, ids)
+    eos = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert expected[-1] in eos and len(expected) < 10  # transformers stopped on one of them
+    if prompt != "ab":
+        assert expected[-1] != tok.eos_token_id  # ... the one the tokenizer does not call its eos
+    done = Engine(model, tok).generate([Request(ids, None, SamplingParams(max_new_tokens=10))])[0]
+    assert done.finish_reason == "stop"
+    assert done.token_ids + [done.stop_token_id] == expected
+    assert done.text == tok.decode(expected[:-1])
+
+
+def _lorakit(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def test_generate_and_chat_stop_on_the_second_eos(two_eos):
+    tok = load_tokenizer(str(two_eos))
+    expected = _hf_greedy(two_eos, _chat_ids(tok, "hi"))
+    assert expected[-1] == tok.convert_tokens_to_ids("<|endoftext|>")
+    reply = tok.decode(expected[:-1])
+    assert reply == "ok"
+    proc = _lorakit("generate", "--model", two_eos, "--prompt", "hi", "--max-new-tokens", "10")
+    assert proc.returncode == 0 and proc.stdout == reply + "\n", proc.stdout + proc.stderr
+    proc = _lorakit("chat", "--model", two_eos, "--max-new-tokens", "10", input="hi\nagain\n/exit\n")
+    assert proc.returncode == 0 and proc.stdout.count(f"assistant> {reply}\n") == 2, proc.stdout + proc.stderr
+
+
+def test_the_server_stops_on_either_eos(two_eos):
+    openai = pytest.importorskip("openai")
+    tok = load_tokenizer(str(two_eos))
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(two_eos), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, line + proc.stdout.read() if proc.poll() is not None else line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{found.group(1)}/v1", api_key="x")
+        for prompt in ("ab", "qr"):
+            expected = _hf_greedy(two_eos, tok(prompt, add_special_tokens=False)["input_ids"])
+            got = client.completions.create(model="two-eos", prompt=prompt, max_tokens=10, temperature=0).choices[0]
+            assert (got.text, got.finish_reason) == (tok.decode(expected[:-1]), "stop")
+        expected = _hf_greedy(two_eos, _chat_ids(tok, "hi"))
+        got = client.chat.completions.create(model="two-eos", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=10, temperature=0).choices[0]
+        assert (got.message.content, got.finish_reason) == (tok.decode(expected[:-1]), "stop")
+        stream = client.chat.completions.create(model="two-eos", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=10, temperature=0, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# A template that is not prefix-consistent (its first line counts the messages), so assistant spans
+# are found by content; turns end with <|im_end|>, while this tokenizer calls <|endoftext|> its eos
+# (as Qwen base tokenizers do, their instruct generation config listing both).
+COUNTING_TEMPLATE = (
+    "{{ messages|length }}\n{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_chat_labels_end_with_whichever_eos_ends_the_turn():
+    tok = build_demo_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    tok.chat_template = COUNTING_TEMPLATE
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yo!"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "ok"}]
+    enc = encode_sample(tok, Sample("x:1", messages=messages), 512, eos_token_ids=[im_end, endoftext])
+    labelled = [t for t in enc.labels if t != IGNORE]
+    # by hand: each assistant reply's bytes, then the end-of-turn token
+    assert tok.convert_ids_to_tokens(labelled) == ["Y", "o", "!", "<|im_end|>", "o", "k", "<|im_end|>"]
+    # the tokenizer's own eos still counts when no list is given (earlier behaviour)
+    tok.eos_token = "<|im_end|>"
+    plain = encode_sample(tok, Sample("x:1", messages=messages), 512)
+    assert [t for t in plain.labels if t != IGNORE] == labelled
+
+
+def test_text_samples_end_with_an_eos_from_the_list():
+    tok = build_demo_tokenizer()
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    enc = encode_sample(tok, Sample("t:1", text="hi"), 64, eos_token_ids=[endoftext])
+    assert enc.input_ids[-1] == tok.eos_token_id  # the tokenizer's eos comes first
+    tok.eos_token = None
+    enc = encode_sample(tok, Sample("t:1", text="hi"), 64, eos_token_ids=[endoftext])
+    assert enc.input_ids == tok("hi")["input_ids"] + [endoftext]
+
+
+def test_collect_eos_ids_takes_an_int_or_a_list_tokenizer_first():
+    from transformers import GenerationConfig
+
+    from lorakit.data import collect_eos_ids
+
+    tok = build_demo_tokenizer()
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert collect_eos_ids(tok) == [im_end]
+    assert collect_eos_ids(tok, GenerationConfig(eos_token_id=[endoftext, im_end])) == [im_end, endoftext]
+    assert collect_eos_ids(tok, GenerationConfig(eos_token_id=endoftext)) == [im_end, endoftext]
+    tok.eos_token = None
+    assert collect_eos_ids(tok, GenerationConfig(eos_token_id=[endoftext, im_end])) == [endoftext, im_end]
