@@ -1,4 +1,4 @@
-"""Samples -> token ids with assistant-only labels; truncation, packing and collation."""
+"""Examples -> token ids with assistant-only labels; truncation, packing and collation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .records import DataError, Sample
+from .records import DataError, Example
 
 IGNORE = -100
 
@@ -75,8 +75,8 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
     return spans
 
 
-def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int) -> Encoded:
-    """Tokenize a sample; chat samples get labels on assistant tokens only. Truncates to max_seq_len."""
+def encode_example(tokenizer: Any, sample: Example, max_seq_len: int) -> Encoded:
+    """Tokenize an example; chat examples get labels on assistant tokens only. Truncates to max_seq_len."""
     if sample.text is not None:
         ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -98,12 +98,12 @@ def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int) -> Encoded:
     return Encoded(ids, labels, sample.source)
 
 
-def encode_all(tokenizer: Any, samples: Sequence[Sample], max_seq_len: int) -> tuple[list[Encoded], int]:
+def encode_all(tokenizer: Any, samples: Sequence[Example], max_seq_len: int) -> tuple[list[Encoded], int]:
     """Encode samples, dropping those left with no label after truncation. Returns (encoded, dropped)."""
     out, dropped = [], 0
     for sample in samples:
         try:
-            enc = encode_sample(tokenizer, sample, max_seq_len)
+            enc = encode_example(tokenizer, sample, max_seq_len)
         except DataError as err:
             raise DataError(f"{sample.source}: {err}") from None
         if enc.num_labels == 0:
