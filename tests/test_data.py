@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lorakit.data import IGNORE, DataError, Sample, collate, encode_all, encode_sample, read_jsonl, to_rows
+from lorakit.data import IGNORE, DataError, Example, collate, encode_all, encode_example, read_jsonl, to_rows
 from lorakit.models import build_demo_model, build_demo_tokenizer
 from lorakit.training import causal_lm_loss
 
@@ -83,7 +83,7 @@ def _expected_encoding(tok, pieces):
 
 
 def test_labels_cover_exactly_the_assistant_tokens(tok):
-    enc = encode_sample(tok, Sample("x:1", messages=CHAT["conversations"]), max_seq_len=1024)
+    enc = encode_example(tok, Example("x:1", messages=CHAT["conversations"]), max_seq_len=1024)
     # ChatML written out by hand: each assistant turn trains its content, <|im_end|> and the newline after.
     ids, labels = _expected_encoding(tok, [
         ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False), ("yo<|im_end|>\n", True),
@@ -95,17 +95,17 @@ def test_labels_cover_exactly_the_assistant_tokens(tok):
 
 
 def test_truncation_and_samples_without_labels_dropped(tok):
-    sample = Sample("x:1", messages=[{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b"}])
+    sample = Example("x:1", messages=[{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b"}])
     encoded, dropped = encode_all(tok, [sample], max_seq_len=20)
     assert encoded == [] and dropped == 1
-    encoded, _ = encode_all(tok, [Sample("t:1", text="hello world")], max_seq_len=5)
+    encoded, _ = encode_all(tok, [Example("t:1", text="hello world")], max_seq_len=5)
     assert len(encoded[0].input_ids) == 5
 
 
 def test_packing_keeps_samples_apart(tok):
     torch.manual_seed(0)
     model = build_demo_model(len(tok) + 5).eval()
-    samples = [Sample(f"s:{i}", messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    samples = [Example(f"s:{i}", messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
                for i, (q, a) in enumerate([("hi", "hello there"), ("2+2?", "4"), ("name?", "Kit")])]
     encoded, _ = encode_all(tok, samples, 256)
     rows = to_rows(encoded, 256, packing=True)
@@ -132,7 +132,7 @@ def test_chunked_head_loss_equals_full_logits_loss_and_grads(tok):
     for p in model.parameters():
         p.requires_grad_(False)
     model.model.norm.weight.requires_grad_(True)
-    samples = [Sample(f"t:{i}", text="lorakit " * (i + 3)) for i in range(4)]
+    samples = [Example(f"t:{i}", text="lorakit " * (i + 3)) for i in range(4)]
     encoded, _ = encode_all(tok, samples, 64)
     batch = collate(to_rows(encoded, 64, False), tok.pad_token_id, packed=False)
     loss, n = causal_lm_loss(model, batch)
@@ -158,7 +158,7 @@ def test_labels_stay_on_the_assistant_with_a_template_that_rewrites_history(tok)
     tok.chat_template = template
     messages = [{"role": "user", "content": "Say Hello!"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello!"}]
-    enc = encode_sample(tok, Sample("x:1", messages=messages), 512)
+    enc = encode_example(tok, Example("x:1", messages=messages), 512)
     ids, labels = _expected_encoding(tok, [
         ("<|im_start|>user\nSay Hello!<|im_end|>\n<|im_start|>assistant\n", False), ("Hello!<|im_end|>", True),
         ("\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
@@ -171,7 +171,7 @@ def test_labels_stay_on_the_assistant_with_a_template_that_rewrites_history(tok)
 def test_a_template_that_refuses_the_data_is_a_data_error(tok):
     tok = build_demo_tokenizer()
     tok.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
-    sample = Sample("d.jsonl:4", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+    sample = Example("d.jsonl:4", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                                            {"role": "assistant", "content": "a"}])
     with pytest.raises(DataError, match=r"d.jsonl:4: the chat template cannot render this conversation: System role"):
         encode_all(tok, [sample], 64)

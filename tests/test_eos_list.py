@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from lorakit.data import IGNORE, Sample, encode_sample
+from lorakit.data import IGNORE, Example, encode_example
 from lorakit.generation import Engine, Request, SamplingParams
 from lorakit.models import build_demo_tokenizer, load_model, load_tokenizer
 
@@ -163,23 +163,23 @@ def test_chat_labels_end_with_whichever_eos_ends_the_turn():
     im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yo!"},
                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "ok"}]
-    enc = encode_sample(tok, Sample("x:1", messages=messages), 512, eos_token_ids=[im_end, endoftext])
+    enc = encode_example(tok, Example("x:1", messages=messages), 512, eos_token_ids=[im_end, endoftext])
     labelled = [t for t in enc.labels if t != IGNORE]
     # by hand: each assistant reply's bytes, then the end-of-turn token
     assert tok.convert_ids_to_tokens(labelled) == ["Y", "o", "!", "<|im_end|>", "o", "k", "<|im_end|>"]
     # the tokenizer's own eos still counts when no list is given (earlier behaviour)
     tok.eos_token = "<|im_end|>"
-    plain = encode_sample(tok, Sample("x:1", messages=messages), 512)
+    plain = encode_example(tok, Example("x:1", messages=messages), 512)
     assert [t for t in plain.labels if t != IGNORE] == labelled
 
 
 def test_text_samples_end_with_an_eos_from_the_list():
     tok = build_demo_tokenizer()
     endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
-    enc = encode_sample(tok, Sample("t:1", text="hi"), 64, eos_token_ids=[endoftext])
+    enc = encode_example(tok, Example("t:1", text="hi"), 64, eos_token_ids=[endoftext])
     assert enc.input_ids[-1] == tok.eos_token_id  # the tokenizer's eos comes first
     tok.eos_token = None
-    enc = encode_sample(tok, Sample("t:1", text="hi"), 64, eos_token_ids=[endoftext])
+    enc = encode_example(tok, Example("t:1", text="hi"), 64, eos_token_ids=[endoftext])
     assert enc.input_ids == tok("hi")["input_ids"] + [endoftext]
 
 

@@ -15,7 +15,7 @@ from lorakit.config import load_config
 from lorakit.generation import SamplingParams
 from lorakit.lora import LoraConfig, adapter_configs, adapter_state_dict, inject_lora
 from lorakit.models import load_model, load_tokenizer, write_demo_model
-from lorakit.rl import RolloutServerError, ServerRollout
+from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout
 
 from ..models import randomize_lora
 
@@ -124,3 +124,36 @@ def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
     assert all(r["logprob_gap"] < 1e-5 for r in steps)
     assert _served(server) == ["demo"]  # the run unloaded its last adapter when done
     assert (tmp_path / "srv" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_policy_sampler_serves_one_adapter_per_step(server):
+    # Oracle: lorakit's engine on the policy in this process (the server test above ties the two).
+    tokenizer = load_tokenizer(server["demo"])
+    policy = load_model(server["demo"], dtype=torch.float32, device=torch.device("cpu"))
+    inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    engine = Engine(policy, tokenizer)
+    sampler = PolicySampler(ServerRollout(server["url"], server["root"] / "sampler", [tokenizer.eos_token_id],
+                                          api_key=KEY), policy, "default", name="run")
+    prompt = tokenizer("12+7=")["input_ids"]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+
+    def local():
+        done = engine.generate([Request(prompt, "default", greedy)])[0]
+        return done.token_ids + ([done.stop_token_id] if done.stop_token_id is not None else [])
+
+    with pytest.raises(RuntimeError, match="before sync"):
+        sampler.generate([prompt], [greedy])
+    randomize_lora(policy, seed=1, scale=0.3)
+    first = local()
+    sampler.sync(0)
+    assert _served(server)[1:] == ["run-step0"]
+    assert sampler.generate([prompt], [greedy])[0].token_ids == first
+    randomize_lora(policy, seed=2, scale=0.3)
+    assert local() != first
+    sampler.sync(0)  # already synced for step 0: nothing is sent
+    assert sampler.generate([prompt], [greedy])[0].token_ids == first
+    sampler.sync(1)
+    assert _served(server)[1:] == ["run-step1"]
+    assert sampler.generate([prompt], [greedy])[0].token_ids == local()
+    sampler.close()
+    assert _served(server) == ["demo"]

@@ -16,8 +16,8 @@ class DataError(ValueError):
 
 
 @dataclass
-class Sample:
-    """One training example: a conversation, or plain text."""
+class Example:
+    """One training example as read from a file: a conversation, or plain text (not yet tokenized)."""
 
     source: str
     """Where it came from, as ``path:line``."""
@@ -91,7 +91,7 @@ def read_jsonl(
     format: str = "auto",
     skip_invalid: bool = False,
     system_prompt: Optional[str] = None,
-) -> tuple[list[Sample], int]:
+) -> tuple[list[Example], int]:
     """Read a JSONL dataset.
 
     Args:
@@ -110,7 +110,7 @@ def read_jsonl(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    samples: list[Sample] = []
+    samples: list[Example] = []
     skipped = 0
     fmt = None if format == "auto" else format
     if fmt is not None and fmt not in FORMATS:
@@ -133,12 +133,12 @@ def read_jsonl(
                     text = record.get("text")
                     if not isinstance(text, str) or not text:
                         raise ValueError("'text' must be a non-empty string")
-                    samples.append(Sample(where, text=text))
+                    samples.append(Example(where, text=text))
                     continue
                 messages = _chat(record) if fmt == "chat" else _alpaca(record)
                 if system_prompt and messages[0]["role"] != "system":
                     messages.insert(0, {"role": "system", "content": system_prompt})
-                samples.append(Sample(where, messages=messages))
+                samples.append(Example(where, messages=messages))
             except ValueError as err:
                 if not skip_invalid:
                     raise DataError(f"{where}: {err}") from None

@@ -1,4 +1,4 @@
-"""Samples -> token ids with assistant-only labels; truncation, packing and collation."""
+"""Examples -> token ids with assistant-only labels; truncation, packing and collation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .records import DataError, Sample
+from .records import DataError, Example
 
 IGNORE = -100
 
@@ -90,8 +90,8 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str,
     return spans
 
 
-def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int, eos_token_ids: Sequence[int] = ()) -> Encoded:
-    """Tokenize a sample; chat samples get labels on assistant tokens only. Truncates to max_seq_len.
+def encode_example(tokenizer: Any, sample: Example, max_seq_len: int, eos_token_ids: Sequence[int] = ()) -> Encoded:
+    """Tokenize an example; chat examples get labels on assistant tokens only. Truncates to max_seq_len.
 
     Args:
         eos_token_ids: end-of-sequence ids besides the tokenizer's own (``collect_eos_ids`` with the
@@ -120,14 +120,14 @@ def encode_sample(tokenizer: Any, sample: Sample, max_seq_len: int, eos_token_id
     return Encoded(ids, labels, sample.source)
 
 
-def encode_all(tokenizer: Any, samples: Sequence[Sample], max_seq_len: int,
+def encode_all(tokenizer: Any, samples: Sequence[Example], max_seq_len: int,
                eos_token_ids: Sequence[int] = ()) -> tuple[list[Encoded], int]:
-    """Encode samples (see ``encode_sample``), dropping those left with no label after truncation.
+    """Encode samples (see ``encode_example``), dropping those left with no label after truncation.
     Returns (encoded, dropped)."""
     out, dropped = [], 0
     for sample in samples:
         try:
-            enc = encode_sample(tokenizer, sample, max_seq_len, eos_token_ids)
+            enc = encode_example(tokenizer, sample, max_seq_len, eos_token_ids)
         except DataError as err:
             raise DataError(f"{sample.source}: {err}") from None
         if enc.num_labels == 0:

@@ -7,6 +7,12 @@ from an OpenAI-compatible server that receives only adapter weights after each u
 Reads top to bottom: setup, prompts and rewards, adapter, rollout engine, optimizer, (resume), loop
 (sample, score, advantages, old/reference log-probs, clipped updates, log, evaluate, checkpoint),
 save. Run it with ``lorakit train CONFIG.yaml`` (``recipe: grpo``) or ``run(load_config(...))``.
+
+The stateful pieces are named objects from ``lorakit.rl``, each unit-tested on its own:
+``PolicySampler`` (the rollout engine, synced once per step), ``reference_policy``,
+``CompletionBatches`` (prompt + completion micro-batches), ``GRPOObjective`` (the loss forward and
+its statistics) and ``HeldOutEval``; the config-reading glue is below the recipe (``load_prompts``,
+``attach_adapters``, ``rollout_engine``, ``sampling_seed``).
 """
 
 from __future__ import annotations
@@ -17,18 +23,18 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..config import RunConfig, dump_config
-from ..data import IGNORE, PromptRecord, Row, collate, collect_eos_ids, pad_token_id, read_prompts, render_chat
-from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
+from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
+from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..generation import SamplingParams
-from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, inject_lora, load_adapter, lora_modules,
-                    set_active_adapters, trainable_report, write_adapter)
+from ..lora import adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report, write_adapter
 from ..models import load_model, resolve_device
-from ..rl import LocalRollout, RewardSet, Sample, ServerRollout, group_advantages, grpo_loss, token_weights
+from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, ServerRollout,
+                  completion_logprobs, group_advantages, logprob_gap, reference_policy, token_weights)
 from ..training import (
     start_run,
     MetricsWriter,
@@ -41,7 +47,6 @@ from ..training import (
     packed_attention_is_isolated,
     plot_metrics,
     save_checkpoint,
-    token_logprobs,
     warmup_steps_for,
 )
 
@@ -84,27 +89,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "more (RL with LoRA: 1e-5 to 1e-4 on large models, more on small ones)")
 
     # --- prompts and rewards --------------------------------------------------------------------
-    def load_prompts(path: str, what: str) -> tuple[list[PromptRecord], list[list[int]]]:
-        records, skipped = read_prompts(path, cfg.data.skip_invalid)
-        ids = []
-        for record in records:
-            if gc.chat_template:
-                messages = record.messages or [{"role": "user", "content": record.prompt}]
-                if cfg.data.system_prompt and messages[0]["role"] != "system":
-                    messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
-                text = render_chat(tokenizer, messages, add_generation_prompt=True)
-                tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                tokens = tokenizer(record.prompt)["input_ids"]
-            if len(tokens) > gc.max_prompt_len:
-                raise ValueError(f"{record.source}: the prompt has {len(tokens)} tokens, over grpo.max_prompt_len="
-                                 f"{gc.max_prompt_len}")
-            ids.append(tokens)
-        log(f"{what} prompts: {path}: {len(records)} ({skipped} invalid lines skipped)")
-        return records, ids
-
-    prompts, prompt_ids = load_prompts(cfg.data.train, "train")
-    evals, eval_ids = load_prompts(cfg.data.eval, "eval") if cfg.data.eval else ([], [])
+    prompts, prompt_ids = load_prompts(cfg, tokenizer, cfg.data.train, "train", log)
+    evals, eval_ids = load_prompts(cfg, tokenizer, cfg.data.eval, "eval", log) if cfg.data.eval else ([], [])
     if len(prompts) < gc.prompts_per_step:
         raise ValueError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than grpo.prompts_per_step={gc.prompts_per_step}")
     rewards = RewardSet(gc.rewards)
@@ -116,19 +102,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     # --- adapter and reference ------------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    reference = gc.reference if gc.reference != "auto" else ("init_adapter" if cfg.init_adapter else "base")
-    if reference == "init_adapter" and not cfg.init_adapter:
-        raise ValueError("grpo.reference=init_adapter needs init_adapter: DIR")
-    if cfg.init_adapter:
-        if reference == "init_adapter":  # loaded first: the trainable copy's load freezes everything else
-            load_adapter(model, cfg.init_adapter, adapter_name=REFERENCE, activate=False)
-        load_adapter(model, cfg.init_adapter, adapter_name=ADAPTER, trainable=True)
-        log(f"Starting from adapter {cfg.init_adapter}; reference: "
-            + ("a frozen copy of it" if reference == "init_adapter" else "the base model"))
-    else:
-        lora_config = cfg.lora.to_lora_config(default_dropout=0.0, task_type="CAUSAL_LM",
-                                              base_model_name_or_path=cfg.model)
-        inject_lora(model, lora_config, adapter_name=ADAPTER)
+    reference = attach_adapters(model, cfg, log)
     config = adapter_configs(model)[ADAPTER]
     if config.dropout > 0:
         log(f"Warning: LoRA dropout {config.dropout:g}: the sampler runs without dropout, so the trainer's log-probs "
@@ -138,64 +112,13 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         f"{sum(1 for _ in lora_modules(model))} modules")
     log(str(trainable_report(model)))
     log("=" * 72)
-
-    @contextlib.contextmanager
-    def reference_policy() -> Iterator[None]:
-        if reference == "base":
-            with disable_adapters(model):
-                yield
-        else:
-            set_active_adapters(model, [REFERENCE])
-            try:
-                yield
-            finally:
-                set_active_adapters(model, [ADAPTER])
-
     padding_free = tc.padding_free and packed_attention_is_isolated(model)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     # --- rollout engine -------------------------------------------------------------------------
-    server: Optional[ServerRollout] = None
-    if rc.engine == "server":
-        eos = collect_eos_ids(tokenizer, model.generation_config)
-        api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
-                               rc.timeout_s, rc.concurrency)
-        run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
-        local = None
-    elif info.mode == "fsdp2":
-        # Sharded weights make every forward a collective, and ranks sample different lengths: the
-        # engine gets a whole copy of the base, and the adapter alone is copied in after each update.
-        copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
-        inject_lora(copy, config, adapter_name=ADAPTER, trainable=False)
-        local = LocalRollout(copy, tokenizer, ADAPTER, rc.max_batch)
-    else:
-        local = LocalRollout(model, tokenizer, ADAPTER, rc.max_batch)  # the policy's own weights
-    serving: Optional[str] = None  # the server's name for the current adapter
-    synced_at: Optional[int] = None
-
-    def sync_rollout(step: int) -> None:
-        """Give the rollout engine the adapter as it is after ``step`` steps (once per step)."""
-        nonlocal serving, synced_at
-        if synced_at == step:
-            return
-        synced_at = step
-        if server is not None:
-            tensors = adapter_state_dict(model, ADAPTER)
-            name = f"{run_name}-step{step}"
-            if info.main:
-                server.sync(name, adapter_configs(model)[ADAPTER], tensors)
-            barrier(info)  # nobody samples before the server holds the new adapter
-            serving = name
-        elif info.mode == "fsdp2":
-            local.sync(adapter_state_dict(model, ADAPTER))
-
-    def sample(ids: list[list[int]], params: list[SamplingParams]) -> list[Sample]:
-        if server is not None:
-            return server.generate(serving, ids, params)
-        return local.generate(ids, params)
+    sampler = rollout_engine(cfg, model, tokenizer, info, device, dtype)
 
     # --- resume (weights), wrap, optimizer, resume (state) ----------------------------------------
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0}
@@ -209,20 +132,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS)
         load_checkpoint_adapter(resumed_from, model, ADAPTER)
 
-    temperature = rc.temperature
-
-    def forward(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Log-probs of the batch's completion tokens; with advantages, the GRPO loss on them."""
-        logp = token_logprobs(policy, batch, temperature)
-        if "advantages" not in batch:
-            return logp, int(logp.numel())
-        old = batch.get("old_logp", logp.detach())
-        loss, stats = grpo_loss(logp, old, batch["advantages"], batch["weights"], gc.clip_eps_low, gc.clip_eps_high,
-                                batch.get("ref_logp"), gc.beta)
-        forward.stats, forward.logp = stats, logp.detach()  # type: ignore[attr-defined]
-        return loss, int(logp.numel())
-
-    step_module = wrap(LossModule(model, forward), info, device, dtype)
+    objective = GRPOObjective(rc.temperature, gc.clip_eps_low, gc.clip_eps_high, gc.beta)
+    step_module = wrap(LossModule(model, objective), info, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = len(prompts) // gc.prompts_per_step
@@ -250,47 +161,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         if metrics is not None:
             metrics.log(record)
 
-    def rows_for(indices: list[int], seq_prompts: list[list[int]], completions: list[Sample]) -> list[Row]:
-        rows = []
-        for i in indices:
-            p, c = seq_prompts[i], completions[i].token_ids
-            rows.append(Row(p + c, [IGNORE] * len(p) + c, list(range(len(p) + len(c)))))
-        return rows
-
-    def run_batches(indices: list[int], seq_prompts: list[list[int]], completions: list[Sample],
-                    extra: Optional[dict[str, torch.Tensor]] = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches of train.batch_size sequences, with per-token tensors sliced to match."""
-        offsets = [0]
-        for i in range(len(completions)):
-            offsets.append(offsets[-1] + len(completions[i].token_ids))
-        for start in range(0, len(indices), tc.batch_size):
-            chunk = indices[start:start + tc.batch_size]
-            batch = {k: v.to(device) for k, v in
-                     collate(rows_for(chunk, seq_prompts, completions), pad, False, padding_free).items()}
-            for key, values in (extra or {}).items():
-                batch[key] = torch.cat([values[offsets[i]:offsets[i + 1]] for i in chunk]).to(device)
-            yield batch
-
-    def logprobs_of(indices, seq_prompts, completions, ref: bool) -> torch.Tensor:
-        """Per-token log-probs (flat, in sequence order) under the current policy or the reference."""
-        parts = []
-        with torch.no_grad(), (reference_policy() if ref else contextlib.nullcontext()):
-            for batch in run_batches(indices, seq_prompts, completions):
-                with autocast():
-                    logp, _ = step_module(batch)
-                parts.append(logp.float().cpu())
-        return torch.cat(parts) if parts else torch.zeros(0)
-
-    def evaluate() -> float:
-        """Held-out score: greedy completions; accuracy when a reward defines it, else the mean reward."""
-        mine = list(range(info.rank, len(evals), info.world))
-        greedy = SamplingParams(max_new_tokens=gc.eval_max_new_tokens or rc.max_new_tokens, temperature=0.0)
-        done = sample([eval_ids[i] for i in mine], [greedy] * len(mine)) if mine else []
-        scored = rewards.score([evals[i].prompt for i in mine], [d.text for d in done], [evals[i].fields for i in mine])
-        local_sum = sum(map(float, scored.correct)) if scored.correct is not None else sum(scored.total)
-        return all_reduce_sum(local_sum, info, device) / len(evals)
-
-    eval_key = "eval_accuracy" if rewards.accuracy else "eval_reward"
+    evaluate = HeldOutEval(evals, eval_ids, rewards, gc.eval_max_new_tokens or rc.max_new_tokens, info, device)
     pad = pad_token_id(tokenizer)
 
     # --- loop -----------------------------------------------------------------------------------
@@ -299,10 +170,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     last_saved = state["step"] if resumed_from else -1
     loop_start, steps_before = time.perf_counter(), state["step"]
     if evals and resumed_from is None:
-        sync_rollout(0)
-        score = evaluate()
-        log_metrics({"step": 0, eval_key: score})
-        log(f"Held-out {eval_key.split('_')[1]} before training: {score:.3f} ({len(evals)} prompts)")
+        sampler.sync(0)
+        score = evaluate(sampler.generate)
+        log_metrics({"step": 0, evaluate.key: score})
+        log(f"Held-out {evaluate.what} before training: {score:.3f} ({len(evals)} prompts)")
     while state["step"] < total_steps:
         step_start = time.perf_counter()
         # The prompt order is a function of (seed, epoch), and each completion's sampling seed of
@@ -313,15 +184,12 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         mine = [chosen[s] for s in slots]
 
         # 1. sample G completions per prompt from the current policy
-        sync_rollout(state["step"])
-        seq_prompts, sampling = [], []
-        for slot, index in zip(slots, mine):
-            for g in range(G):
-                seed = (tc.seed * 1_000_003 + state["step"] * 10_007 + slot * 101 + g) % (2 ** 63)
-                seq_prompts.append(prompt_ids[index])
-                sampling.append(SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                                             top_p=rc.top_p, top_k=rc.top_k, seed=seed))
-        completions = sample(seq_prompts, sampling)
+        sampler.sync(state["step"])
+        seq_prompts = [prompt_ids[index] for index in mine for _ in range(G)]
+        sampling = [SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                                   top_k=rc.top_k, seed=sampling_seed(tc.seed, state["step"], slot, g))
+                    for slot in slots for g in range(G)]
+        completions = sampler.generate(seq_prompts, sampling)
         rollout_s = time.perf_counter() - step_start
 
         # 2. rewards and group advantages (groups never straddle ranks)
@@ -329,20 +197,22 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         scored = rewards.score([r.prompt for r in records], [c.text for c in completions], [r.fields for r in records])
         reward = torch.tensor(scored.total, dtype=torch.float32)
         advantages, zero_std = group_advantages(reward, G, gc.scale_rewards)
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        batches = CompletionBatches(seq_prompts, completions, tc.batch_size, pad, padding_free, device)
+        lengths = batches.lengths
         truncated = torch.tensor([c.finish_reason == "length" for c in completions])
         keep = ~truncated if gc.mask_truncated else torch.ones_like(truncated)
 
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
-        every = list(range(len(completions)))
         extra: dict[str, torch.Tensor] = {}
         if updates_per_step > 1:
-            extra["old_logp"] = logprobs_of(every, seq_prompts, completions, ref=False)
+            extra["old_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
         if gc.beta > 0 or gc.log_kl:
-            extra["ref_logp"] = logprobs_of(every, seq_prompts, completions, ref=True)
+            with reference_policy(model, reference, ADAPTER):
+                extra["ref_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
         extra["advantages"] = advantages.repeat_interleave(lengths.long())
 
         # 4. clipped policy updates: num_iterations passes, mini_batches optimizer steps each
+        every = list(range(len(completions)))
         chunks = [every[k::gc.mini_batches] for k in range(gc.mini_batches)]
         width = int(lengths.max()) if len(lengths) else 0
         real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T) completion tokens
@@ -356,9 +226,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 n_seqs = all_reduce_sum(float(keep[chunk].sum()), info, device)
                 weights = token_weights(real & keep[:, None], gc.loss_aggregation, n_tokens, n_seqs)
                 extra["weights"] = weights[real]  # flat, in sequence order, like the log-probs
-                batches = list(run_batches(chunk, seq_prompts, completions, extra))
-                for k, batch in enumerate(batches):
-                    last = k == len(batches) - 1
+                micro = list(batches.micro_batches(chunk, extra))
+                for k, batch in enumerate(micro):
+                    last = k == len(micro) - 1
                     if info.mode == "fsdp2":
                         step_module.set_requires_gradient_sync(last)
                     sync = step_module.no_sync() if info.mode == "ddp" and not last else contextlib.nullcontext()
@@ -367,15 +237,15 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                             loss, _ = step_module(batch)
                         # DDP and FSDP2 average gradients over ranks; the weights already sum over all.
                         (loss * info.world).backward()
-                    stats = forward.stats  # type: ignore[attr-defined]
+                    stats = objective.stats
                     totals["loss"] += float(loss.detach())
                     for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
                         totals[key] += getattr(stats, key)
-                    if iteration == 0 and temperature == 1.0 and "old_logp" not in batch:
+                    if iteration == 0 and rc.temperature == 1.0 and "old_logp" not in batch:
                         # Trainer vs sampler log-probs of the same tokens (before any update).
-                        mismatch += _logprob_gap(forward.logp.cpu(), chunk[k * tc.batch_size:(k + 1) * tc.batch_size],  # type: ignore[attr-defined]
-                                                 completions)
-                        mismatch_n += sum(len(completions[i].token_ids) for i in chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
+                        these = chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
+                        mismatch += logprob_gap(objective.logp.cpu(), these, completions)
+                        mismatch_n += sum(len(completions[i].token_ids) for i in these
                                           if completions[i].logprobs is not None)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
                 update = state["step"] * updates_per_step + iteration * gc.mini_batches + c
@@ -430,8 +300,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 shown["kl"] = record["kl"]
             progress.update(step, **shown)
         if evals and tc.eval_steps and step % tc.eval_steps == 0 and step != total_steps:
-            sync_rollout(step)
-            log_metrics({"step": step, eval_key: evaluate()})
+            sampler.sync(step)
+            log_metrics({"step": step, evaluate.key: evaluate(sampler.generate)})
         if tc.save_steps and step % tc.save_steps == 0:
             save_checkpoint(out, step, model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
                             total_limit=tc.save_total_limit)
@@ -443,22 +313,22 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     # --- save -----------------------------------------------------------------------------------
     if evals:
-        sync_rollout(state["step"])
-        score = evaluate()
-        log_metrics({"step": state["step"], eval_key: score})
-        log(f"Held-out {eval_key.split('_')[1]} after training: {score:.3f} ({len(evals)} prompts)")
+        sampler.sync(state["step"])
+        score = evaluate(sampler.generate)
+        log_metrics({"step": state["step"], evaluate.key: score})
+        log(f"Held-out {evaluate.what} after training: {score:.3f} ({len(evals)} prompts)")
     log_metrics({"step": state["step"], "train_runtime": runtime})
     if last_saved != state["step"]:
         save_checkpoint(out, state["step"], model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
                         total_limit=tc.save_total_limit)
-    if server is not None and info.main and server.current is not None:
-        server.unload(server.current)  # the final adapter is written below; free the server
+    sampler.close()  # the final adapter is written below; free the server
     adapter_dir = out / "adapter"
     tensors = adapter_state_dict(model, ADAPTER)
     if info.main:
         metrics.close()
         write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
-        curves = {"reward_mean": "reward (mean over sampled completions)", eval_key: f"held-out {eval_key.split('_')[1]} (greedy)"}
+        curves = {"reward_mean": "reward (mean over sampled completions)",
+                  evaluate.key: f"held-out {evaluate.what} (greedy)"}
         if rewards.accuracy and rewards.weights != {rewards.accuracy: 1.0}:  # else the same line as the reward
             curves["accuracy"] = "accuracy (samples)"
         if plot_metrics(out / "metrics.jsonl", out / "reward.png", curves, "reward / accuracy", "GRPO step"):
@@ -467,15 +337,80 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     return adapter_dir
 
 
-def _logprob_gap(trainer: torch.Tensor, indices: list[int], completions: list[Sample]) -> float:
-    """Sum over tokens of |trainer log-prob - sampler log-prob| for the completions that report them."""
-    gap, offset = 0.0, 0
-    for i in indices:
-        n = len(completions[i].token_ids)
-        if completions[i].logprobs is not None:
-            gap += float((trainer[offset:offset + n] - torch.tensor(completions[i].logprobs)).abs().sum())
-        offset += n
-    return gap
+def load_prompts(cfg: RunConfig, tokenizer, path: str, what: str,
+                 log: Callable[[str], None] = print) -> tuple[list[PromptRecord], list[list[int]]]:
+    """Read a prompts file and tokenize each prompt (chat-rendered with a generation prompt when
+    ``grpo.chat_template``); a prompt over ``grpo.max_prompt_len`` tokens is an error naming its line."""
+    records, skipped = read_prompts(path, cfg.data.skip_invalid)
+    ids = []
+    for record in records:
+        if cfg.grpo.chat_template:
+            messages = record.messages or [{"role": "user", "content": record.prompt}]
+            if cfg.data.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": cfg.data.system_prompt}] + messages
+            text = render_chat(tokenizer, messages, add_generation_prompt=True)
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            tokens = tokenizer(record.prompt)["input_ids"]
+        if len(tokens) > cfg.grpo.max_prompt_len:
+            raise ValueError(f"{record.source}: the prompt has {len(tokens)} tokens, over grpo.max_prompt_len="
+                             f"{cfg.grpo.max_prompt_len}")
+        ids.append(tokens)
+    log(f"{what} prompts: {path}: {len(records)} ({skipped} invalid lines skipped)")
+    return records, ids
+
+
+def attach_adapters(model: torch.nn.Module, cfg: RunConfig, log: Callable[[str], None] = print) -> Optional[str]:
+    """Give ``model`` the trained adapter ``ADAPTER`` (new, or ``init_adapter``) and, when the
+    reference is ``init_adapter``, a frozen copy of it as ``REFERENCE``.
+
+    Returns:
+        The reference adapter's name for ``reference_policy``: ``REFERENCE``, or None for the base.
+    """
+    gc = cfg.grpo
+    reference = gc.reference if gc.reference != "auto" else ("init_adapter" if cfg.init_adapter else "base")
+    if reference == "init_adapter" and not cfg.init_adapter:
+        raise ValueError("grpo.reference=init_adapter needs init_adapter: DIR")
+    if cfg.init_adapter:
+        if reference == "init_adapter":  # loaded first: the trainable copy's load freezes everything else
+            load_adapter(model, cfg.init_adapter, adapter_name=REFERENCE, activate=False)
+        load_adapter(model, cfg.init_adapter, adapter_name=ADAPTER, trainable=True)
+        log(f"Starting from adapter {cfg.init_adapter}; reference: "
+            + ("a frozen copy of it" if reference == "init_adapter" else "the base model"))
+    else:
+        lora_config = cfg.lora.to_lora_config(default_dropout=0.0, task_type="CAUSAL_LM",
+                                              base_model_name_or_path=cfg.model)
+        inject_lora(model, lora_config, adapter_name=ADAPTER)
+    return REFERENCE if reference == "init_adapter" else None
+
+
+def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: DistInfo, device: torch.device,
+                   dtype: torch.dtype) -> PolicySampler:
+    """The sampler ``rollout.engine`` asks for, on the policy's adapter ``ADAPTER``.
+
+    A server receives only adapter files; a local engine samples with the policy's own weights, or,
+    under FSDP2, with a whole copy of the base (sharded weights make every forward a collective, and
+    ranks sample different lengths) into which the adapter alone is copied after each update.
+    """
+    rc, out = cfg.rollout, Path(cfg.output_dir)
+    if rc.engine == "server":
+        eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
+        api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
+                               rc.timeout_s, rc.concurrency)
+        run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
+        return PolicySampler(server, model, ADAPTER, info, name=run_name)
+    if info.mode == "fsdp2":
+        copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
+        inject_lora(copy, adapter_configs(model)[ADAPTER], adapter_name=ADAPTER, trainable=False)
+        return PolicySampler(LocalRollout(copy, tokenizer, ADAPTER, rc.max_batch), model, ADAPTER, info)
+    return PolicySampler(LocalRollout(model, tokenizer, ADAPTER, rc.max_batch), model, ADAPTER, info)
+
+
+def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
+    """The sampling seed of completion ``g`` of the prompt in ``slot`` at ``step``: a function of these
+    alone, so a resumed run on any number of ranks draws the same rollouts."""
+    return (seed * 1_000_003 + step * 10_007 + slot * 101 + g) % (2 ** 63)
 
 
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).

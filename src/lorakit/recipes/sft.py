@@ -16,7 +16,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, collect_eos_ids, encode_all, pad_token_id, read_jsonl, to_rows
-from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
+from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
 from ..models import resolve_device
@@ -153,11 +153,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         return torch.autocast(device.type, dtype=dtype)
 
     def micro_batch(rows: list[Row]) -> dict[str, torch.Tensor]:
-        """This rank's share of a global micro-batch (strided: every rank gets one if any is left)."""
-        mine = rows[info.rank::info.world]
-        if not mine:  # fewer samples than ranks: a sample with no labels keeps the collectives in step
-            mine = [Row(rows[0].input_ids, [IGNORE] * len(rows[0].labels), rows[0].position_ids)]
-        return {k: v.to(device) for k, v in collate(mine, pad, tc.packing, padding_free).items()}
+        return rank_micro_batch(rows, info, pad, tc.packing, padding_free, device)
 
     def evaluate() -> float:
         step_module.eval()
@@ -271,6 +267,19 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             log(f"Loss curve: {out / 'loss.png'}")
     log(f"Adapter saved to {adapter_dir}")
     return adapter_dir
+
+
+def rank_micro_batch(rows: list[Row], info: DistInfo, pad_id: int, packed: bool, padding_free: bool,
+                     device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+    """This rank's share of a global micro-batch, collated: rows ``rank, rank + world, ...``.
+
+    A rank left with no row (fewer rows than ranks) gets a copy of the first row with no labels: it
+    adds nothing to the loss, and keeps the rank in step with the others' collectives.
+    """
+    mine = rows[info.rank::info.world]
+    if not mine:
+        mine = [Row(rows[0].input_ids, [IGNORE] * len(rows[0].labels), rows[0].position_ids)]
+    return {k: v.to(device) for k, v in collate(mine, pad_id, packed, padding_free).items()}
 
 
 # What must not change between a run and its resumption (the data order and the adapter's math).

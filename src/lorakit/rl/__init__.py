@@ -1,12 +1,17 @@
-"""RL pieces: verifiable rewards, GRPO's advantages and loss (pure functions), rollout engines."""
+"""RL pieces: verifiable rewards, GRPO's advantages and loss (pure functions), rollout engines, and the
+trainer's side of the policy (objective, reference, completion batches, held-out evaluation)."""
 
+from .batches import CompletionBatches, completion_rows, logprob_gap
+from .evaluate import HeldOutEval
 from .grpo import LossStats, group_advantages, grpo_loss, kl_k3, token_weights
+from .policy import GRPOObjective, completion_logprobs, reference_policy
 from .rewards import (BUILTIN_REWARDS, RewardScore, RewardSet, answer_format, countdown, extract_number,
                       numeric_match, resolve_reward)
-from .rollout import LocalRollout, RolloutServerError, Sample, ServerRollout
+from .rollout import LocalRollout, PolicySampler, RolloutCompletion, RolloutServerError, ServerRollout
 
 __all__ = [
-    "LossStats", "group_advantages", "grpo_loss", "kl_k3", "token_weights", "BUILTIN_REWARDS", "RewardScore",
-    "RewardSet", "answer_format", "countdown", "extract_number", "numeric_match", "resolve_reward", "LocalRollout",
-    "RolloutServerError", "Sample", "ServerRollout",
+    "CompletionBatches", "completion_rows", "logprob_gap", "HeldOutEval", "LossStats", "group_advantages", "grpo_loss",
+    "kl_k3", "token_weights", "GRPOObjective", "completion_logprobs", "reference_policy", "BUILTIN_REWARDS",
+    "RewardScore", "RewardSet", "answer_format", "countdown", "extract_number", "numeric_match", "resolve_reward",
+    "LocalRollout", "PolicySampler", "RolloutCompletion", "RolloutServerError", "ServerRollout",
 ]

@@ -15,17 +15,23 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
+from ..distributed import DistInfo, barrier
 from ..generation import Engine, Request, SamplingParams
-from ..lora import LoraConfig, write_adapter
+from ..lora import LoraConfig, adapter_configs, adapter_state_dict, write_adapter
 
 
 @dataclass
-class Sample:
-    """One sampled completion."""
+class RolloutCompletion:
+    """One sampled completion as the trainer sees it (what a rollout engine returns for one prompt).
+
+    Unlike the generation engine's ``Completion``, the stop token is part of ``token_ids`` (it is
+    trained on) and ``logprobs`` lines up with ``token_ids``.
+    """
 
     token_ids: list[int]
     """Completion tokens, ending with the end-of-sequence token when the model stopped by itself."""
@@ -56,10 +62,10 @@ class LocalRollout:
             self.engine.update_adapter(self.adapter, tensors)
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
-                 adapter: Optional[str] = "") -> list[Sample]:
+                 adapter: Optional[str] = "") -> list[RolloutCompletion]:
         """Complete ``prompts[i]`` with ``params[i]``; ``adapter`` '' means the policy's, None the base."""
         adapter = self.adapter if adapter == "" else adapter
-        out: list[Sample] = []
+        out: list[RolloutCompletion] = []
         for start in range(0, len(prompts), self.max_batch):
             requests = [Request(list(p), adapter, q) for p, q in
                         zip(prompts[start:start + self.max_batch], params[start:start + self.max_batch])]
@@ -68,7 +74,7 @@ class LocalRollout:
                 if done.stop_token_id is not None:
                     ids.append(done.stop_token_id)
                     logprobs.append(float(done.stop_logprob))
-                out.append(Sample(ids, done.text, logprobs, done.finish_reason))
+                out.append(RolloutCompletion(ids, done.text, logprobs, done.finish_reason))
         return out
 
 
@@ -144,7 +150,7 @@ class ServerRollout:
             pass  # already gone: nothing to free
         shutil.rmtree(self.adapter_dir / name, ignore_errors=True)
 
-    def _one(self, model: str, prompt: list[int], params: SamplingParams) -> Sample:
+    def _one(self, model: str, prompt: list[int], params: SamplingParams) -> RolloutCompletion:
         body: dict[str, Any] = {
             "model": model, "prompt": list(prompt), "max_tokens": params.max_new_tokens,
             "temperature": params.temperature, "top_p": params.top_p, "logprobs": 1,
@@ -172,9 +178,60 @@ class ServerRollout:
             lps = None
         if lps is not None and len(lps) != len(ids):
             lps = None
-        return Sample(ids, text, lps, finish)
+        return RolloutCompletion(ids, text, lps, finish)
 
-    def generate(self, model: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Sample]:
+    def generate(self, model: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
         """Sample ``prompts[i]`` with ``params[i]`` from server model ``model``, many requests at once."""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda pq: self._one(model, *pq), zip(prompts, params)))
+
+
+class PolicySampler:
+    """Sample from the policy as it is after a given training step, through either rollout engine.
+
+    ``sync(step)`` hands the engine the policy adapter's current weights, at most once per step:
+    nothing for a ``LocalRollout`` on the policy's own model (it reads the same weights), a copy
+    into a ``LocalRollout`` on a separate model, or, for a ``ServerRollout``, a new adapter
+    ``<name>-step<step>`` that the server loads in place of the previous one. Every rank calls
+    ``sync``: gathering a sharded adapter is a collective, and no rank may sample before the server
+    holds the new adapter; rank 0 alone talks to the server.
+    """
+
+    def __init__(self, engine: Union[LocalRollout, ServerRollout], policy: nn.Module, adapter: str,
+                 info: Optional[DistInfo] = None, name: str = "policy") -> None:
+        self.engine = engine
+        self.policy = policy
+        self.adapter = adapter
+        self.info = info or DistInfo()
+        self.name = name
+        self.synced_step: Optional[int] = None
+        self.serving: Optional[str] = None
+        """The server's name for the adapter it samples with (server engine only)."""
+
+    def sync(self, step: int) -> None:
+        """Give the engine the adapter as it is after ``step`` steps (a repeated step is a no-op)."""
+        if self.synced_step == step:
+            return
+        self.synced_step = step
+        if isinstance(self.engine, ServerRollout):
+            tensors = adapter_state_dict(self.policy, self.adapter)
+            name = f"{self.name}-step{step}"
+            if self.info.main:
+                self.engine.sync(name, adapter_configs(self.policy)[self.adapter], tensors)
+            barrier(self.info)
+            self.serving = name
+        elif self.engine.engine.model is not self.policy:
+            self.engine.sync(adapter_state_dict(self.policy, self.adapter))
+
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
+        """Complete ``prompts[i]`` with ``params[i]`` using the adapter of the last ``sync``."""
+        if isinstance(self.engine, ServerRollout):
+            if self.serving is None:
+                raise RuntimeError("PolicySampler.generate before sync: the server holds no adapter of this run")
+            return self.engine.generate(self.serving, prompts, params)
+        return self.engine.generate(prompts, params)
+
+    def close(self) -> None:
+        """Free what the engine holds for this run (the server's adapter; rank 0 unloads it)."""
+        if isinstance(self.engine, ServerRollout) and self.info.main and self.engine.current is not None:
+            self.engine.unload(self.engine.current)
