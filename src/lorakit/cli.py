@@ -174,8 +174,9 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     from .models import write_demo_model
 
     _quiet_transformers()
-    path = write_demo_model(args.dir, seed=args.seed)
-    print(f"Wrote lorakit's demo model (tiny Qwen3, byte-level tokenizer, chat template) to {path}")
+    path = write_demo_model(args.dir, seed=args.seed, moe=args.moe)
+    kind = "tiny Qwen3-MoE, 8 experts" if args.moe else "tiny Qwen3"
+    print(f"Wrote lorakit's demo model ({kind}, byte-level tokenizer, chat template) to {path}")
     return 0
 
 
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe", action="store_true", help="the Mixture-of-Experts variant (fused 3-D expert weights)")
     p.set_defaults(func=cmd_demo_model)
     return parser
 

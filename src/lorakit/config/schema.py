@@ -29,13 +29,22 @@ class LoraSection:
     """Modules trained in full alongside LoRA (e.g. [lm_head]); vLLM does not serve these."""
     init_lora_weights: Union[bool, str] = True
     """True (kaiming A, zero B) or 'gaussian'."""
+    target_parameters: Optional[list[str]] = None
+    """Fused MoE expert weights to adapt, one A/B per expert (PEFT's key), e.g.
+    [mlp.experts.gate_up_proj, mlp.experts.down_proj]. Default with 'all-linear': every fused expert
+    weight (routers stay out); [] for none."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module (or per expert parameter) rank overrides: regex -> rank, e.g. {down_proj: 8}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module (or per expert parameter) alpha overrides: regex -> alpha."""
 
     def to_lora_config(self, default_dropout: float = 0.05, **extra: object) -> LoraConfig:
         dropout = default_dropout if self.dropout is None else self.dropout
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=dropout, target_modules=self.target_modules,
                           use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
                           modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
-                          **extra)
+                          target_parameters=self.target_parameters, rank_pattern=dict(self.rank_pattern),
+                          alpha_pattern=dict(self.alpha_pattern), **extra)
 
 
 @dataclass
@@ -194,6 +203,8 @@ class RunConfig:
     """Base model: a local Hugging Face model directory (or a hub id where a network exists)."""
     create_demo_model: bool = False
     """If `model` is a directory that does not exist yet, write lorakit's tiny demo model there first."""
+    demo_model_kind: Literal["dense", "moe"] = "dense"
+    """Which demo model create_demo_model writes: dense (tiny Qwen3) or moe (tiny Qwen3-MoE, 8 experts)."""
     output_dir: str = "out/run"
     """Checkpoints, the final adapter (output_dir/adapter), metrics.jsonl and the loss curve go here."""
     init_adapter: Optional[str] = None

@@ -53,8 +53,33 @@ def build_demo_model(vocab_size: int, seed: int = 0):
     return model
 
 
-def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
+def build_demo_moe_model(vocab_size: int, seed: int = 0):
+    """A tiny Qwen3MoeForCausalLM (hidden 128, 2 layers, 8 experts, top-2), random init.
+
+    Its experts are fused 3-D weights, as in Qwen3-30B-A3B: the model lorakit's MoE examples train.
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(config.hidden_size ** -0.5 / config.initializer_range)
+        for layer in model.model.layers:  # routers start near zero: spread tokens over the experts
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def write_demo_model(path: Union[str, Path], seed: int = 0, moe: bool = False) -> Path:
     """Write the demo model (config, safetensors weights, tokenizer, chat template) to ``path``.
+
+    ``moe``: the Mixture-of-Experts variant (``build_demo_moe_model``) instead of the dense one.
 
     The directory is built aside and renamed into place, so a half-written model never appears.
     """
@@ -63,7 +88,7 @@ def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
         raise FileExistsError(f"{path}: already exists")
     tokenizer = build_demo_tokenizer()
     vocab = -(-len(tokenizer) // 64) * 64  # round up: tidy matrix shapes
-    model = build_demo_model(vocab, seed=seed)
+    model = (build_demo_moe_model if moe else build_demo_model)(vocab, seed=seed)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = None

@@ -40,7 +40,7 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     if cfg.create_demo_model and not Path(cfg.model).exists():
         if info.world > 1:
             raise ValueError("create_demo_model: write the demo model before a multi-process launch (lorakit demo-model DIR)")
-        write_demo_model(cfg.model)
+        write_demo_model(cfg.model, moe=cfg.demo_model_kind == "moe")
         log(f"Created the demo model in {cfg.model}")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
