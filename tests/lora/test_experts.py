@@ -251,3 +251,17 @@ def test_only_routed_tokens_reach_an_experts_adapter(family):
             for e in range(8):
                 touched = bool(grad_a[e].abs().sum() > 0 and grad_b[e].abs().sum() > 0)
                 assert touched == (e in hit), (i, wrapper.param_name, e, hit)
+
+
+def test_bf16_base_trains_fp32_expert_adapters_and_merges():
+    model = tiny_moe("qwen3_moe").to(torch.bfloat16).train()
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.lora_A["default"].weight.dtype == torch.float32  # small updates survive in fp32
+    model(IDS).logits.float().square().mean().backward()
+    assert experts.base_layer.lora_B["default"].weight.grad.abs().sum() > 0
+    model.eval()
+    randomize_lora(model)
+    out = logits(model).float()
+    merge_lora(model)
+    assert torch.allclose(logits(model).float(), out, atol=0.1)
