@@ -119,6 +119,15 @@ def test_all_linear_covers_experts_and_leaves_routers_out():
     assert paths == ["model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"]
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_all_linear_reaches_the_experts_of_every_family(family):
+    model = tiny_moe(family)
+    paths = inject_lora(model, LoraConfig(r=2))
+    assert {"model.layers.1.mlp.experts", "model.layers.1.mlp.experts.base_layer"} <= set(paths)
+    assert model._lorakit_configs["default"].target_parameters == sorted(EXPERTS)
+    assert not any(p.endswith((".gate", ".router")) for p in paths)
+
+
 def test_naming_the_experts_module_in_target_modules_points_to_target_parameters():
     with pytest.raises(ValueError, match=r"target_parameters=\['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'\]"):
         inject_lora(tiny_moe("qwen3_moe"), LoraConfig(target_modules=["experts"]))
