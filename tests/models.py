@@ -57,3 +57,41 @@ def randomize_lora(model: nn.Module, seed: int = 123, scale: float = 0.1) -> Non
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
+
+
+def tiny_moe(family: str = "qwen3_moe", seed: int = 0, experts: int = 4, top_k: int = 2):
+    """A 2-layer MoE causal LM of a transformers family whose experts are fused 3-D weights.
+
+    Routers get random weights (some start at zero), so tokens spread over the experts.
+    """
+    import transformers as T
+
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    families = {
+        "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(
+            intermediate_size=64, moe_intermediate_size=16, head_dim=8, num_experts=experts, num_experts_per_tok=top_k)),
+        "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, dict(
+            intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+            num_experts=experts, num_experts_per_tok=top_k)),
+        "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(
+            intermediate_size=16, num_local_experts=experts, num_experts_per_tok=top_k, head_dim=8)),
+        "deepseek_v3": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(
+            intermediate_size=64, moe_intermediate_size=16, n_routed_experts=experts, num_experts_per_tok=top_k,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)),
+        "gpt_oss": (T.GptOssConfig, T.GptOssForCausalLM, dict(
+            intermediate_size=16, num_local_experts=experts, num_experts_per_tok=top_k, head_dim=8,
+            layer_types=["full_attention", "sliding_attention"], sliding_window=8)),
+    }
+    config_cls, model_cls, extra = families[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**common, **extra}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.copy_(torch.randn(p.shape))
+    return model.eval()

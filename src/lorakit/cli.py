@@ -19,7 +19,7 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .lora.describe import describe_adapter, vllm_problems
+    from .lora.describe import describe_adapter, vllm_notes, vllm_problems
 
     desc = describe_adapter(args.adapter)
     cfg = desc.config
@@ -50,7 +50,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  other tensors: {len(desc.other_keys)} (" + ", ".join(desc.other_keys[:5]) + (", ..." if len(desc.other_keys) > 5 else "") + ")")
     print(f"  parameters: {desc.num_params:,}")
     print(f"  file size: {_human_bytes(desc.file_bytes)}")
+    if desc.experts:
+        counts = Counter(n for _, n in desc.experts.values())
+        print(f"  expert parameters: {len(desc.experts)} (" + ", ".join(f"{n} experts x{c}" for n, c in sorted(counts.items()))
+              + "; ranks above are per expert)")
     if args.check == "vllm":
+        for note in vllm_notes(desc):
+            print(f"  vLLM note: {note}")
         problems = vllm_problems(desc)
         if problems:
             print("vLLM check: FAILED")
@@ -170,12 +176,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"assistant> {reply}", flush=True)
 
 
+def cmd_export_adapter(args: argparse.Namespace) -> int:
+    from .lora.vllm_layout import export_per_expert
+
+    path = export_per_expert(args.adapter, args.out)
+    print(f"Wrote {path}: MoE experts in vLLM's per-expert layout (experts.<e>.gate_proj/up_proj/down_proj)")
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .models import write_demo_model
 
     _quiet_transformers()
-    path = write_demo_model(args.dir, seed=args.seed)
-    print(f"Wrote lorakit's demo model (tiny Qwen3, byte-level tokenizer, chat template) to {path}")
+    path = write_demo_model(args.dir, seed=args.seed, moe=args.moe)
+    kind = "tiny Qwen3-MoE, 8 experts" if args.moe else "tiny Qwen3"
+    print(f"Wrote lorakit's demo model ({kind}, byte-level tokenizer, chat template) to {path}")
     return 0
 
 
@@ -292,9 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.add_argument("--format", choices=["vllm"], default="vllm",
+                   help="vllm: fused expert LoRA (target_parameters) split into experts.<e>.gate_proj/up_proj/down_proj")
+    p.set_defaults(func=cmd_export_adapter)
+
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe", action="store_true", help="the Mixture-of-Experts variant (fused 3-D expert weights)")
     p.set_defaults(func=cmd_demo_model)
     return parser
 

@@ -261,6 +261,7 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         name = f"lora.{field_name}"
         raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
+    cfg.lora.target_parameters = lora.target_parameters
 
 
 def _source(origin: str) -> str:

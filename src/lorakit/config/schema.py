@@ -29,13 +29,22 @@ class LoraSection:
     """Modules trained in full alongside LoRA (e.g. [lm_head]); vLLM does not serve these."""
     init_lora_weights: Union[bool, str] = True
     """True (kaiming A, zero B) or 'gaussian'."""
+    target_parameters: Optional[list[str]] = None
+    """Fused MoE expert weights to adapt, one A/B per expert (PEFT's key), e.g.
+    [mlp.experts.gate_up_proj, mlp.experts.down_proj]. Default with 'all-linear': every fused expert
+    weight (routers stay out); [] for none."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module (or per expert parameter) rank overrides: regex -> rank, e.g. {down_proj: 8}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module (or per expert parameter) alpha overrides: regex -> alpha."""
 
     def to_lora_config(self, default_dropout: float = 0.05, **extra: object) -> LoraConfig:
         dropout = default_dropout if self.dropout is None else self.dropout
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=dropout, target_modules=self.target_modules,
                           use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
                           modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
-                          **extra)
+                          target_parameters=self.target_parameters, rank_pattern=dict(self.rank_pattern),
+                          alpha_pattern=dict(self.alpha_pattern), **extra)
 
 
 @dataclass
@@ -191,7 +200,7 @@ class RunConfig:
     recipe: Literal["sft", "grpo"] = "sft"
     """Which recipe runs the config: sft (chat/Alpaca/text data) or grpo (prompts + rewards)."""
     model: str = ""
-    """Base model: a local Hugging Face model directory, `demo` (lorakit's tiny demo model, cached in
+    """Base model: a local Hugging Face model directory, `demo` (lorakit's tiny demo model; `demo-moe` its MoE variant; cached in
     $LORAKIT_CACHE or ~/.cache/lorakit and built on first use), or a hub id where a network exists.
     A path that does not exist is an error."""
     output_dir: str = "out/run"

@@ -18,6 +18,7 @@ from .inject import (
     unwrap_model,
 )
 from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter, set_adapter_weights, write_adapter
+from .experts import LoraParameter
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import merge_lora, unload_lora, unmerge_lora
 
@@ -26,5 +27,5 @@ __all__ = [
     "unload_lora", "set_active_adapters", "disable_adapters", "trainable_report",
     "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict",
     "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "set_adapter_trainable", "set_adapter_weights", "write_adapter",
-    "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSave",
+    "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter", "ModulesToSave",
 ]

@@ -30,7 +30,7 @@ def _is_inert(value: Any) -> bool:
 # an inert value (None / False / {} ...); any other value changes the math and is refused, not ignored.
 _PEFT_UNSUPPORTED = (
     "use_dora", "lora_bias", "loftq_config", "megatron_config", "layer_replication",
-    "trainable_token_indices", "target_parameters", "use_qalora", "corda_config",
+    "trainable_token_indices", "use_qalora", "corda_config",
     "lora_ga_config", "velora_config", "arrow_config", "kasa_config", "monteclora_config",
     "alora_invocation_tokens", "use_bdlora",
 )
@@ -47,7 +47,7 @@ _PEFT_BOOKKEEPING = (
 _PEFT_DEFAULTS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "loftq_config": {}, "megatron_config": None,
     "megatron_core": "megatron.core", "layer_replication": None, "trainable_token_indices": None,
-    "target_parameters": None, "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
+    "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "arrow_config": None,
     "kasa_config": None, "monteclora_config": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "auto_mapping": None, "revision": None, "inference_mode": True,
@@ -77,6 +77,12 @@ class LoraConfig:
     path, or ``"all-linear"`` (every Linear / GPT-2 Conv1D except the output head)."""
     exclude_modules: Targets = None
     """Modules never wrapped, in the same forms as ``target_modules`` (no ``"all-linear"``)."""
+    target_parameters: Union[list[str], None] = None
+    """Parameters to adapt that no ``nn.Linear`` holds (PEFT's key): fused MoE expert weights such as
+    ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`` (each expert gets its own A and B), or a
+    router's ``"mlp.gate.weight"``. Matched as full ``<module>.<parameter>`` paths or dotted tails.
+    None with ``target_modules="all-linear"``: every fused expert weight (routers stay out);
+    ``[]``: none."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
     init_lora_weights: Union[bool, str] = True
@@ -106,6 +112,11 @@ class LoraConfig:
         self.exclude_modules = _normalise_targets(self.exclude_modules, "exclude_modules")
         if self.exclude_modules == ALL_LINEAR:
             raise ValueError("LoraConfig.exclude_modules cannot be 'all-linear'")
+        if isinstance(self.target_parameters, str):
+            if not _NAME_LIST.fullmatch(self.target_parameters.strip()):
+                raise ValueError("LoraConfig.target_parameters must be a list of parameter names, "
+                                 f"got {self.target_parameters!r}")
+            self.target_parameters = [p.strip() for p in self.target_parameters.split(",")]
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = _normalise_targets(self.modules_to_save, "modules_to_save")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
@@ -154,6 +165,10 @@ class LoraConfig:
             if f.name == "alpha_pattern":
                 value = {k: _int_if_integral(v) for k, v in value.items()}
             out[_TO_PEFT.get(f.name, f.name)] = value
+        if self.target_parameters and self.dropout:
+            # PEFT refuses lora_dropout != 0 next to target_parameters. Dropout acts only while
+            # training, so the saved adapter says 0 and loads everywhere with the same outputs.
+            out["lora_dropout"] = 0.0
         out["peft_type"] = "LORA"
         return dict(sorted(out.items()))
 
@@ -273,6 +288,9 @@ def _check_types(cfg: "LoraConfig") -> None:
     lp = cfg.layers_pattern
     if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(x, str) for x in lp)):
         fail("layers_pattern", "a name or a list of names")
+    tps = cfg.target_parameters
+    if tps is not None and not (isinstance(tps, list) and all(isinstance(x, str) and x for x in tps)):
+        fail("target_parameters", "a list of parameter names")
     mts = cfg.modules_to_save
     if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) and x for x in mts)):
         fail("modules_to_save", "a list of module names")

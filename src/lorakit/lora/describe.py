@@ -14,6 +14,7 @@ from .io import PEFT_PREFIX, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, _load_pickle
 
 # Ranks vLLM's LoRA kernels accept (its `max_lora_rank` choices).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
 
 
@@ -32,6 +33,9 @@ class AdapterDescription:
     raw_config: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
     """Set keys of LoRA variants lorakit does not implement (e.g. ``use_dora``)."""
+    experts: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Parameter wrappers (``target_parameters``): path -> (parameter path, number of experts);
+    their entry in ``ranks`` is the rank of each expert."""
 
 
 def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
@@ -69,6 +73,12 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
             desc.other_keys.append(bare)
         elif found["kind"] in ("lora_A", "lora_embedding_A"):
             desc.ranks[found["path"]] = shape[0]
+    from .vllm_layout import expert_wrappers  # io-level helpers; describe stays importable alone
+
+    for path, (owner, param) in expert_wrappers(config, sorted(desc.ranks)).items():
+        r = config.rank_for(f"{owner}.{param}")
+        desc.experts[path] = (f"{owner}.{param}", desc.ranks[path] // r)
+        desc.ranks[path] = r
     return desc
 
 
@@ -85,4 +95,30 @@ def vllm_problems(desc: AdapterDescription) -> list[str]:
     odd = sorted({r for r in desc.ranks.values() if r not in VLLM_RANKS})
     if odd:
         problems.append(f"rank(s) {odd} not in vLLM's supported ranks {list(VLLM_RANKS)}")
+    fused = {param.rsplit(".", 1)[-1] for param, n in desc.experts.values() if n > 1}
+    routers = sorted({p for p, n in desc.experts.values() if n == 1})
+    if routers:
+        problems.append(f"LoRA on router/2-D parameters ({', '.join(routers[:3])}): vLLM serves no router adapter")
+    if fused and ("down_proj" not in fused or not fused & {"gate_up_proj", "up_proj"}):
+        problems.append(f"expert LoRA on {sorted(fused)} only: vLLM loads MoE adapters with both the gate/up and "
+                        "the down projection of the experts")
+    from .vllm_layout import per_expert_problems
+
+    problems += per_expert_problems(sorted(desc.ranks))
     return problems
+
+
+def vllm_notes(desc: AdapterDescription) -> list[str]:
+    """What vLLM does with this adapter's MoE experts (empty for a dense adapter)."""
+    if desc.experts:
+        return [
+            "experts are in PEFT's 3-D layout (experts.base_layer = gate_up_proj, experts = down_proj): vLLM reads "
+            "it for models it marks is_3d_moe_weight (gpt-oss, Qwen3.5-MoE, ...), or for any MoE model when served "
+            "with --enable-mixed-moe-lora-format and requests declare is_3d_lora_weight",
+            "for Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek and the other per-expert families, write vLLM's per-expert "
+            "layout (experts.<e>.gate_proj/up_proj/down_proj, same logits): lorakit export-adapter ADAPTER OUT --format vllm",
+        ]
+    if any(_PER_EXPERT.search(p) for p in desc.ranks):
+        return ["experts are in vLLM's per-expert layout (experts.<e>.gate_proj/up_proj/down_proj): the default "
+                "MoE LoRA path of vLLM; for 3-D models (gpt-oss, Qwen3.5-MoE) serve with --enable-mixed-moe-lora-format"]
+    return []

@@ -12,6 +12,16 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
+from .experts import (
+    LoraParameter,
+    auto_target_parameters,
+    fused_expert_params,
+    general_name,
+    match_parameters,
+    param_dims,
+    router_linear_ids,
+    wrapper_paths,
+)
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, check_adapter_name, is_conv1d
 
 # For "all-linear" on a model without get_output_embeddings(): leaf names taken to be the head.
@@ -48,6 +58,10 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
         yield path, child
         if not isinstance(child, (LoraLayer, ModulesToSave)):
             yield from iter_modules(child, path)
+        # Parameter wrappers nest (PEFT's layout): each inner one is a LoRA layer of its own.
+        while isinstance(child, LoraParameter) and isinstance(child.base_layer, LoraParameter):
+            child, path = child.base_layer, path + ".base_layer"
+            yield path, child
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, Union[LoraLayer, ModulesToSave]]]:
@@ -137,6 +151,8 @@ class Target:
     module: nn.Module
     r: int
     alpha: float
+    param: Optional[str] = None
+    """For a parameter target (``target_parameters``): the parameter's name on ``module``'s owner."""
 
 
 def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> tuple[list[Target], list[tuple[str, nn.Module]]]:
@@ -153,24 +169,31 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
     model = unwrap_model(model)
     modules = list(iter_modules(model))
     spec = config.target_modules
-    if spec is None:
+    if not spec and not config.target_parameters:
         raise ValueError("LoraConfig.target_modules is empty: name the modules to wrap, or use 'all-linear'")
-    names = resolve_all_linear(model, modules) if spec == ALL_LINEAR else spec
+    names = resolve_all_linear(model, modules) if spec == ALL_LINEAR else (spec or [])
 
     targets: list[Target] = []
     for path, module in modules:
-        if not _is_target(path, config, names):
+        if isinstance(module, LoraParameter) or not _is_target(path, config, names):
             continue
         if isinstance(module, ModulesToSave):
             raise ValueError(f"module '{path}' is trained in full (modules_to_save); it cannot also take LoRA")
         if not _wrappable(module):
+            hint = ""
+            if fused_expert_params(module):
+                hint = (f"; its experts are stacked parameters: name them with target_parameters="
+                        f"{[general_name(path + '.' + p) for p in fused_expert_params(module)]}")
             raise ValueError(
                 f"module '{path}' matches target_modules but is a {type(module).__name__}; LoRA wraps "
-                "nn.Linear, nn.Embedding and GPT-2 Conv1D layers only"
+                f"nn.Linear, nn.Embedding and GPT-2 Conv1D layers only{hint}"
             )
         if isinstance(module, LoraLayer) and adapter_name in module.r:
             raise ValueError(f"adapter '{adapter_name}' already exists on '{path}'; pick another name or delete it first")
         targets.append(Target(path, module, config.rank_for(path), config.alpha_for(path)))
+    if not targets and spec:
+        raise ValueError(_nothing_matched(model, modules, config))
+    targets += _parameter_targets(modules, config, adapter_name)
     if not targets:
         raise ValueError(_nothing_matched(model, modules, config))
 
@@ -190,14 +213,58 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
     return targets, saved
 
 
+def _parameter_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, adapter_name: str) -> list[Target]:
+    """The parameter targets (``target_parameters``; with ``all-linear``, every fused expert weight)."""
+    wanted = config.target_parameters
+    if wanted is None and config.target_modules == ALL_LINEAR:
+        wanted = auto_target_parameters(modules)
+    if not wanted:
+        return []
+    found = match_parameters(modules, wanted)
+    if not found:
+        candidates = sorted({f"{p.rsplit('.', 1)[-1]}.{n}" for p, m in modules if not p.endswith(".base_layer")
+                             for n, q in m.named_parameters(recurse=False) if q.dim() >= 2})
+        raise ValueError(f"LoraConfig.target_parameters={wanted!r} matched no parameter. "
+                         f"Candidates (module.parameter): {', '.join(candidates[:20]) or 'none'}")
+    targets = []
+    for owner_path, module, params in found:
+        if isinstance(module, LoraParameter):
+            present = [w.param_name for w in reversed(module._chain())]
+            if present != params:
+                raise ValueError(
+                    f"'{owner_path}' already carries LoRA on {present}; every adapter must target the same "
+                    f"parameters of a module (this one targets {params}), as in PEFT"
+                )
+        owner = module.owner if isinstance(module, LoraParameter) else module
+        paths = wrapper_paths(owner_path, params)
+        for param in params:
+            try:
+                param_dims(owner, param)
+            except ValueError as err:
+                raise ValueError(f"'{owner_path}.{param}': {err}") from None
+            key = f"{owner_path}.{param}"
+            if isinstance(module, LoraParameter):
+                wrapper = next(w for w in module._chain() if w.param_name == param)
+                if adapter_name in wrapper.r:
+                    raise ValueError(f"adapter '{adapter_name}' already exists on '{key}'; pick another name or delete it first")
+            targets.append(Target(paths[param], module, config.rank_for(key), config.alpha_for(key), param=param))
+    return targets
+
+
 def resolve_all_linear(model: nn.Module, modules: Optional[list[tuple[str, nn.Module]]] = None) -> list[str]:
-    """``"all-linear"`` as PEFT resolves it: the leaf names of every Linear/Conv1D but the output head."""
+    """``"all-linear"`` as PEFT resolves it: the leaf names of every Linear/Conv1D but the output head.
+
+    MoE routers and gates that are Linear layers (``router_linear_ids``) are left out too.
+    """
     modules = list(iter_modules(model)) if modules is None else modules
     head = _output_head(model)
+    routers = router_linear_ids(modules)
     leaves = set()
     for path, module in modules:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not _is_linear(module) or base is head or (head is None and path.split(".")[-1] in _HEAD_NAMES):
+            continue
+        if id(base) in routers:
             continue
         leaves.add(path.split(".")[-1])
     head_leaves = {p.split(".")[-1] for p, m in modules if head is not None and (m is head or getattr(m, "base_layer", None) is head)}
@@ -257,7 +324,10 @@ def inject_lora(
     model = unwrap_model(model)
     targets, saved = plan_injection(model, config, adapter_name)
     fan_in_fan_out = False
+    _wrap_parameters(model, [t for t in targets if t.param is not None], adapter_name, config, dtype)
     for t in targets:
+        if t.param is not None:
+            continue
         layer = t.module
         if not isinstance(layer, LoraLayer):
             layer = LoraEmbedding(t.module) if isinstance(t.module, nn.Embedding) else LoraLinear(t.module)
@@ -277,12 +347,39 @@ def inject_lora(
     if config.target_modules == ALL_LINEAR:
         # Saved configs name the layers, as PEFT writes them, so every reader wraps the same ones.
         stored = dataclasses.replace(config, target_modules=resolve_all_linear(model))
+        if config.target_parameters is None:
+            found = sorted({f"{t.path.split('.base_layer')[0]}.{t.param}" for t in targets if t.param})
+            stored = dataclasses.replace(stored, target_parameters=_general(found) or None)
     if fan_in_fan_out:
         stored = dataclasses.replace(stored, fan_in_fan_out=True)
     adapter_configs(model)[adapter_name] = stored
     set_active_adapters(model, [adapter_name])
     set_adapter_trainable(model, adapter_name, trainable)
     return [t.path for t in targets]
+
+
+def _general(paths: list[str]) -> list[str]:
+    return sorted({general_name(p) for p in paths})
+
+
+def _wrap_parameters(model: nn.Module, targets: list[Target], adapter_name: str, config: LoraConfig,
+                     dtype: Optional[torch.dtype]) -> None:
+    # One chain of wrappers per owner module, built in the owner's registration order (PEFT's nesting).
+    chains: dict[str, LoraParameter] = {}
+    for t in targets:
+        owner_path = t.path.split(".base_layer")[0]
+        if owner_path in chains:
+            continue
+        outer = t.module
+        if not isinstance(outer, LoraParameter):
+            for param in [x.param for x in targets if x.path.split(".base_layer")[0] == owner_path]:
+                outer = LoraParameter(outer, param, f"{owner_path}.{param}")
+            _replace(model, owner_path, outer)
+        chains[owner_path] = outer
+    for t in targets:
+        wrapper = next(w for w in chains[t.path.split(".base_layer")[0]]._chain() if w.param_name == t.param)
+        wrapper.add_adapter(adapter_name, t.r, t.alpha, config.dropout, config.use_rslora, config.init_lora_weights,
+                            dtype=_adapter_dtype(wrapper._base_weight(), dtype))
 
 
 def _adapter_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -457,6 +554,9 @@ class TrainableReport:
                 f"  - Adapter '{name}': r={cfg.r}, alpha={cfg.alpha:g}, dropout={cfg.dropout:g}, "
                 f"rslora={cfg.use_rslora}, targets=[{targets}]"
             )
+            if cfg.target_parameters:
+                lines.append(f"  - Adapter '{name}' expert/parameter targets (one A, B per expert): "
+                             + ", ".join(cfg.target_parameters))
         lines += [
             f"  - Wrapped modules: {self.wrapped_modules}",
             f"  - Total parameters: {self.total:,}",

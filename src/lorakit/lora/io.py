@@ -31,6 +31,7 @@ from .inject import (
     active_adapters,
     unwrap_model,
 )
+from .experts import LoraParameter, lora_shapes
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
 from .tensors import full_tensor
 
@@ -49,7 +50,7 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
     for path, module in lora_modules(model):
         if adapter_name not in module.adapter_names:
             continue
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, LoraParameter)):  # expert wrappers store A/B in PEFT's stacked layout
             out[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
         elif isinstance(module, LoraEmbedding):
@@ -98,7 +99,10 @@ def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]]) 
     shapes: dict[str, tuple[int, ...]] = {}
     for t in targets:
         base = t.module.base_layer if isinstance(t.module, LoraLayer) else t.module
-        if isinstance(base, nn.Embedding):
+        if t.param is not None:
+            owner = t.module.owner if isinstance(t.module, LoraParameter) else t.module
+            shapes[f"{t.path}.lora_A.weight"], shapes[f"{t.path}.lora_B.weight"] = lora_shapes(owner, t.param, t.r)
+        elif isinstance(base, nn.Embedding):
             shapes[f"{t.path}.lora_embedding_A"] = (t.r, base.num_embeddings)
             shapes[f"{t.path}.lora_embedding_B"] = (base.embedding_dim, t.r)
         else:
@@ -274,7 +278,8 @@ def load_adapter(
     previous = active_adapters(model)
     if exists:
         for layer_path, layer in layers:
-            layer.set_scale(adapter_name, config.alpha_for(layer_path), config.use_rslora)
+            # rank_pattern/alpha_pattern name a parameter target by its parameter's path, as in PEFT.
+            layer.set_scale(adapter_name, config.alpha_for(getattr(layer, "param_path", layer_path)), config.use_rslora)
             layer.set_dropout(adapter_name, config.dropout)
         adapter_configs(model)[adapter_name] = config
         set_adapter_trainable(model, adapter_name, trainable)

@@ -190,12 +190,13 @@ class LoraLayer(nn.Module):
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        check_rows(self.row_routes, x)
-        groups = [(name, rows) for name, rows in self.row_routes if name is not None and name in self.r]
+        routes = expand_routes(self.row_routes, x.shape[0])
+        groups = [(name, rows) for name, rows in routes if name is not None and name in self.r]
         merged = [name for name, _ in groups if name in self.merged_adapters]
         if merged:
             raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
-        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and self._can_gather():
+        gather = routes is self.row_routes and self._can_gather()
+        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and gather:
             return self._routed_gathered(x, result)
         # One LoRA pass per adapter over the rows that chose it: cost grows with the number of
         # distinct adapters in the batch, not with the number of rows.
@@ -440,6 +441,22 @@ class ModulesToSave(nn.Module):
             part = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
             result = result.index_copy(0, rows, part.to(result.dtype))
         return result
+
+
+def expand_routes(routes: RowRoutes, n: int) -> RowRoutes:
+    """``routes`` for a first dimension of ``n``: the batch rows, or their tokens flattened.
+
+    MoE blocks call their experts (and shared experts) on ``hidden.view(-1, hidden_size)``:
+    token ``t`` then belongs to row ``t // (n // rows)``.
+    """
+    rows = sum(len(r) for _, r in routes)
+    if n == rows:
+        return routes
+    if rows == 0 or n % rows:
+        raise RuntimeError(f"route_adapters was given {rows} row adapters but the batch has {n} rows")
+    per = n // rows
+    span = torch.arange(per)
+    return tuple((name, (r.unsqueeze(-1) * per + span.to(r.device)).reshape(-1)) for name, r in routes)
 
 
 def check_rows(routes: RowRoutes, x: torch.Tensor) -> None:

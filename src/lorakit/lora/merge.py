@@ -104,7 +104,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         merge_lora(root)
     else:
         unmerge_lora(root)
-    for path, module in list(lora_modules(root)):
+    # Innermost first: nested parameter wrappers (experts.base_layer inside experts) unwrap cleanly.
+    for path, module in reversed(list(lora_modules(root))):
         if isinstance(module, LoraLayer):
             _replace(root, path, module.base_layer)
         else:

@@ -1,9 +1,9 @@
 """Base models: load a HF causal LM + tokenizer; build lorakit's tiny demo model."""
 
-from .demo import DEMO, build_demo_model, build_demo_tokenizer, demo_model_dir, ensure_demo_model, write_demo_model
+from .demo import DEMO, DEMO_MOE, build_demo_model, build_demo_tokenizer, demo_model_dir, ensure_demo_model, write_demo_model
 from .loading import DTYPES, ModelError, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 
 __all__ = [
-    "DEMO", "build_demo_model", "build_demo_tokenizer", "demo_model_dir", "ensure_demo_model", "write_demo_model",
+    "DEMO", "DEMO_MOE", "build_demo_model", "build_demo_tokenizer", "demo_model_dir", "ensure_demo_model", "write_demo_model",
     "DTYPES", "ModelError", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "resolve_model",
 ]

@@ -19,6 +19,8 @@ from ..lora.atomic import atomic_directory
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEMO = "demo"
 """The model name that means lorakit's demo model (``model: demo``, ``--model demo``)."""
+DEMO_MOE = "demo-moe"
+"""The model name of the demo model's Mixture-of-Experts variant (a tiny Qwen3-MoE, 8 experts, top-2)."""
 DEMO_VERSION = 1
 """Bump when the demo model or tokenizer changes: the cache directory is named after it."""
 
@@ -62,11 +64,35 @@ def build_demo_model(vocab_size: int, seed: int = 0):
     return model
 
 
-def _save_demo(directory: Path, seed: int) -> None:
-    """Save the demo model and its tokenizer into the (existing, empty) ``directory``."""
+def build_demo_moe_model(vocab_size: int, seed: int = 0):
+    """A tiny Qwen3MoeForCausalLM (hidden 128, 2 layers, 8 experts, top-2), random init.
+
+    Its experts are fused 3-D weights, as in Qwen3-30B-A3B: the model lorakit's MoE examples train.
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(config.hidden_size ** -0.5 / config.initializer_range)
+        for layer in model.model.layers:  # routers start near zero: spread tokens over the experts
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def _save_demo(directory: Path, seed: int, moe: bool = False) -> None:
+    """Save the demo model (``moe``: the Mixture-of-Experts variant) and its tokenizer into the
+    (existing, empty) ``directory``."""
     tokenizer = build_demo_tokenizer()
     vocab = -(-len(tokenizer) // 64) * 64  # round up: tidy matrix shapes
-    model = build_demo_model(vocab, seed=seed)
+    model = (build_demo_moe_model if moe else build_demo_model)(vocab, seed=seed)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = None
@@ -85,8 +111,10 @@ def _save_demo(directory: Path, seed: int) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
+def write_demo_model(path: Union[str, Path], seed: int = 0, moe: bool = False) -> Path:
     """Write the demo model (config, safetensors weights, tokenizer, chat template) to ``path``.
+
+    ``moe``: the Mixture-of-Experts variant (``build_demo_moe_model``) instead of the dense one.
 
     The directory is built aside and renamed into place, so a half-written model never appears.
     """
@@ -94,7 +122,7 @@ def write_demo_model(path: Union[str, Path], seed: int = 0) -> Path:
     if path.exists():
         raise FileExistsError(f"{path}: already exists")
     with atomic_directory(path) as staging:
-        _save_demo(staging, seed)
+        _save_demo(staging, seed, moe=moe)
     return path
 
 
@@ -106,20 +134,20 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
 
 
-def demo_model_dir() -> Path:
+def demo_model_dir(moe: bool = False) -> Path:
     """Where ``model: demo`` lives. The version in the name changes whenever the demo model's
     definition does, so a cache written by an older lorakit is never mistaken for today's."""
-    return cache_dir() / f"demo-model-v{DEMO_VERSION}"
+    return cache_dir() / f"{DEMO_MOE if moe else DEMO}-model-v{DEMO_VERSION}"
 
 
-def ensure_demo_model() -> Path:
+def ensure_demo_model(moe: bool = False) -> Path:
     """The cached demo model's directory, written on first use.
 
     Safe when several processes (torchrun ranks, parallel jobs) ask at once: one builds it under a
     file lock while the others wait, and the finished directory is renamed into place in one step,
     so nobody ever reads half a model. Where no file lock exists, a loser of the race drops its copy.
     """
-    target = demo_model_dir()
+    target = demo_model_dir(moe)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +156,7 @@ def ensure_demo_model() -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _save_demo(staging, seed=0)
+            _save_demo(staging, seed=0, moe=moe)
             for file in staging.iterdir():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from .demo import DEMO, ensure_demo_model
+from .demo import DEMO, DEMO_MOE, ensure_demo_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,13 +39,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def resolve_model(name: str) -> str:
     """Where to load model ``name`` from: ``demo`` is lorakit's demo model (cached, built on first
-    use); an existing directory is itself; anything else must look like a hub id ("org/name").
+    use; ``demo-moe`` its Mixture-of-Experts variant); an existing directory is itself; anything else must look like a hub id ("org/name").
 
     Raises:
         ModelError: ``name`` is empty, or a path (absolute, ``./``, ``~``, several parts) that does not exist.
     """
-    if name == DEMO:
-        return str(ensure_demo_model())
+    if name in (DEMO, DEMO_MOE):
+        return str(ensure_demo_model(moe=name == DEMO_MOE))
     if not name:
         raise ModelError("model: no model given (a local Hugging Face model directory, or 'demo')")
     path = Path(name).expanduser()

@@ -10,7 +10,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..distributed import DistInfo
-from ..models import DEMO, demo_model_dir, load_model, load_tokenizer, resolve_dtype
+from ..models import DEMO, DEMO_MOE, demo_model_dir, load_model, load_tokenizer, resolve_dtype
 
 
 @dataclass
@@ -37,8 +37,8 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     dtype = resolve_dtype(cfg.train.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.model == DEMO and not demo_model_dir().exists():
-        log(f"Building lorakit's demo model in {demo_model_dir()} (once; later runs reuse it)")
+    if cfg.model in (DEMO, DEMO_MOE) and not demo_model_dir(cfg.model == DEMO_MOE).exists():
+        log(f"Building lorakit's demo model in {demo_model_dir(cfg.model == DEMO_MOE)} (once; later runs reuse it)")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
     if info.main:

@@ -1,0 +1,378 @@
+"""LoRA on weights held as bare parameters: fused Mixture-of-Experts experts (and routers).
+
+transformers (5.x) keeps each MoE layer's experts as stacked 3-D parameters on one module
+(``mlp.experts.gate_up_proj``: (experts, 2 * intermediate, hidden), ``mlp.experts.down_proj``:
+(experts, hidden, intermediate); gpt-oss stores them transposed, (experts, in, out), with biases).
+There is no ``nn.Linear`` to wrap, so PEFT names them with ``target_parameters`` and so does lorakit.
+
+Layout (PEFT's, native here, so saved keys need no conversion): one wrapper per targeted
+parameter; a second parameter on the same module wraps the first wrapper, so the module's
+parameters (in the order the module registered them) sit at ``experts.base_layer``, ``experts``
+(``experts.base_layer.lora_A`` is ``gate_up_proj``'s, ``experts.lora_A`` is ``down_proj``'s).
+Each expert ``e`` has its own rank-``r`` pair, stored stacked as two ``nn.Linear``:
+
+- ``lora_A``: (experts * r, in), row ``e * r + j`` is row ``j`` of expert ``e``'s A;
+- ``lora_B``: (out, r * experts), column ``j * experts + e`` is column ``j`` of expert ``e``'s B.
+
+Computation follows the model's own routing: token/expert pairs are sorted by expert and each
+expert's base projection and its LoRA run on the tokens routed to it only (a loop over the experts
+that received tokens, as transformers' eager experts do; no token meets an adapter of an expert it
+was not routed to, and no (experts, out, in) update is materialised). Modules without
+transformers' expert flags, and 2-D parameters such as a router's weight, take a generic path
+that calls the module with ``W + scale * B @ A`` (PEFT's method; cheap for a router).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import LoraLayer, RowRoutes, expand_routes
+
+# Parameter names of fused expert weights the routed path computes (transformers' experts interface).
+_ROUTED_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+# Conventional registration order, used to name PEFT's nesting when no model is at hand.
+_CONVENTIONAL_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "w1", "w3", "down_proj", "w2")
+
+
+# --- finding fused experts ---------------------------------------------------------------------
+def fused_expert_params(module: nn.Module) -> list[str]:
+    """Names of the stacked 3-D expert weights held directly by ``module`` (registration order).
+
+    A module is a fused-experts module when it has 3-D parameters whose first dimension is its
+    ``num_experts`` (transformers' ``*Experts`` classes); biases (2-D) are not LoRA targets.
+    """
+    if isinstance(module, LoraLayer):
+        return []
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int):
+        return []
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == count]
+
+
+def general_name(path: str) -> str:
+    """``model.layers.3.mlp.experts.down_proj`` -> ``mlp.experts.down_proj`` (what configs name)."""
+    return re.sub(r"^.*?\.\d+\.", "", path)
+
+
+def auto_target_parameters(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """What ``all-linear`` adds for MoE models: every fused expert weight, named as PEFT configs do."""
+    names: dict[str, None] = {}
+    for path, module in modules:
+        if path.endswith(".base_layer"):
+            continue
+        for param in fused_expert_params(_owner(module)):
+            names[general_name(f"{path}.{param}")] = None
+    return sorted(names)
+
+
+def router_linear_ids(modules: Iterable[tuple[str, nn.Module]]) -> set[int]:
+    """``nn.Linear`` routers and gates of MoE blocks, which ``all-linear`` leaves out.
+
+    A Linear that sits next to a fused-experts module and outputs one logit per expert (the router)
+    or a single value (a shared-expert gate, e.g. Qwen2-MoE's ``shared_expert_gate``) is a gate:
+    vLLM serves no LoRA on it. Name it in ``target_modules`` to train it anyway.
+    """
+    found: set[int] = set()
+    for _, module in modules:
+        children = dict(module.named_children())
+        experts = [c for c in children.values() if fused_expert_params(_owner(c))]
+        if not experts:
+            continue
+        count = _owner(experts[0]).num_experts
+        for child in children.values():
+            base = getattr(child, "base_layer", child)
+            if isinstance(base, nn.Linear) and base.out_features in (count, 1):
+                found.add(id(base))
+    return found
+
+
+def match_parameters(
+    modules: Iterable[tuple[str, nn.Module]], targets: Sequence[str]
+) -> list[tuple[str, nn.Module, list[str]]]:
+    """Owner modules with the parameters ``targets`` names (PEFT's rule: the full
+    ``<module path>.<parameter>`` or a dotted tail of it), in model order.
+
+    Returns:
+        ``(owner path, owner module or its outermost wrapper, [parameter names in registration order])``.
+    """
+    out = []
+    for path, module in modules:
+        if path.endswith(".base_layer"):
+            continue  # an inner wrapper: its owner is reached through the outermost one
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+            continue  # a LoRA Linear's own weight is not a parameter target
+        owner = _owner(module)
+        names = [
+            name for name, _ in owner.named_parameters(recurse=False)
+            if any(f"{path}.{name}" == t or f"{path}.{name}".endswith("." + t) for t in targets)
+        ]
+        if names:
+            out.append((path, module, names))
+    return out
+
+
+def wrapper_paths(owner_path: str, params: Sequence[str]) -> dict[str, str]:
+    """PEFT's nesting: parameter -> path of its wrapper (the last-registered one is outermost)."""
+    n = len(params)
+    return {p: owner_path + ".base_layer" * (n - 1 - i) for i, p in enumerate(params)}
+
+
+def conventional_order(params: Iterable[str]) -> list[str]:
+    """Parameters in the order transformers registers them (gate/up before down)."""
+    rank = {name: i for i, name in enumerate(_CONVENTIONAL_ORDER)}
+    return sorted(params, key=lambda p: (rank.get(p, len(rank)), p))
+
+
+def lora_shapes(owner: nn.Module, param: str, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of ``lora_A`` and ``lora_B`` for a rank-``r`` adapter on ``owner.<param>``."""
+    experts, fan_in, fan_out, _ = param_dims(owner, param)
+    return (experts * r, fan_in), (fan_out, r * experts)
+
+
+def param_dims(owner: nn.Module, param: str) -> tuple[int, int, int, bool]:
+    """``(experts, in_features, out_features, stored transposed)`` of a targeted parameter.
+
+    Raises:
+        ValueError: the parameter is neither a stacked 3-D expert weight nor a 2-D weight matrix.
+    """
+    weight = getattr(owner, param)
+    kind = type(owner).__name__
+    if weight.dim() == 3:
+        transposed = bool(getattr(owner, "is_transposed", False))
+        experts, d1, d2 = weight.shape
+        return (experts, d1, d2, True) if transposed else (experts, d2, d1, False)
+    if weight.dim() == 2 and not fused_expert_params(owner):
+        return 1, weight.shape[1], weight.shape[0], False
+    raise ValueError(
+        f"target_parameters: '{param}' of {kind} has shape {tuple(weight.shape)}; LoRA targets stacked 3-D "
+        "expert weights and 2-D weight matrices (e.g. a router's weight), not biases"
+    )
+
+
+def _owner(module: nn.Module) -> nn.Module:
+    while isinstance(module, LoraParameter):
+        module = module.base_layer
+    return module
+
+
+# --- the wrapper ---------------------------------------------------------------------------------
+class LoraParameter(LoraLayer):
+    """LoRA on one parameter of ``base_layer``'s innermost module (PEFT's ``ParamWrapper`` layout).
+
+    For a fused expert weight, expert ``e`` gets ``W_e + scale * B_e @ A_e`` with
+    A_e: (r, in), B_e: (out, r); for a 2-D weight (a router), one pair as in ``LoraLinear``.
+    Only the outermost wrapper of a module runs: it reads every nested wrapper's adapters.
+    """
+
+    def __init__(self, base_layer: nn.Module, param_name: str, param_path: Optional[str] = None) -> None:
+        super().__init__(base_layer)
+        self.param_name = param_name
+        self.param_path = param_path or param_name
+        """Path of the targeted parameter in the model (what rank_pattern/alpha_pattern match)."""
+        self.num_experts, self.in_features, self.out_features, self.transposed = param_dims(_owner(base_layer), param_name)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def owner(self) -> nn.Module:
+        """The model's own module that holds the parameter."""
+        return _owner(self.base_layer)
+
+    def _base_weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.param_name)
+
+    def _stores(self) -> list[Any]:
+        return [self.lora_A, self.lora_B]
+
+    def set_dropout(self, name: str, p: float) -> None:
+        if p > 0 and self.num_experts == 1:
+            raise ValueError(
+                f"target_parameters '{self.param_path}': lora_dropout must be 0 on a 2-D parameter "
+                "(its update is folded into the weight, so there is no LoRA input to drop)"
+            )
+        super().set_dropout(name, p)
+
+    def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
+        e = self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, r * e, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r * e, self.out_features, bias=False, **factory)
+
+    def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        with torch.no_grad():
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if init is False:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                return
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # fan-in = in_features, as for each expert alone
+            nn.init.zeros_(b)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert views ``(A: (experts, r, in), B: (experts, out, r))`` of adapter ``name`` (no copy)."""
+        e, r = self.num_experts, self.r[name]
+        a = self.lora_A[name].weight.view(e, r, self.in_features)
+        b = self.lora_B[name].weight.view(self.out_features, r, e).permute(2, 0, 1)
+        return a, b
+
+    def _delta_live(self, name: str) -> torch.Tensor:
+        """The update in the parameter's layout, differentiable, in the adapter's dtype."""
+        a, b = self.factors(name)
+        delta = torch.bmm(b, a) * self.scaling[name]  # (experts, out, in)
+        if self.transposed:
+            delta = delta.transpose(1, 2)
+        return delta if self._base_weight().dim() == 3 else delta[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        delta = torch.bmm(b.detach().float(), a.detach().float()) * self.scaling[name]
+        if self.transposed:
+            delta = delta.transpose(1, 2)
+        return delta if self._base_weight().dim() == 3 else delta[0]
+
+    def extra_repr(self) -> str:
+        return f"param={self.param_name}, experts={self.num_experts}, " + super().extra_repr()
+
+    # --- forward ---------------------------------------------------------------------------
+    def _chain(self) -> list["LoraParameter"]:
+        chain = [self]
+        while isinstance(chain[-1].base_layer, LoraParameter):
+            chain.append(chain[-1].base_layer)
+        return chain
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        chain = self._chain()
+        owner = chain[-1].base_layer
+        routes = self.row_routes
+        if self.disabled or (routes is None and not any(w._live for w in chain)):
+            return owner(*args, **kwargs)
+        if routes is not None:
+            merged = [n for w in chain for n, _ in routes if n in w.merged_adapters]
+            if merged:
+                raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
+        if _routed_path_applies(owner, chain):
+            hidden, index, weights = _bind_expert_args(owner, args, kwargs)
+            return _experts_forward(owner, {w.param_name: w for w in chain}, hidden, index, weights, routes)
+        if routes is not None:
+            raise RuntimeError(
+                f"per-row adapter routing is not supported on parameter targets of {type(owner).__name__} "
+                f"({', '.join(w.param_name for w in chain)}); use one adapter per batch"
+            )
+        weights = {w.param_name: w._base_weight() for w in chain}
+        for w in chain:
+            for name in w._live:
+                weights[w.param_name] = weights[w.param_name] + w._delta_live(name).to(weights[w.param_name].dtype)
+        return torch.func.functional_call(owner, weights, args, kwargs, strict=False)
+
+
+def _routed_path_applies(owner: nn.Module, chain: Sequence[LoraParameter]) -> bool:
+    # transformers' use_experts_implementation sets these flags: the experts' math is then known.
+    return hasattr(owner, "has_gate") and all(w.param_name in _ROUTED_PARAMS and w.num_experts > 1 for w in chain)
+
+
+_ARG_NAMES: dict[type, list[str]] = {}
+
+
+def _bind_expert_args(owner: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden (tokens, hidden), top-k expert ids (tokens, k), top-k weights (tokens, k))``."""
+    cls = type(owner)
+    if cls not in _ARG_NAMES:
+        params = list(inspect.signature(cls.forward).parameters)[1:4]
+        _ARG_NAMES[cls] = params
+    names = _ARG_NAMES[cls]
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args):3] if n in kwargs]
+    if len(values) != 3 or any(v is None for v in values):
+        raise RuntimeError(f"{cls.__name__} was called without (hidden_states, expert indices, expert weights)")
+    return values[0], values[1], values[2]
+
+
+def _experts_forward(
+    owner: nn.Module,
+    wrappers: dict[str, LoraParameter],
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routes: Optional[RowRoutes],
+) -> torch.Tensor:
+    """The experts' output with LoRA on the targeted weights: (tokens, hidden).
+
+    Token/expert pairs are sorted by expert; each expert that received tokens runs its base
+    projections and its adapters on exactly those tokens. ``routes`` (per-row adapters) masks
+    each adapter's rank-r intermediate to the rows that chose it.
+    """
+    tokens, k = top_k_index.shape
+    experts = owner.num_experts
+    flat = top_k_index.reshape(-1)
+    # Ids outside [0, experts) mark dropped pairs (expert-parallel sentinels, Qwen's masking class).
+    ids = torch.where((flat >= 0) & (flat < experts), flat, torch.full_like(flat, experts))
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=experts + 1).tolist()  # the one host sync per layer
+    kept = sum(counts[:experts])
+    order = order[:kept]
+    token_of = torch.div(order, k, rounding_mode="floor")
+    x = hidden.index_select(0, token_of)
+    pair_weight = top_k_weights.reshape(-1).index_select(0, order)
+
+    slots, names = _pair_slots(routes, token_of, tokens, hidden.device)
+    live = {
+        p: [(n, w) for n in (w._live if routes is None else [n for n in names if n in w.r])]
+        for p, w in wrappers.items()
+    }
+    live = {p: [(n, w, *w.factors(n)) for n, w in pairs] for p, pairs in live.items()}
+
+    def project(param: str, e: int, xin: torch.Tensor, rows: slice) -> torch.Tensor:
+        weight = getattr(owner, param)[e]
+        y = xin @ weight if getattr(owner, "is_transposed", False) else F.linear(xin, weight)
+        if getattr(owner, "has_bias", False):
+            y = y + getattr(owner, f"{param}_bias")[e]
+        for name, w, a, b in live.get(param, ()):
+            h = F.linear(w.lora_dropout[name](xin).to(a.dtype), a[e]) * w.scaling[name]
+            if slots is not None:
+                h = h * (slots[rows] == names.index(name) + 1).unsqueeze(-1).to(h.dtype)
+            y = y + F.linear(h, b[e]).to(y.dtype)
+        return y
+
+    outs = []
+    start = 0
+    for e in range(experts):
+        n = counts[e]
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        xe = x[rows]
+        if owner.has_gate:
+            h = owner._apply_gate(project("gate_up_proj", e, xe, rows))
+        else:
+            h = owner.act_fn(project("up_proj", e, xe, rows))
+        y = project("down_proj", e, h, rows)
+        if getattr(owner, "has_post_expert_norm", False):
+            y = owner.post_expert_norm(y)
+        outs.append(y * pair_weight[rows].unsqueeze(-1))
+        start += n
+    result = hidden.new_zeros(hidden.shape)
+    if not outs:
+        return result
+    return result.index_add(0, token_of, torch.cat(outs).to(hidden.dtype))
+
+
+def _pair_slots(
+    routes: Optional[RowRoutes], token_of: torch.Tensor, tokens: int, device: torch.device
+) -> tuple[Optional[torch.Tensor], list[str]]:
+    """Per pair, 1 + the index of its row's adapter in ``names`` (0: the base), or None unrouted."""
+    if routes is None:
+        return None, []
+    names: list[str] = [n for n, _ in routes if n is not None]
+    per_token = torch.zeros(tokens, dtype=torch.long, device=device)
+    for name, rows in expand_routes(routes, tokens):
+        if name is not None:
+            per_token[rows.to(device)] = names.index(name) + 1
+    return per_token.index_select(0, token_of), names
