@@ -267,8 +267,6 @@ def _build_jobs(items: Any, origin: str, top: dict[str, tuple[Any, str]], where:
         jobs.append(JobSection(
             name=name, recipe="sft", init_adapter=run.init_adapter, data=run.data, lora=run.lora,
             train=JobTrainSection(**{f.name: getattr(run.train, f.name) for f in dataclasses.fields(JobTrainSection)})))
-    if not jobs:
-        raise ConfigError(f"{origin}: 'jobs' is empty; list at least one job, or leave 'jobs' out for a single run")
     return jobs
 
 
@@ -432,4 +430,7 @@ def _describe(hint: Any) -> str:
 
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML (what a run records in output_dir/config.yaml)."""
-    return _yaml().safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    data = dataclasses.asdict(cfg)
+    if not data["jobs"]:
+        del data["jobs"]  # a single run's record reads as before
+    return _yaml().safe_dump(data, sort_keys=False, allow_unicode=True)
