@@ -117,9 +117,9 @@ def _train(args):
 
 def test_resume_after_sigkill_continues_every_unfinished_job(tmp_path, demo, text_data):
     save = {"identity": 4, "arith": 3, "notes": 5}
-    # arith ends at step 6, notes at 24 (4 epochs), identity at 40 (80 micro-batches); killed at
+    # arith ends at step 6, notes at 24 (4 epochs), identity at 16 (32 micro-batches); killed at
     # identity's step 8 (micro-batch 16), arith is done, the others resume from steps 8 and 15
-    cfg = _jobs_config(tmp_path, demo, text_data, identity_steps=40, arith_steps=6, notes_epochs=4, save=save)
+    cfg = _jobs_config(tmp_path, demo, text_data, identity_steps=16, arith_steps=6, notes_epochs=4, save=save)
     multi_sft.run(load_config(cfg, [f"output_dir={tmp_path / 'ref'}"]), log=lambda _: None)
 
     victim = _train([str(cfg)])
