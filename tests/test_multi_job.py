@@ -139,6 +139,8 @@ def test_resume_after_sigkill_continues_every_unfinished_job(tmp_path, demo, tex
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"[identity] resumed from {out / 'identity'}" in output and "[notes] resumed from" in output
+    assert f"[arith] finished earlier: {out / 'arith' / 'adapter'}" in output
+    assert sum("train_runtime" in r for r in _metrics(out / "arith")) == 1  # nothing redone or rewritten
     for job in ("identity", "arith", "notes"):
         assert _max_diff(_adapter(out / job), _adapter(tmp_path / "ref" / job)) <= 1e-6, job
         steps = [r["step"] for r in _metrics(out / job) if "loss" in r]
@@ -220,7 +222,7 @@ def test_two_ranks_match_one_process(tmp_path, demo, text_data, mode):
 
     multi_sft.run(load_config(config("single", 2)), log=lambda _: None)
     log = _launch_torchrun(config(mode, 1), f"train.distributed={mode}")
-    assert f"[identity] 3 steps" in log and "global batch 4 = batch 2 x 2 rank(s) x grad_accum 2" in log
+    assert f"[identity] 3 steps" in log and "global batch 8 = batch 2 x 2 rank(s) x grad_accum 2" in log
     for job in ("identity", "arith", "notes"):
         single, dist = _metrics(tmp_path / "single" / job), _metrics(tmp_path / mode / job)
         ref = {r["step"]: r["loss"] for r in single if "loss" in r}

@@ -197,6 +197,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             log(f"[{job.name}] resumed from {job.resumed_from} (step {job.state['step']}, epoch {job.state['epoch']}, "
                 f"sample {job.state['sample']})")
         job.steps_before, job.tokens_before = job.state["step"], job.state["tokens"]
+        if job.state["step"] >= job.total_steps and (job.out / "adapter" / "adapter_model.safetensors").is_file():
+            job.done = True  # finished before the kill: nothing to redo, nothing rewritten
+            log(f"[{job.name}] finished earlier: {job.out / 'adapter'}")
+            continue
         if info.main:
             job.out.mkdir(parents=True, exist_ok=True)
             (job.out / "config.yaml").write_text(dump_config(job.cfg), encoding="utf-8")
@@ -309,7 +313,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     loop_start = time.perf_counter()
     for job in jobs:
         job.log_start = loop_start
-        if job.state["step"] >= job.total_steps:  # finished before the kill: only its adapter may be missing
+        if job.done:
+            adapters[job.name] = job.out / "adapter"
+        elif job.state["step"] >= job.total_steps:  # killed after its last checkpoint, before its adapter
             adapters[job.name] = finish(job, 0.0)
     progress = (Progress(sum(j.total_steps for j in jobs), initial=sum(j.state["step"] for j in jobs), desc="jobs")
                 if info.main else None)
