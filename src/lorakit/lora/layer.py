@@ -177,7 +177,14 @@ class LoraLayer(nn.Module):
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        check_rows(self.row_routes, x)
+        lead = result.shape[:-1]  # (B, T): rows, or with one route per token, (B * T) tokens
+        if check_rows(self.row_routes, x, lead.numel()):
+            flat_x = x.reshape(lead.numel(), *x.shape[len(lead):])
+            flat = self._routed_rows(flat_x, result.reshape(lead.numel(), result.shape[-1]))
+            return flat.reshape(result.shape)
+        return self._routed_rows(x, result)
+
+    def _routed_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         groups = [(name, rows) for name, rows in self.row_routes if name is not None and name in self.r]
         merged = [name for name, _ in groups if name in self.merged_adapters]
         if merged:
@@ -420,10 +427,19 @@ class ModulesToSave(nn.Module):
         return result
 
 
-def check_rows(routes: RowRoutes, x: torch.Tensor) -> None:
+def check_rows(routes: RowRoutes, x: torch.Tensor, tokens: Optional[int] = None) -> bool:
+    """Whether ``routes`` name one adapter per token (``tokens`` of them) rather than per row of ``x``.
+
+    Raises:
+        RuntimeError: the routes fit neither the rows nor (where allowed) the tokens.
+    """
     expected = sum(len(rows) for _, rows in routes)
-    if x.shape[0] != expected:
-        raise RuntimeError(f"route_adapters was given {expected} row adapters but the batch has {x.shape[0]} rows")
+    if x.shape[0] == expected:
+        return False
+    if tokens is not None and tokens == expected:
+        return True
+    raise RuntimeError(f"route_adapters was given {expected} row adapters but the batch has {x.shape[0]} rows"
+                       + (f" ({tokens} tokens)" if tokens is not None else ""))
 
 
 def _params_of(entry: Any) -> list[nn.Parameter]:

@@ -161,7 +161,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                              "samples apart (it ignores restarting position_ids); set train.packing=false")
     if tc.padding_free and not isolated:
         log("Note: this model's attention cannot isolate packed samples; padding batches instead")
-    concat = tc.padding_free and isolated  # each job's rows of a micro-batch end to end in one batch row
+    concat = tc.padding_free and isolated  # each job's rows of a micro-batch end to end
+    # All jobs' rows in one batch row, each token routed to its job's adapter: no padding at all.
+    # Trained copies of whole modules (modules_to_save) route by batch row, so they keep one row per job.
+    one_row = concat and not any(adapter_configs(model)[job.name].modules_to_save for job in jobs)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -223,8 +226,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         factor on its summed loss. Returns each job's summed loss on this rank, and the real tokens."""
         # Under torchrun every rank must reach the same adapters in every pass (their gradient
         # collectives must match), so a job with no row here gets one unlabelled token.
-        batch = mixed_batch(groups, pad, packed=isolated, concat=concat, fill_empty=info.world > 1)
-        names = [jobs[g].name for g in batch["row_group"].tolist()]
+        batch = mixed_batch(groups, pad, packed=isolated, concat=concat, fill_empty=info.world > 1, one_row=one_row)
+        names = [jobs[g].name for g in batch["row_group"].flatten().tolist()]  # per row, or per token
         batch = {k: v.to(device) for k, v in batch.items()}
         if info.mode == "fsdp2":
             step_module.set_requires_gradient_sync(sync)

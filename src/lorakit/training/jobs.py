@@ -14,7 +14,7 @@ from .rows import epoch_order
 
 
 def mixed_batch(groups: Sequence[Sequence[Row]], pad_id: int, packed: bool, concat: bool,
-                fill_empty: bool) -> dict[str, torch.Tensor]:
+                fill_empty: bool, one_row: bool = False) -> dict[str, torch.Tensor]:
     """One micro-batch holding the rows of several jobs, and the job of each batch row.
 
     Args:
@@ -26,12 +26,36 @@ def mixed_batch(groups: Sequence[Sequence[Row]], pad_id: int, packed: bool, conc
             needs ``packed``).
         fill_empty: give a job with no rows one unlabelled token, so that its adapter still takes
             part in the step (distributed runs: every rank's collectives must cover the same parameters).
+        one_row: put every job's rows end to end into a single batch row (no padding at all; needs
+            ``concat``); each token's job is then given, for per-token adapter routing.
 
     Returns:
         ``input_ids``, ``labels`` (B, T), ``position_ids`` or ``attention_mask`` (B, T),
-        ``row_group`` (B,) the index into ``groups`` of each batch row, and ``num_tokens`` (real
-        tokens, filler excluded).
+        ``row_group``: the index into ``groups`` of each batch row (B,), or with ``one_row`` of
+        each token (1, T); and ``num_tokens`` (real tokens, filler excluded).
     """
+    if one_row:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        owner: list[int] = []
+        real = 0
+        for index, group in enumerate(groups):
+            if not group and not fill_empty:
+                continue
+            real += sum(len(r.input_ids) for r in group)
+            group = group or [Row([pad_id], [IGNORE], [0])]
+            start = len(labels)
+            for r in group:
+                ids += r.input_ids
+                labels += r.labels
+                positions += r.position_ids
+            # A job's first token is never its target: the token before it belongs to another job.
+            labels[start] = IGNORE
+            owner += [index] * (len(labels) - start)
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions]), "row_group": torch.tensor([owner]),
+                "num_tokens": torch.tensor(real)}
     rows: list[Row] = []
     owner: list[int] = []
     real = 0

@@ -116,7 +116,8 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         model: a HF causal LM, LoRA or not.
         batch: as for ``causal_lm_loss``: ``input_ids``, ``labels`` (B, T) and ``attention_mask``
             or ``position_ids`` (B, T).
-        groups: (B,) long, the group of each row, in ``[0, num_groups)``.
+        groups: (B,) long, the group of each row, in ``[0, num_groups)``; or (B, T), the group of
+            each token (a target is counted in its token's group).
         num_groups: how many groups there are (a group may have no row or no labelled token).
 
     Returns:
@@ -124,7 +125,8 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    row_group = groups.to(targets.device)[:, None].expand_as(targets)
+    groups = groups.to(targets.device)
+    row_group = groups[:, 1:] if groups.dim() == 2 else groups[:, None].expand_as(targets)
     counts = torch.zeros(num_groups, dtype=torch.long, device=targets.device).index_add_(
         0, row_group[keep], torch.ones_like(targets[keep]))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
