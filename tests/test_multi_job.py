@@ -229,3 +229,40 @@ def test_two_ranks_match_one_process(tmp_path, demo, text_data, mode):
         got = {r["step"]: r["loss"] for r in dist if "loss" in r}
         assert sorted(ref) == sorted(got) and all(abs(ref[s] - got[s]) <= 1e-4 for s in ref), (job, ref, got)
         assert _max_diff(_adapter(tmp_path / "single" / job), _adapter(tmp_path / mode / job)) <= 1e-5, job
+
+
+def test_route_adapters_takes_one_adapter_per_token():
+    """Per-token routing (several jobs' samples in one row) equals running each token's adapter alone,
+    forward and backward; a gradient reaches only the adapter of the tokens it came from."""
+    from lorakit import LoraConfig, inject_lora, set_active_adapters
+    from lorakit.lora import route_adapters
+
+    from .models import randomize_lora, tiny_qwen3
+
+    model = tiny_qwen3(seed=1)
+    inject_lora(model, LoraConfig(r=4, target_modules="all-linear"), adapter_name="a")
+    inject_lora(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), adapter_name="b")
+    randomize_lora(model, scale=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    names = ["a", "a", "b", None, "b", "b", "a", "a", "a", "b"]  # (2 x 5) tokens, row-major
+    out = layer.out_features
+    expected = torch.empty(2, 5, out)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            set_active_adapters(model, [name] if name else [])
+            expected.view(10, out)[i] = layer(x.view(10, 1, 32)[i:i + 1])[0, 0]
+    with route_adapters(model, names):
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for p in layer.parameters():
+        p.requires_grad_("lora_" in str([n for n, q in layer.named_parameters() if q is p]))
+    with route_adapters(model, ["b"] * 5 + [None] * 5):  # row 0 all 'b', row 1 the base
+        layer(x)[1].sum().backward()  # a loss on the base's tokens only
+    assert layer.lora_A["a"].weight.grad is None and not layer.lora_A["b"].weight.grad.any()
+    with route_adapters(model, ["b"] * 5 + [None] * 5):
+        layer(x)[0].sum().backward()
+    assert layer.lora_A["a"].weight.grad is None and layer.lora_A["b"].weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="7 row adapters but the batch has 2 rows \\(10 tokens\\)"):
+        with route_adapters(model, ["a"] * 7):
+            layer(x)
