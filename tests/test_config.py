@@ -19,7 +19,7 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         cfg = load_config(path)
-        assert cfg.model and cfg.data.train, path
+        assert cfg.model and (cfg.data.train or (cfg.jobs and all(job.data.train for job in cfg.jobs))), path
 
 
 def test_unknown_key_names_file_line_and_closest_key(tmp_path):

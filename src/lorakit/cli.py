@@ -107,7 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = seed_flag_overrides(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     cfg = load_config(args.config, args.overrides, extra)
     _quiet_transformers()
-    if cfg.recipe == "sft":
+    if cfg.jobs:  # several adapters trained together on one base
+        from .recipes.multi_sft import run
+    elif cfg.recipe == "sft":
         from .recipes.sft import run
     elif cfg.recipe == "grpo":
         from .recipes.grpo import run

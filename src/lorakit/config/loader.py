@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from .schema import RunConfig
+from .schema import DataSection, JobSection, JobTrainSection, LoraSection, RunConfig
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,10 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode):  # list items as "jobs.0", their keys as "jobs.0.name"
+        for index, item in enumerate(node.value):
+            lines[f"{prefix}{index}"] = item.start_mark.line + 1
+            lines.update(_key_lines(item, f"{prefix}{index}."))
     return lines
 
 
@@ -158,6 +164,7 @@ def load_config(
         for key, value in flatten(data).items():
             flat[key] = value
             where[key] = f"{path}:{lines.get(key, 1)}"
+        where.update({key: f"{path}:{line}" for key, line in lines.items() if key.startswith("jobs.")})
     raw: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -195,6 +202,7 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
         if key in raw and _takes_text(name) and not (value is None and _optional(name)):
             value = raw[key]  # `key=null` still clears an optional path
         canonical[name] = (value, origin)
+    jobs = canonical.pop("jobs", None)
     cfg = RunConfig()
     for name, (value, origin) in canonical.items():
         section: Any = cfg
@@ -207,7 +215,80 @@ def build_config(flat: dict[str, Any], where: Optional[dict[str, str]] = None,
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{origin}: '{name}': {err}") from None
     _validate(cfg, {name: origin for name, (_, origin) in canonical.items()})
+    if jobs is not None:
+        cfg.jobs = _build_jobs(jobs[0], jobs[1], canonical, where)
     return cfg
+
+
+def _job_keys() -> set[str]:
+    """Dotted keys a job of ``jobs:`` may set (the rest of a run is shared by all its jobs)."""
+    keys = {"name", "recipe", "init_adapter"}
+    keys |= {f"data.{f.name}" for f in dataclasses.fields(DataSection)}
+    keys |= {f"lora.{f.name}" for f in dataclasses.fields(LoraSection)}
+    keys |= {f"train.{f.name}" for f in dataclasses.fields(JobTrainSection)}
+    return keys
+
+
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _build_jobs(items: Any, origin: str, top: dict[str, tuple[Any, str]], where: dict[str, str]) -> list[JobSection]:
+    """Typed jobs from the ``jobs:`` list: each job's keys over the top-level ones, validated like a
+    run of its own; errors name the file and line of the key and the job."""
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{origin}: 'jobs' must be a list of jobs (mappings with a name), got {items!r}")
+    allowed = _job_keys()
+    inherited = {name: entry for name, entry in top.items() if name in allowed and name != "recipe"}
+    jobs: list[JobSection] = []
+    seen: dict[str, str] = {}
+    for index, item in enumerate(items):
+        at = where.get(f"jobs.{index}", origin)
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: jobs[{index}] must be a mapping with at least a name, got {item!r}")
+        name = item.get("name")
+        if not isinstance(name, str) or not _JOB_NAME.fullmatch(name):
+            raise ConfigError(f"{where.get(f'jobs.{index}.name', at)}: jobs[{index}] needs a 'name' of letters, digits, "
+                              f"'-' and '_' (its adapter name and output folder), got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{where.get(f'jobs.{index}.name', at)}: job name '{name}' is used twice (first at {seen[name]})")
+        seen[name] = where.get(f"jobs.{index}.name", at)
+        flat = {k: value for k, (value, _) in inherited.items()}
+        job_where = {k: o for k, (_, o) in inherited.items()}
+        for key, value in flatten(item).items():
+            key_at = f"{where.get(f'jobs.{index}.{key}', at)} (job '{name}')"
+            canonical_key = KEY_ALIASES.get(key, key)
+            if canonical_key not in allowed:
+                if canonical_key in _valid_keys():
+                    raise ConfigError(f"{key_at}: '{key}' is shared by all jobs; set it at the top level")
+                hint = difflib.get_close_matches(canonical_key, sorted(allowed), n=1, cutoff=0.6)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"{key_at}: unknown key '{key}' for a job{suggestion}")
+            if canonical_key == "recipe" and value != "sft":
+                raise ConfigError(f"{key_at}: 'recipe': only sft jobs can share a run so far, got {value!r}")
+            if canonical_key == "name":
+                continue
+            flat.pop(canonical_key, None)  # a job's own spelling wins over the top level's
+            flat[key], job_where[key] = value, key_at
+        run = build_config(flat, job_where)
+        jobs.append(JobSection(
+            name=name, recipe="sft", init_adapter=run.init_adapter, data=run.data, lora=run.lora,
+            train=JobTrainSection(**{f.name: getattr(run.train, f.name) for f in dataclasses.fields(JobTrainSection)})))
+    return jobs
+
+
+def job_run_config(cfg: RunConfig, job: JobSection) -> RunConfig:
+    """The single-run config equivalent to ``job`` of ``cfg``: its own settings, the shared ones,
+    and ``output_dir/<name>`` (what the job records in its checkpoints, and what ``lorakit train``
+    would run to train that adapter alone)."""
+    run = copy.deepcopy(cfg)
+    run.jobs = []
+    run.recipe = job.recipe
+    run.output_dir = str(Path(cfg.output_dir) / job.name)
+    run.init_adapter = job.init_adapter
+    run.data, run.lora = copy.deepcopy(job.data), copy.deepcopy(job.lora)
+    for f in dataclasses.fields(JobTrainSection):
+        setattr(run.train, f.name, getattr(job.train, f.name))
+    return run
 
 
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lr", "train.epochs", "train.logging_steps",
@@ -356,4 +437,7 @@ def _describe(hint: Any) -> str:
 
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML (what a run records in output_dir/config.yaml)."""
-    return _yaml().safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    data = dataclasses.asdict(cfg)
+    if not data["jobs"]:
+        del data["jobs"]  # a single run's record reads as before
+    return _yaml().safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -194,6 +194,64 @@ class GrpoSection:
 
 
 @dataclass
+class JobTrainSection:
+    """The loop settings each job of a multi-job run (``jobs:``) has for itself. A key a job does not
+    set comes from the run's top-level ``train`` section; the others (dtype, device, distributed,
+    padding_free, gradient_checkpointing, dist_timeout_s, tensorboard) are shared by all jobs."""
+
+    epochs: int = 1
+    """As train.epochs, for this job."""
+    max_steps: Optional[int] = None
+    """As train.max_steps: this job's optimizer steps (jobs may end at different steps)."""
+    lr: float = 2e-4
+    """As train.lr, for this job."""
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """As train.lr_scheduler, for this job."""
+    warmup_ratio: float = 0.03
+    """As train.warmup_ratio, for this job."""
+    batch_size: int = 4
+    """As train.batch_size: this job's rows in each shared micro-batch."""
+    grad_accum: int = 1
+    """As train.grad_accum, for this job."""
+    max_seq_len: int = 1024
+    """As train.max_seq_len, for this job's data."""
+    packing: bool = False
+    """As train.packing, for this job's data."""
+    seed: int = 42
+    """As train.seed: this job's adapter init and data order."""
+    save_steps: int = 0
+    """As train.save_steps: checkpoints go to output_dir/<job>/checkpoint-N."""
+    save_total_limit: Optional[int] = None
+    """As train.save_total_limit, for this job."""
+    eval_steps: int = 0
+    """As train.eval_steps, for this job."""
+    logging_steps: int = 1
+    """As train.logging_steps: lines of output_dir/<job>/metrics.jsonl."""
+    weight_decay: float = 0.0
+    """As train.weight_decay, for this job's optimizer."""
+    max_grad_norm: float = 1.0
+    """As train.max_grad_norm: this job's gradient norm alone is clipped."""
+
+
+@dataclass
+class JobSection:
+    """One adapter of a multi-job run: its own data, LoRA settings and loop, on the shared base."""
+
+    name: str = ""
+    """The adapter's name in the model and the job's folder: output_dir/<name>/ (required, unique)."""
+    recipe: Literal["sft"] = "sft"
+    """The job's recipe (only sft so far)."""
+    init_adapter: Optional[str] = None
+    """As the top-level init_adapter, for this job."""
+    data: DataSection = field(default_factory=DataSection)
+    """This job's data (keys it does not set come from the top-level data section)."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """This job's adapter (keys it does not set come from the top-level lora section)."""
+    train: JobTrainSection = field(default_factory=JobTrainSection)
+    """This job's loop (keys it does not set come from the top-level train section)."""
+
+
+@dataclass
 class RunConfig:
     """A `lorakit train` run."""
 
@@ -218,3 +276,7 @@ class RunConfig:
     """GRPO settings (recipe: grpo)."""
     rollout: RolloutSection = field(default_factory=RolloutSection)
     """Completion sampling for GRPO (recipe: grpo)."""
+    jobs: list[JobSection] = field(default_factory=list)
+    """Several adapters trained at once on one copy of the base (``lorakit train`` runs them all):
+    each job's rows share the micro-batches, each routed to its own adapter; each job has its own
+    optimizer, schedule, metrics and checkpoints in output_dir/<name>/. Empty: one adapter, as usual."""

@@ -491,7 +491,9 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[Optional[str]]) -> I
     """Inside the block, row ``i`` of every batch uses adapter ``row_adapters[i]`` (None: the base).
 
     Rows are grouped per adapter, so a batch mixing k adapters costs k LoRA passes per layer.
-    The batch must be the first dimension of every wrapped layer's input.
+    The batch must be the first dimension of every wrapped layer's input. LoRA layers also take one
+    entry per token (``B * T`` entries, row-major): samples of several adapters packed into one row
+    with no padding (training several jobs at once); ``modules_to_save`` copies take rows only.
     """
     known = adapter_names(model)
     unknown = sorted({n for n in row_adapters if n is not None and n not in known})

@@ -190,7 +190,16 @@ class LoraLayer(nn.Module):
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        routes = expand_routes(self.row_routes, x.shape[0])
+        n = sum(len(rows) for _, rows in self.row_routes)
+        lead = result.shape[:-1]  # (B, T): rows, or with one route per token, (B * T) tokens
+        if x.shape[0] != n and len(lead) > 1 and lead.numel() == n:  # one adapter per token (multi-job rows)
+            flat_x = x.reshape(lead.numel(), *x.shape[len(lead):])
+            flat = self._routed_rows(flat_x, result.reshape(lead.numel(), result.shape[-1]), self.row_routes)
+            return flat.reshape(result.shape)
+        # One adapter per row; MoE blocks flatten (B, T) into B * T tokens before their experts.
+        return self._routed_rows(x, result, expand_routes(self.row_routes, x.shape[0]))
+
+    def _routed_rows(self, x: torch.Tensor, result: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
         groups = [(name, rows) for name, rows in routes if name is not None and name in self.r]
         merged = [name for name, _ in groups if name in self.merged_adapters]
         if merged:
@@ -459,10 +468,19 @@ def expand_routes(routes: RowRoutes, n: int) -> RowRoutes:
     return tuple((name, (r.unsqueeze(-1) * per + span.to(r.device)).reshape(-1)) for name, r in routes)
 
 
-def check_rows(routes: RowRoutes, x: torch.Tensor) -> None:
+def check_rows(routes: RowRoutes, x: torch.Tensor, tokens: Optional[int] = None) -> bool:
+    """Whether ``routes`` name one adapter per token (``tokens`` of them) rather than per row of ``x``.
+
+    Raises:
+        RuntimeError: the routes fit neither the rows nor (where allowed) the tokens.
+    """
     expected = sum(len(rows) for _, rows in routes)
-    if x.shape[0] != expected:
-        raise RuntimeError(f"route_adapters was given {expected} row adapters but the batch has {x.shape[0]} rows")
+    if x.shape[0] == expected:
+        return False
+    if tokens is not None and tokens == expected:
+        return True
+    raise RuntimeError(f"route_adapters was given {expected} row adapters but the batch has {x.shape[0]} rows"
+                       + (f" ({tokens} tokens)" if tokens is not None else ""))
 
 
 def _params_of(entry: Any) -> list[nn.Parameter]:

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import RunConfig, dump_config
-from ..data import IGNORE, Row, collate, collect_eos_ids, encode_all, pad_token_id, read_jsonl, to_rows
+from ..data import IGNORE, Row, collate, collect_eos_ids, pad_token_id
 from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
@@ -35,6 +35,8 @@ from ..training import (
     save_checkpoint,
     warmup_steps_for,
 )
+from ..training.rows import epoch_order
+from ..training.rows import load_rows as read_rows
 
 ADAPTER = "default"
 
@@ -69,18 +71,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     # --- data -----------------------------------------------------------------------------------
     def load_rows(path: str, what: str) -> list[Row]:
-        samples, skipped = read_jsonl(path, cfg.data.format, cfg.data.skip_invalid, cfg.data.system_prompt)
         eos_ids = collect_eos_ids(tokenizer, model.generation_config)  # instruct models may list several
-        encoded, dropped = encode_all(tokenizer, samples, tc.max_seq_len, eos_ids)
-        if not encoded:
-            raise ValueError(f"{path}: no sample has a labelled token left within train.max_seq_len={tc.max_seq_len}")
-        rows = to_rows(encoded, tc.max_seq_len, tc.packing)
-        tokens = sum(len(e.input_ids) for e in encoded)
-        labels = sum(e.num_labels for e in encoded)
-        log(f"{what} data: {path}: {len(encoded)} samples ({skipped} invalid lines skipped, {dropped} with no "
-            f"label left after truncation), {tokens:,} tokens, {labels:,} labelled, {len(rows)} rows"
-            + (" (packed)" if tc.packing else ""))
-        return rows
+        return read_rows(path, cfg.data, tc, tokenizer, what, log, eos_ids)
 
     train_rows = load_rows(cfg.data.train, "train")
     eval_rows = load_rows(cfg.data.eval, "eval") if cfg.data.eval else []
@@ -183,7 +175,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     while state["step"] < total_steps:
         # The epoch's order is a function of (seed, epoch) alone: a resumed run sees the same batches,
         # whatever the world size; each global micro-batch is split across the ranks.
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(tc.seed + state["epoch"])).tolist()
+        order = epoch_order(len(train_rows), tc.seed, state["epoch"])
         while state["sample"] < len(order) and state["step"] < total_steps:
             window = []
             for k in range(tc.grad_accum):

@@ -105,6 +105,50 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return _LinearCrossEntropy.apply(selected, head.weight, targets[keep]), n
 
 
+def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor,
+                            num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``causal_lm_loss`` summed per group of rows (the decoder runs once for the whole batch).
+
+    Each group's sum is computed exactly as ``causal_lm_loss`` computes it for that group's rows
+    alone, so a caller can weight each group by its own token count (several jobs in one batch).
+
+    Args:
+        model: a HF causal LM, LoRA or not.
+        batch: as for ``causal_lm_loss``: ``input_ids``, ``labels`` (B, T) and ``attention_mask``
+            or ``position_ids`` (B, T).
+        groups: (B,) long, the group of each row, in ``[0, num_groups)``; or (B, T), the group of
+            each token (a target is counted in its token's group).
+        num_groups: how many groups there are (a group may have no row or no labelled token).
+
+    Returns:
+        ``(loss_sums, counts)``: (num_groups,) fp32 summed losses and (num_groups,) long labelled tokens.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    groups = groups.to(targets.device)
+    row_group = groups[:, 1:] if groups.dim() == 2 else groups[:, None].expand_as(targets)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=targets.device).index_add_(
+        0, row_group[keep], torch.ones_like(targets[keep]))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not _plain_head(model):
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        per_token = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+        zeros = torch.zeros(num_groups, dtype=torch.float32, device=per_token.device)
+        return zeros.index_add(0, row_group[keep], per_token), counts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    weight = model.get_output_embeddings().weight
+    sums = []
+    for group in range(num_groups):
+        chosen = keep & (row_group == group)
+        selected = hidden[chosen]  # (n_group, H)
+        if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
+            sums.append(selected.sum().float() * 0.0)
+        else:
+            sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
+    return torch.stack(sums), counts
+
+
 class _LinearLogProb(torch.autograd.Function):
     """Per-row ``log_softmax(hidden @ weight.T / temperature)[target]``, chunk by chunk.
 
