@@ -274,3 +274,25 @@ def test_bf16_base_trains_fp32_expert_adapters_and_merges():
     out = logits(model).float()
     merge_lora(model)
     assert torch.allclose(logits(model).float(), out, atol=0.1)
+
+
+def test_disable_on_merged_bf16_experts_never_rewrites_weights():
+    # Issue 12 item 3 for expert weights: disable_adapters on a merged half-precision MoE model
+    # must leave every weight bit-identical, and give the base model's output up to merge rounding.
+    model = tiny_moe("qwen3_moe").to(torch.bfloat16)
+    base_model = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, alpha=8, init_lora_weights=False, target_modules=[],
+                                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    merge_lora(model)
+    merged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        adapted = model(IDS).logits.float()
+        for _ in range(3):
+            with disable_adapters(model):
+                disabled = model(IDS).logits.float()
+    assert all(torch.equal(p, merged[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        expected = base_model(IDS).logits.float()
+    err = (disabled - expected).abs().max().item()
+    effect = (adapted - expected).abs().max().item()
+    assert err < effect / 5, (err, effect)

@@ -253,6 +253,8 @@ class LoraParameter(LoraLayer):
         chain = self._chain()
         owner = chain[-1].base_layer
         routes = self.row_routes
+        if self.disabled and any(w.merged_adapters for w in chain):
+            return _without_merged(owner, chain, args, kwargs)
         if self.disabled or (routes is None and not any(w._live for w in chain)):
             return owner(*args, **kwargs)
         if routes is not None:
@@ -272,6 +274,20 @@ class LoraParameter(LoraLayer):
             for name in w._live:
                 weights[w.param_name] = weights[w.param_name] + w._delta_live(name).to(weights[w.param_name].dtype)
         return torch.func.functional_call(owner, weights, args, kwargs, strict=False)
+
+
+def _without_merged(owner: nn.Module, chain: Sequence[LoraParameter], args: tuple, kwargs: dict) -> Any:
+    # disable_adapters on merged experts: run the owner on ``W - delta`` (fp32, rounded once to the
+    # weight's dtype) instead of unmerging, so no weight is ever rewritten (as LoraLayer does).
+    weights = {}
+    for w in chain:
+        base = w._base_weight()
+        if w.merged_adapters:
+            exact = base.float()
+            for name in w.merged_adapters:
+                exact = exact - w.delta_weight(name).to(exact.device)
+            weights[w.param_name] = exact.to(base.dtype)
+    return torch.func.functional_call(owner, weights, args, kwargs, strict=False)
 
 
 def _routed_path_applies(owner: nn.Module, chain: Sequence[LoraParameter]) -> bool:
