@@ -19,13 +19,14 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .lora.describe import describe_adapter, vllm_problems
+    from .lora.describe import describe_adapter, variant_name, vllm_problems
 
     desc = describe_adapter(args.adapter)
     cfg = desc.config
     scale = cfg.alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules or [])
     print(f"Adapter: {desc.path}")
+    print(f"  variant: {variant_name(cfg)}")
     print(f"  r={cfg.r}  alpha={cfg.alpha:g}  scale={scale:g}{' (rsLoRA)' if cfg.use_rslora else ''}  dropout={cfg.dropout:g}")
     print(f"  target_modules: {targets}")
     if cfg.exclude_modules:

@@ -227,6 +227,9 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         fail("train.max_steps", f"must be > 0, got {cfg.train.max_steps!r}")
     if cfg.train.save_total_limit is not None and cfg.train.save_total_limit < 1:
         fail("train.save_total_limit", f"must be >= 1 (or null to keep all), got {cfg.train.save_total_limit!r}")
+    ratio = cfg.train.loraplus_lr_ratio
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        fail("train.loraplus_lr_ratio", f"must be a number > 0 (B's lr / A's lr), or null, got {ratio!r}")
     if not math.isfinite(cfg.train.lr):
         fail("train.lr", f"must be finite, got {cfg.train.lr!r}")
     if not cfg.output_dir:

@@ -98,6 +98,10 @@ class TrainSection:
     """Recompute activations in the backward pass (less memory, about 30% more compute)."""
     weight_decay: float = 0.0
     """AdamW weight decay on LoRA parameters."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+: B's learning rate is this times A's (PEFT's grouping: LoRA on embeddings gets 1e-6, other
+    1-D parameters such as DoRA's magnitude go with B). None: one learning rate for all. The paper
+    suggests 2-16 with a somewhat lower train.lr."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"

@@ -31,6 +31,8 @@ from ..models import load_model, resolve_device
 from ..rl import LocalRollout, RewardSet, Sample, ServerRollout, group_advantages, grpo_loss, token_weights
 from ..training import (
     start_run,
+    build_optimizer,
+    set_lr,
     MetricsWriter,
     Progress,
     check_same_run,
@@ -223,8 +225,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         return loss, int(logp.numel())
 
     step_module = wrap(LossModule(model, forward), info, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     steps_per_epoch = len(prompts) // gc.prompts_per_step
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     updates_per_step = gc.num_iterations * gc.mini_batches
@@ -380,8 +382,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
                 update = state["step"] * updates_per_step + iteration * gc.mini_batches + c
                 lr = lr_at(update, total_updates, tc.lr, warmup, tc.lr_scheduler)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -481,5 +482,5 @@ def _logprob_gap(trainer: torch.Tensor, indices: list[int], completions: list[Sa
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
 _RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
                 "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
-                "rollout.max_new_tokens", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+                "rollout.max_new_tokens", "train.loraplus_lr_ratio", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                 "init_adapter")
