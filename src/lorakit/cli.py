@@ -184,7 +184,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .models.export import export_merged
 
     _quiet_transformers()
-    error = export_merged(args.model, args.adapter, args.out, args.dtype)
+    error = export_merged(args.model, args.adapter, args.out, args.dtype, args.quantization, log=print)
     print(f"Wrote the merged model ({args.dtype}) to {args.out}")
     if args.dtype != "fp32":
         print(f"Merged in fp32; casting to {args.dtype} changed weights by at most {error:.3g} (max abs)")
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int8"],
+                   help="the adapter was trained on this quantized base (QLoRA): quantize the base as in training, "
+                        "dequantize, then merge in fp32")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")

@@ -28,14 +28,20 @@ class LoraSection:
     modules_to_save: Optional[list[str]] = None
     """Modules trained in full alongside LoRA (e.g. [lm_head]); vLLM does not serve these."""
     init_lora_weights: Union[bool, str] = True
-    """True (kaiming A, zero B) or 'gaussian'."""
+    """True (kaiming A, zero B), 'gaussian', or a start from the base weight that leaves the rest of it
+    as the base (the residual): 'pissa' (top-r SVD), 'pissa_niter_<N>' (randomised SVD, N iterations,
+    for large models) or 'olora' (QR). The final adapter is converted to plain LoRA of rank 2r for the
+    untouched base (what PEFT's path_initial_model_for_weight_conversion does), so it serves anywhere."""
+    use_dora: bool = False
+    """DoRA: learn a magnitude per output feature on top of the normalised W + BA (PEFT's use_dora).
+    vLLM does not serve DoRA adapters unmerged; `lorakit merge` bakes them into the base."""
 
     def to_lora_config(self, default_dropout: float = 0.05, **extra: object) -> LoraConfig:
         dropout = default_dropout if self.dropout is None else self.dropout
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=dropout, target_modules=self.target_modules,
                           use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
                           modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
-                          **extra)
+                          use_dora=self.use_dora, **extra)
 
 
 @dataclass
@@ -196,6 +202,10 @@ class RunConfig:
     """Which recipe runs the config: sft (chat/Alpaca/text data) or grpo (prompts + rewards)."""
     model: str = ""
     """Base model: a local Hugging Face model directory (or a hub id where a network exists)."""
+    quantization: Optional[Literal["nf4", "fp4", "int8"]] = None
+    """QLoRA: load the base model's linear layers (all but the output head) quantized with bitsandbytes
+    (pip install 'lorakit[quant]'): nf4 (4-bit NormalFloat with double quantisation, as QLoRA), fp4,
+    or int8 (LLM.int8). LoRA weights stay fp32. None: the base in train.dtype."""
     create_demo_model: bool = False
     """If `model` is a directory that does not exist yet, write lorakit's tiny demo model there first."""
     output_dir: str = "out/run"

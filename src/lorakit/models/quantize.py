@@ -58,6 +58,12 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = tor
         if bias is not None:
             new.bias = nn.Parameter(bias.data.to("cpu", compute_dtype if kind != "int8" else bias.dtype),
                                     requires_grad=False)
+        if kind != "int8":
+            # bitsandbytes' CPU backend repacks a 4-bit weight for its AVX512-BF16 kernel the first
+            # time the layer runs in eval mode without grad, and from then on every call (training
+            # too) takes a kernel with no backward: the gradient to the layer input is silently
+            # lost. Keep the layout that trains correctly (it also computes in fp32, not bf16).
+            new.support_avx512bf16_for_cpu = False
         new = new.to(dev)  # moving a bitsandbytes layer is what quantizes it
         new.train(module.training)
         parent_path, _, attr = path.rpartition(".")
@@ -87,3 +93,20 @@ def base_memory_bytes(model: nn.Module) -> int:
     return total
 
 
+
+
+def check_quantized_targets(model: nn.Module, config, kind: str) -> None:
+    """Refuse LoRA targets QLoRA does not cover: every target must be a Linear layer.
+
+    Raises:
+        ValueError: naming ``quantization``, ``lora.target_modules`` and the first offending module.
+    """
+    from ..lora.inject import plan_injection
+
+    targets, _ = plan_injection(model, config, "default")
+    for target in targets:
+        if not isinstance(target.module, nn.Linear):
+            raise ValueError(
+                f"quantization: {kind} with lora.target_modules={config.target_modules!r}: module '{target.path}' is a "
+                f"{type(target.module).__name__}, not a linear layer; QLoRA trains LoRA on the quantized linear layers, "
+                "so leave it out of lora.target_modules (or drop quantization)")

@@ -25,7 +25,7 @@ from ..config import RunConfig, dump_config
 from ..data import IGNORE, PromptRecord, Row, collate, pad_token_id, read_prompts, render_chat
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..generation import SamplingParams
-from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, inject_lora, load_adapter, lora_modules,
+from ..lora import (adapter_configs, adapter_state_dict, disable_adapters, final_adapter, inject_lora, load_adapter, lora_modules,
                     set_active_adapters, trainable_report, write_adapter)
 from ..models import load_model, resolve_device
 from ..rl import LocalRollout, RewardSet, Sample, ServerRollout, group_advantages, grpo_loss, token_weights
@@ -185,10 +185,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             return
         synced_at = step
         if server is not None:
-            tensors = adapter_state_dict(model, ADAPTER)
+            served_config, tensors = final_adapter(model, ADAPTER)  # PiSSA/OLoRA: plain LoRA for the server's base
             name = f"{run_name}-step{step}"
             if info.main:
-                server.sync(name, adapter_configs(model)[ADAPTER], tensors)
+                server.sync(name, served_config, tensors)
             barrier(info)  # nobody samples before the server holds the new adapter
             serving = name
         elif info.mode == "fsdp2":
@@ -455,10 +455,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if server is not None and info.main and server.current is not None:
         server.unload(server.current)  # the final adapter is written below; free the server
     adapter_dir = out / "adapter"
-    tensors = adapter_state_dict(model, ADAPTER)
+    final_config, tensors = final_adapter(model, ADAPTER)
     if info.main:
         metrics.close()
-        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        write_adapter(adapter_dir, final_config, tensors)
         curves = {"reward_mean": "reward (mean over sampled completions)", eval_key: f"held-out {eval_key.split('_')[1]} (greedy)"}
         if rewards.accuracy and rewards.weights != {rewards.accuracy: 1.0}:  # else the same line as the reward
             curves["accuracy"] = "accuracy (samples)"
@@ -482,5 +482,5 @@ def _logprob_gap(trainer: torch.Tensor, indices: list[int], completions: list[Sa
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
 _RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
                 "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
-                "rollout.max_new_tokens", "train.loraplus_lr_ratio", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+                "rollout.max_new_tokens", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                 "init_adapter")

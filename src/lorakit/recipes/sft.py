@@ -17,7 +17,7 @@ import torch
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, encode_all, pad_token_id, read_jsonl, to_rows
 from ..distributed import LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
-from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
+from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
 from ..models import resolve_device
 from ..training import (
@@ -263,10 +263,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if last_saved != state["step"]:
         checkpoint()
     adapter_dir = out / "adapter"
-    tensors = adapter_state_dict(model, ADAPTER)  # every rank joins the gather; rank 0 writes
+    final_config, tensors = final_adapter(model, ADAPTER)  # every rank joins the gather; rank 0 writes
     if info.main:
         metrics.close()
-        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        write_adapter(adapter_dir, final_config, tensors)
         if plot_loss(out / "metrics.jsonl", out / "loss.png"):
             log(f"Loss curve: {out / 'loss.png'}")
     log(f"Adapter saved to {adapter_dir}")
@@ -275,4 +275,4 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
 # What must not change between a run and its resumption (the data order and the adapter's math).
 _RESUME_KEYS = ("data.train", "data.format", "data.system_prompt", "train.seed", "train.max_seq_len", "train.packing",
-                "train.grad_accum", "train.loraplus_lr_ratio", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "init_adapter")
+                "train.grad_accum", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "init_adapter")
