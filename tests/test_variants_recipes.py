@@ -167,3 +167,36 @@ def test_qlora_on_a_non_linear_target_is_refused_before_training(tmp_path, demo)
     with pytest.raises(ValueError, match=r"quantization: nf4 with lora.target_modules=.*'model.embed_tokens' is a Embedding"):
         sft.run(cfg, log=lambda _: None)
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_merge_cli_dequantizes_a_qlora_base_and_says_so(tmp_path, demo):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+    from lorakit.lora import inject_lora, save_adapter
+    from lorakit.models.quantize import quantize_model
+
+    from .models import randomize_lora
+
+    model = load_model(str(demo), dtype=torch.float32, device=torch.device("cpu"))
+    quantize_model(model, "nf4")
+    inject_lora(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+    randomize_lora(model, scale=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.arange(1, 25).reshape(2, 12)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    lines = []
+    import builtins
+
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    try:
+        assert main(["merge", "--model", str(demo), "--adapter", str(tmp_path / "adapter"), "--out",
+                     str(tmp_path / "merged"), "--quantization", "nf4"]) == 0
+    finally:
+        builtins.print = real_print
+    assert any("quantized (nf4): dequantized" in line and "merging in fp32" in line for line in lines)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - expected).abs().max().item() < 1e-4

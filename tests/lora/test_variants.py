@@ -317,3 +317,24 @@ def test_loraplus_puts_dora_magnitude_with_b():
     groups = {g["name"]: g for g in build_optimizer(model, 1e-3, 0.01, 4.0).param_groups}
     assert groups["B"]["lr"] == 4e-3 and len(groups["B"]["params"]) == 2 * 2  # lora_B + magnitude, 2 layers
     assert groups["A"]["lr"] == 1e-3 and len(groups["A"]["params"]) == 2
+
+
+def test_inspect_names_the_variant_and_vllm_check_flags_dora_and_unconverted_pissa(tmp_path, capsys):
+    from lorakit.cli import main
+
+    dora = tiny_qwen3()
+    inject_lora(dora, LoraConfig(r=8, target_modules=["q_proj"], use_dora=True, use_rslora=True))
+    save_adapter(dora, tmp_path / "dora")
+    assert main(["inspect", str(tmp_path / "dora"), "--check", "vllm"]) == 1
+    out = capsys.readouterr().out
+    assert "variant: DoRA + rsLoRA" in out and "vLLM does not serve DoRA unmerged" in out
+
+    pissa = tiny_qwen3()
+    inject_lora(pissa, LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights="pissa"))
+    save_adapter(pissa, tmp_path / "raw", convert_to_lora=False)
+    save_adapter(pissa, tmp_path / "converted")
+    assert main(["inspect", str(tmp_path / "raw"), "--check", "vllm"]) == 1
+    out = capsys.readouterr().out
+    assert "pissa init, NOT converted" in out and "only fits the residual base" in out
+    assert main(["inspect", str(tmp_path / "converted"), "--check", "vllm"]) == 0
+    assert "variant: LoRA" in capsys.readouterr().out

@@ -112,13 +112,14 @@ def dora_delta(layer: "LoraLinear", x: torch.Tensor, base_out: torch.Tensor, nam
     magnitude = layer.lora_magnitude_vector[name]
     factor = magnitude / weight_norm(layer, name).to(magnitude.dtype)  # (out,): gradient flows to m only
     x_in = dropout(x)
-    lora = F.linear(F.linear(x_in.to(a.dtype), a), b)
+    # The scale goes on the (..., r) intermediate, cheaper than on the (..., out) result.
+    lora = F.linear(F.linear(x_in.to(a.dtype), a) * scale, b)
     if isinstance(dropout, nn.Identity) or not layer.training:
         bias = getattr(layer.base_layer, "bias", None)
         plain = base_out - bias if bias is not None else base_out
     else:  # dropout changed the input: W x must see the same input as the LoRA branch (as in PEFT)
         plain = _base_matmul(layer, x_in)
-    return (factor - 1) * plain.to(lora.dtype) + factor * (lora * scale)
+    return torch.addcmul(plain.to(lora.dtype) * (factor - 1), lora, factor)
 
 
 def merge_weight(layer: "LoraLinear", value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
