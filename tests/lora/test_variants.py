@@ -338,3 +338,8 @@ def test_inspect_names_the_variant_and_vllm_check_flags_dora_and_unconverted_pis
     assert "pissa init, NOT converted" in out and "only fits the residual base" in out
     assert main(["inspect", str(tmp_path / "converted"), "--check", "vllm"]) == 0
     assert "variant: LoRA" in capsys.readouterr().out
+
+
+def test_dora_and_modules_to_save_on_the_same_module_is_refused():
+    with pytest.raises(ValueError, match=r"use_dora with modules_to_save: module 'model.layers.0.self_attn.q_proj'"):
+        inject_lora(tiny_qwen3(), LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["q_proj"], use_dora=True))

@@ -176,6 +176,14 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
         raise ValueError("LoraConfig.target_modules is empty: name the modules to wrap, or use 'all-linear'")
     names = resolve_all_linear(model, modules) if spec == ALL_LINEAR else spec
 
+    if config.use_dora and config.modules_to_save:
+        # PEFT's rule takes a module named in both lists out of the targets (it is trained in full),
+        # which would silently drop DoRA there: refuse the overlap instead.
+        unsaved = dataclasses.replace(config, modules_to_save=None)
+        both = next((p for p, _ in modules if _matches(p, config.modules_to_save) and _is_target(p, unsaved, names)), None)
+        if both is not None:
+            raise ValueError(f"use_dora with modules_to_save: module '{both}' matches both target_modules and "
+                             "modules_to_save; a module is either trained in full or carries DoRA, not both")
     targets: list[Target] = []
     for path, module in modules:
         if not _is_target(path, config, names):
