@@ -19,13 +19,14 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .lora.describe import describe_adapter, vllm_notes, vllm_problems
+    from .lora.describe import describe_adapter, variant_name, vllm_notes, vllm_problems
 
     desc = describe_adapter(args.adapter)
     cfg = desc.config
     scale = cfg.alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules or [])
     print(f"Adapter: {desc.path}")
+    print(f"  variant: {variant_name(cfg)}")
     print(f"  r={cfg.r}  alpha={cfg.alpha:g}  scale={scale:g}{' (rsLoRA)' if cfg.use_rslora else ''}  dropout={cfg.dropout:g}")
     print(f"  target_modules: {targets}")
     if cfg.exclude_modules:
@@ -200,7 +201,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .models.export import export_merged
 
     _quiet_transformers()
-    error = export_merged(args.model, args.adapter, args.out, args.dtype)
+    error = export_merged(args.model, args.adapter, args.out, args.dtype, args.quantization, log=print)
     print(f"Wrote the merged model ({args.dtype}) to {args.out}")
     if args.dtype != "fp32":
         print(f"Merged in fp32; casting to {args.dtype} changed weights by at most {error:.3g} (max abs)")
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int8"],
+                   help="the adapter was trained on this quantized base (QLoRA): quantize the base as in training, "
+                        "dequantize, then merge in fp32")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")

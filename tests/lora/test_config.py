@@ -24,7 +24,7 @@ def test_single_name_string_is_a_list_and_regex_stays_a_string():
         ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
         ({"alpha_pattern": {"q_proj": -3}}, "alpha_pattern"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": "pissa_niter_x"}, "init_lora_weights"),
         ({"bias": "all"}, "bias"),
         ({"target_modules": "(unclosed"}, "target_modules"),
         ({"target_modules": ["q_proj", 3]}, "target_modules"),
@@ -63,8 +63,8 @@ def test_invalid_value_in_json_names_file_and_field(tmp_path):
 
 def test_unsupported_peft_variant_is_refused_not_ignored():
     data = LoraConfig().to_peft_dict()
-    data["use_dora"] = True
-    with pytest.raises(ValueError, match="'use_dora' = True is a LoRA variant lorakit does not support"):
+    data["lora_bias"] = True
+    with pytest.raises(ValueError, match="'lora_bias' = True is a LoRA variant lorakit does not support"):
         LoraConfig.from_dict(data, source="x.json")
 
 

@@ -314,6 +314,9 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         fail("train.max_steps", f"must be > 0, got {cfg.train.max_steps!r}")
     if cfg.train.save_total_limit is not None and cfg.train.save_total_limit < 1:
         fail("train.save_total_limit", f"must be >= 1 (or null to keep all), got {cfg.train.save_total_limit!r}")
+    ratio = cfg.train.loraplus_lr_ratio
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        fail("train.loraplus_lr_ratio", f"must be a number > 0 (B's lr / A's lr), or null, got {ratio!r}")
     if not math.isfinite(cfg.train.lr):
         fail("train.lr", f"must be finite, got {cfg.train.lr!r}")
     if not cfg.output_dir:
@@ -335,6 +338,7 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         bad = [k for k, w in cfg.grpo.rewards.items() if not math.isfinite(w)]
         if bad:
             fail("grpo.rewards", f"weights must be finite numbers: {bad}")
+    _validate_variants(cfg, fail)
     try:
         lora = cfg.lora.to_lora_config()
     except ValueError as err:
@@ -343,6 +347,29 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
     cfg.lora.target_parameters = lora.target_parameters
+
+
+def _validate_variants(cfg: RunConfig, fail: Any) -> None:
+    """Refuse LoRA-variant combinations that neither lorakit nor PEFT supports, before any model loads."""
+    residual = isinstance(cfg.lora.init_lora_weights, str) and cfg.lora.init_lora_weights.startswith(("pissa", "olora"))
+    if cfg.quantization and residual:
+        fail("lora.init_lora_weights", f"= {cfg.lora.init_lora_weights!r} rewrites the base weights and cannot be combined "
+             f"with quantization: {cfg.quantization} (PEFT refuses it too); drop one of the two keys")
+    if cfg.quantization and cfg.train.distributed == "fsdp2":
+        fail("quantization", f"= {cfg.quantization} with train.distributed: fsdp2 is not supported: bitsandbytes' packed "
+             "4-bit parameters are not sharded by FSDP2 here; use train.distributed: ddp (or none)")
+    if cfg.quantization and cfg.lora.modules_to_save:
+        fail("quantization", f"= {cfg.quantization} with lora.modules_to_save: a quantized module cannot be trained in "
+             "full; leave lora.modules_to_save empty")
+    if residual and cfg.init_adapter:
+        fail("lora.init_lora_weights", f"= {cfg.lora.init_lora_weights!r} initialises a new adapter; with init_adapter "
+             "the loaded adapter's own config applies, so drop lora.init_lora_weights")
+    if cfg.recipe == "grpo" and residual:
+        reference = cfg.grpo.reference if cfg.grpo.reference != "auto" else ("init_adapter" if cfg.init_adapter else "base")
+        if reference == "base" and (cfg.grpo.beta > 0 or cfg.grpo.log_kl):
+            fail("lora.init_lora_weights", f"= {cfg.lora.init_lora_weights!r} turns the base into a residual, so "
+                 "grpo.reference: base would not be the original model; set grpo.beta: 0 and grpo.log_kl: false, "
+                 "or use init_lora_weights: true")
 
 
 def _source(origin: str) -> str:

@@ -28,7 +28,13 @@ class LoraSection:
     modules_to_save: Optional[list[str]] = None
     """Modules trained in full alongside LoRA (e.g. [lm_head]); vLLM does not serve these."""
     init_lora_weights: Union[bool, str] = True
-    """True (kaiming A, zero B) or 'gaussian'."""
+    """True (kaiming A, zero B), 'gaussian', or a start from the base weight that leaves the rest of it
+    as the base (the residual): 'pissa' (top-r SVD), 'pissa_niter_<N>' (randomised SVD, N iterations,
+    for large models) or 'olora' (QR). The final adapter is converted to plain LoRA of rank 2r for the
+    untouched base (what PEFT's path_initial_model_for_weight_conversion does), so it serves anywhere."""
+    use_dora: bool = False
+    """DoRA: learn a magnitude per output feature on top of the normalised W + BA (PEFT's use_dora).
+    vLLM does not serve DoRA adapters unmerged; `lorakit merge` bakes them into the base."""
     target_parameters: Optional[list[str]] = None
     """Fused MoE expert weights to adapt, one A/B per expert (PEFT's key), e.g.
     [mlp.experts.gate_up_proj, mlp.experts.down_proj]. Default with 'all-linear': every fused expert
@@ -44,7 +50,7 @@ class LoraSection:
                           use_rslora=self.use_rslora, exclude_modules=self.exclude_modules,
                           modules_to_save=self.modules_to_save, init_lora_weights=self.init_lora_weights,
                           target_parameters=self.target_parameters, rank_pattern=dict(self.rank_pattern),
-                          alpha_pattern=dict(self.alpha_pattern), **extra)
+                          alpha_pattern=dict(self.alpha_pattern), use_dora=self.use_dora, **extra)
 
 
 @dataclass
@@ -107,6 +113,10 @@ class TrainSection:
     """Recompute activations in the backward pass (less memory, about 30% more compute)."""
     weight_decay: float = 0.0
     """AdamW weight decay on LoRA parameters."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+: B's learning rate is this times A's (PEFT's grouping: LoRA on embeddings gets 1e-6, other
+    1-D parameters such as DoRA's magnitude go with B). None: one learning rate for all. The paper
+    suggests 2-16 with a somewhat lower train.lr."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
@@ -261,6 +271,10 @@ class RunConfig:
     """Base model: a local Hugging Face model directory, `demo` (lorakit's tiny demo model; `demo-moe` its MoE variant; cached in
     $LORAKIT_CACHE or ~/.cache/lorakit and built on first use), or a hub id where a network exists.
     A path that does not exist is an error."""
+    quantization: Optional[Literal["nf4", "fp4", "int8"]] = None
+    """QLoRA: load the base model's linear layers (all but the output head) quantized with bitsandbytes
+    (pip install 'lorakit[quant]'): nf4 (4-bit NormalFloat with double quantisation, as QLoRA), fp4,
+    or int8 (LLM.int8). LoRA weights stay fp32. None: the base in train.dtype."""
     output_dir: str = "out/run"
     """Checkpoints, the final adapter (output_dir/adapter), metrics.jsonl and the loss curve go here."""
     init_adapter: Optional[str] = None

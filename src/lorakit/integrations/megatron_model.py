@@ -194,6 +194,17 @@ def _candidates(chunk: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _refuse_variants(config: LoraConfig) -> None:
+    # DoRA's norm is per output feature over the whole input dimension: a RowParallelLinear holds
+    # only a slice of each row, so it needs an all-reduce per step that this backend does not do.
+    if config.use_dora:
+        raise ValueError("use_dora: DoRA is not supported on Megatron tensor-parallel layers (each rank holds only part "
+                         "of a weight row's norm); train DoRA with the HF backends (none/ddp) or set use_dora: false")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights={config.init_lora_weights!r}: PiSSA/OLoRA need the whole weight for the "
+                         "SVD/QR and are not supported on Megatron tensor-parallel layers")
+
+
 def _resolve_targets(config: LoraConfig, candidates: list[tuple[str, nn.Module]]) -> Union[list[str], str]:
     if config.target_modules != ALL_LINEAR:
         return config.target_modules
@@ -259,6 +270,7 @@ def apply_lora_to_megatron_model(
     _require_megatron()
     config = lora_config if isinstance(lora_config, LoraConfig) else lora_config_from_args(lora_config)
     check_adapter_name(adapter_name)
+    _refuse_variants(config)
     chunks = model_chunks(model)
     plans = []
     for index, chunk in enumerate(chunks):

@@ -29,7 +29,7 @@ def _is_inert(value: Any) -> bool:
 # Keys PEFT writes for LoRA features lorakit does not implement. An adapter may carry them only with
 # an inert value (None / False / {} ...); any other value changes the math and is refused, not ignored.
 _PEFT_UNSUPPORTED = (
-    "use_dora", "lora_bias", "loftq_config", "megatron_config", "layer_replication",
+    "lora_bias", "loftq_config", "megatron_config", "layer_replication",
     "trainable_token_indices", "use_qalora", "corda_config",
     "lora_ga_config", "velora_config", "arrow_config", "kasa_config", "monteclora_config",
     "alora_invocation_tokens", "use_bdlora",
@@ -38,6 +38,14 @@ _PEFT_UNSUPPORTED = (
 # also rewrite the base model (the adapter is meaningless on the original base).
 _INIT_ONLY = ("orthogonal", "eva")
 _BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Of those, the ones lorakit implements (lora/residual.py): init_lora_weights "pissa",
+# "pissa_niter_<N>" (randomised SVD with N subspace iterations) and "olora".
+_RESIDUAL_INIT = re.compile(r"pissa|pissa_niter_[0-9]+|olora")
+
+
+def is_residual_init(init: object) -> bool:
+    """Whether ``init_lora_weights`` is an initialisation that turns the base weights into a residual."""
+    return isinstance(init, str) and _RESIDUAL_INIT.fullmatch(init) is not None
 # Keys PEFT writes that carry bookkeeping only; any value is accepted and not kept.
 _PEFT_BOOKKEEPING = (
     "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
@@ -45,7 +53,7 @@ _PEFT_BOOKKEEPING = (
 )
 # What lorakit writes for the keys above, so that PEFT and vLLM read a complete config.
 _PEFT_DEFAULTS: dict[str, Any] = {
-    "use_dora": False, "lora_bias": False, "loftq_config": {}, "megatron_config": None,
+    "lora_bias": False, "loftq_config": {}, "megatron_config": None,
     "megatron_core": "megatron.core", "layer_replication": None, "trainable_token_indices": None,
     "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "arrow_config": None,
@@ -87,7 +95,14 @@ class LoraConfig:
     """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
     init_lora_weights: Union[bool, str] = True
     """True: A kaiming-uniform(a=sqrt(5)), B zero. ``"gaussian"``: A ~ N(0, 1/r), B zero.
-    False: both random (the adapter is not a no-op; for tests)."""
+    False: both random (the adapter is not a no-op; for tests). ``"pissa"`` / ``"pissa_niter_<N>"``:
+    A and B from the top-r singular vectors of the base weight (exact SVD / randomised with N
+    iterations); ``"olora"``: from its QR decomposition. Those two also turn the base weight into the
+    residual ``W - scale * B @ A`` (so the model is unchanged); ``save_adapter`` converts such an
+    adapter to plain LoRA for the untouched base (see ``lora.residual``)."""
+    use_dora: bool = False
+    """DoRA: a trained per-output-feature magnitude times the normalised ``W + scale * B @ A``
+    (PEFT's ``use_dora``; Linear and GPT-2 Conv1D layers)."""
     layers_to_transform: Union[list[int], int, None] = None
     """Only wrap modules inside these layer indices (``...layers.<i>...``)."""
     layers_pattern: Union[list[str], str, None] = None
@@ -135,11 +150,14 @@ class LoraConfig:
                              "(PEFT refuses it too): put the layer index into the regex")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (PEFT refuses it otherwise)")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not is_residual_init(self.init_lora_weights):
             raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False or 'gaussian', "
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' or 'olora', "
                 f"got {self.init_lora_weights!r}"
             )
+        if self.use_dora and is_residual_init(self.init_lora_weights):
+            raise ValueError(f"LoraConfig.init_lora_weights={self.init_lora_weights!r} cannot be combined with use_dora: "
+                             "the conversion to plain LoRA on the original base is not defined for DoRA")
         if self.bias != "none":
             raise ValueError(f"LoraConfig.bias: only 'none' is supported, got {self.bias!r}")
 
@@ -173,8 +191,11 @@ class LoraConfig:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "LoraConfig") -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "LoraConfig", residual_ok: bool = False) -> "LoraConfig":
         """Build a config from lorakit field names or PEFT's ``adapter_config.json`` keys.
+
+        ``residual_ok`` accepts a PiSSA/OLoRA init that was not converted to plain LoRA (a training
+        checkpoint, which also holds the initial weights that rebuild the residual base).
 
         Raises:
             ValueError: naming ``source`` and the key, for an unknown key, a LoRA variant lorakit
@@ -204,6 +225,8 @@ class LoraConfig:
         init = kwargs.get("init_lora_weights")
         if isinstance(init, str) and init.lower() in _INIT_ONLY:
             kwargs["init_lora_weights"] = True  # only shaped the first weights; the file holds the trained ones
+        elif residual_ok and is_residual_init(init):
+            pass
         elif isinstance(init, str) and init.lower().startswith(_BASE_CHANGING):
             raise ValueError(
                 f"{source}: init_lora_weights={init!r} also rewrites the base model's weights, so this adapter "
@@ -279,7 +302,7 @@ def _check_types(cfg: "LoraConfig") -> None:
     def fail(name: str, expected: str) -> None:
         raise ValueError(f"LoraConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
 
-    for name in ("use_rslora", "fan_in_fan_out"):
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, "true or false")
     ltt = cfg.layers_to_transform

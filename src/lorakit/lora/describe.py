@@ -9,7 +9,7 @@ from typing import Union
 
 from safetensors import safe_open
 
-from .config import CONFIG_NAME, LoraConfig, read_json_object, split_variants
+from .config import CONFIG_NAME, LoraConfig, is_residual_init, read_json_object, split_variants
 from .io import PEFT_PREFIX, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, _load_pickle
 
 # Ranks vLLM's LoRA kernels accept (its `max_lora_rank` choices).
@@ -46,7 +46,7 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
     raw = read_json_object(path / CONFIG_NAME)
     # Describe adapters lorakit cannot load too (DoRA...): the variant is reported, not refused.
     supported, variants = split_variants(raw)
-    config = LoraConfig.from_dict(supported, source=str(path / CONFIG_NAME))
+    config = LoraConfig.from_dict(supported, source=str(path / CONFIG_NAME), residual_ok=True)
     shapes: dict[str, tuple[int, ...]] = {}
     weights = path / WEIGHTS_NAME
     if weights.is_file():
@@ -82,14 +82,27 @@ def describe_adapter(path: Union[str, Path]) -> AdapterDescription:
     return desc
 
 
+def variant_name(config: LoraConfig) -> str:
+    """A short name of the LoRA variant a config describes, e.g. ``"DoRA + rsLoRA"``."""
+    parts = ["DoRA" if config.use_dora else "LoRA"]
+    if config.use_rslora:
+        parts.append("rsLoRA")
+    if is_residual_init(config.init_lora_weights):
+        parts.append(f"{config.init_lora_weights} init, NOT converted: needs the residual base it was trained on")
+    return " + ".join(parts)
+
+
 def vllm_problems(desc: AdapterDescription) -> list[str]:
     """Reasons vLLM would refuse to serve this adapter (empty when it serves it)."""
     problems = []
     raw = desc.raw_config
     if desc.config.modules_to_save:
         problems.append(f"modules_to_save={desc.config.modules_to_save}: vLLM serves LoRA A/B weights only")
-    if desc.variants.get("use_dora"):
-        problems.append("use_dora=true: vLLM does not serve DoRA")
+    if desc.config.use_dora:
+        problems.append("use_dora=true: vLLM does not serve DoRA unmerged (merge it into the base: lorakit merge)")
+    if is_residual_init(desc.config.init_lora_weights):
+        problems.append(f"init_lora_weights={desc.config.init_lora_weights!r} (not converted): it only fits the residual "
+                        "base it was trained on; save it converted to plain LoRA (save_adapter's default) or merge it")
     if raw.get("bias", "none") != "none" or desc.variants.get("lora_bias"):
         problems.append("trained biases (bias/lora_bias): vLLM does not serve LoRA biases")
     odd = sorted({r for r in desc.ranks.values() if r not in VLLM_RANKS})

@@ -143,6 +143,25 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def check_variant_target(path: str, module: nn.Module, config: LoraConfig) -> None:
+    """Refuse a LoRA variant on a layer type it is not defined for (before anything is wrapped)."""
+    from .config import is_residual_init
+    from .quant import is_quantized
+
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    linear = isinstance(base, nn.Linear) or is_conv1d(base)
+    if config.use_dora and not linear:
+        raise ValueError(f"use_dora: module '{path}' is a {type(base).__name__}; lorakit's DoRA covers Linear and GPT-2 "
+                         "Conv1D layers: leave it out of target_modules or set use_dora: false")
+    if is_residual_init(config.init_lora_weights):
+        if not linear:
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r}: module '{path}' is a "
+                             f"{type(base).__name__}; PiSSA/OLoRA initialise Linear and GPT-2 Conv1D layers only")
+        if is_quantized(base):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weights, but module "
+                             f"'{path}' is quantized: drop 'quantization' or use init_lora_weights: true")
+
+
 @dataclass
 class Target:
     """One module an adapter will wrap, with the rank and alpha it gets there."""
@@ -173,6 +192,14 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
         raise ValueError("LoraConfig.target_modules is empty: name the modules to wrap, or use 'all-linear'")
     names = resolve_all_linear(model, modules) if spec == ALL_LINEAR else (spec or [])
 
+    if config.use_dora and config.modules_to_save:
+        # PEFT's rule takes a module named in both lists out of the targets (it is trained in full),
+        # which would silently drop DoRA there: refuse the overlap instead.
+        unsaved = dataclasses.replace(config, modules_to_save=None)
+        both = next((p for p, _ in modules if _matches(p, config.modules_to_save) and _is_target(p, unsaved, names)), None)
+        if both is not None:
+            raise ValueError(f"use_dora with modules_to_save: module '{both}' matches both target_modules and "
+                             "modules_to_save; a module is either trained in full or carries DoRA, not both")
     targets: list[Target] = []
     for path, module in modules:
         if isinstance(module, LoraParameter) or not _is_target(path, config, names):
@@ -190,6 +217,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> t
             )
         if isinstance(module, LoraLayer) and adapter_name in module.r:
             raise ValueError(f"adapter '{adapter_name}' already exists on '{path}'; pick another name or delete it first")
+        check_variant_target(path, module, config)
         targets.append(Target(path, module, config.rank_for(path), config.alpha_for(path)))
     if not targets and spec:
         raise ValueError(_nothing_matched(model, modules, config))
@@ -293,6 +321,8 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 def _adapter_dtype(weight: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     if dtype is not None:
         return dtype
+    if not weight.dtype.is_floating_point:  # quantized codes (bitsandbytes): train the adapter in fp32
+        return torch.float32
     # Half-precision bases get float32 adapters: small updates to B survive the optimizer step.
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
@@ -335,7 +365,7 @@ def inject_lora(
         fan_in_fan_out |= getattr(layer, "fan_in_fan_out", False)
         layer.add_adapter(
             adapter_name, t.r, t.alpha, config.dropout, config.use_rslora, config.init_lora_weights,
-            dtype=_adapter_dtype(layer.base_layer.weight, dtype),
+            dtype=_adapter_dtype(layer.base_layer.weight, dtype), use_dora=config.use_dora,
         )
     for path, module in saved:
         if not isinstance(module, ModulesToSave):

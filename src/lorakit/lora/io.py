@@ -53,6 +53,8 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
         if isinstance(module, (LoraLinear, LoraParameter)):  # expert wrappers store A/B in PEFT's stacked layout
             out[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if adapter_name in module.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+                out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
         elif isinstance(module, LoraEmbedding):
             out[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
             out[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
@@ -95,7 +97,8 @@ def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
 
 
-def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]],
+                     use_dora: bool = False) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for t in targets:
         base = t.module.base_layer if isinstance(t.module, LoraLayer) else t.module
@@ -109,6 +112,8 @@ def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]]) 
             fan_in, fan_out = linear_dims(base)
             shapes[f"{t.path}.lora_A.weight"] = (t.r, fan_in)
             shapes[f"{t.path}.lora_B.weight"] = (fan_out, t.r)
+            if use_dora:
+                shapes[f"{t.path}.lora_magnitude_vector"] = (fan_out,)
     for path, module in saved:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for key, value in original.state_dict().items():
@@ -142,7 +147,7 @@ def _check_fit(expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[i
 
 
 def _module_of(key: str) -> str:
-    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".base_layer."):
+    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector", ".base_layer."):
         if marker in key:
             return key.split(marker)[0]
     return key.rsplit(".", 1)[0]
@@ -268,7 +273,7 @@ def load_adapter(
         base_weights = {p: m.base_layer.weight for p, m in layers if isinstance(m, LoraEmbedding)}
     else:
         targets, saved = plan_injection(model, config, adapter_name)
-        expected = _expected_shapes(targets, saved)
+        expected = _expected_shapes(targets, saved, config.use_dora)
         embeddings = [t.path for t in targets if isinstance(getattr(t.module, "base_layer", t.module), nn.Embedding)]
         base_weights = {t.path: getattr(t.module, "base_layer", t.module).weight for t in targets if t.path in embeddings}
     # PEFT saves the embedding's base weight next to its LoRA (for resized vocabularies); accept it.
@@ -296,11 +301,14 @@ def load_adapter(
     return config
 
 
-def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> list[Path]:
+def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None,
+                 convert_to_lora: bool = True) -> list[Path]:
     """Write adapters in the PEFT layout, atomically.
 
     With ``adapter_name`` None every adapter is written as PEFT does: ``default`` in ``path``,
     each other one in ``path/<name>``. With a name, only that adapter is written, in ``path``.
+    A PiSSA/OLoRA adapter is written as the equivalent plain LoRA for the untouched base
+    (``convert_to_lora``, see ``lora.residual``), so it serves on the original model.
 
     Returns:
         The directories written.
@@ -316,10 +324,36 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] =
         if name not in configs:
             raise ValueError(f"unknown adapter '{name}'; the model has {list(configs)}")
         target = root if adapter_name is not None or name == "default" else root / name
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
-        _write_adapter_dir(target, configs[name].to_json_string(), tensors)
+        config, tensors = final_adapter(model, name) if convert_to_lora else (configs[name], adapter_state_dict(model, name))
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        _write_adapter_dir(target, config.to_json_string(), tensors)
         written.append(target)
     return written
+
+
+def initial_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A0, B0) of a PiSSA/OLoRA adapter as its training started (empty otherwise)."""
+    from .residual import initial_weights
+
+    found = {}
+    for path, module in lora_modules(unwrap_model(model)):
+        if isinstance(module, LoraLinear) and adapter_name in module.r:
+            start = initial_weights(module, adapter_name)
+            if start is not None:
+                found[path] = start
+    return found
+
+
+def final_adapter(model: nn.Module, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter as it should be published: config and PEFT-keyed tensors, a PiSSA/OLoRA adapter
+    converted to plain LoRA relative to the untouched base (every rank must call this under FSDP2)."""
+    from .residual import is_residual_init, to_plain_lora
+
+    config = adapter_configs(unwrap_model(model))[adapter_name]
+    tensors = adapter_state_dict(model, adapter_name)
+    if not is_residual_init(config.init_lora_weights):
+        return config, tensors
+    return to_plain_lora(config, tensors, initial_adapter(model, adapter_name))
 
 
 def write_adapter(path: PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:

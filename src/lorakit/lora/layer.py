@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora, residual
+from .config import is_residual_init
+
 # Per-row routing: one (adapter name or None for the base, row indices) pair per group of rows.
 RowRoutes = Sequence[tuple[Optional[str], torch.Tensor]]
 
@@ -29,6 +32,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight (in, out))."""
+    if isinstance(module, nn.Linear):  # a quantized (bitsandbytes) Linear stores packed codes: ask the layer
+        return module.in_features, module.out_features
     rows, cols = module.weight.shape
     return (rows, cols) if is_conv1d(module) else (cols, rows)
 
@@ -53,6 +58,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -103,12 +109,18 @@ class LoraLayer(nn.Module):
         use_rslora: bool = False,
         init: bool | str = True,
         dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` of rank ``r``, initialised so that the layer's output is unchanged
-        (unless ``init`` is False). Weights live on the base weight's device (meta stays meta)."""
+        (unless ``init`` is False). Weights live on the base weight's device (meta stays meta).
+        ``use_dora`` adds DoRA's magnitude vector (see ``lora.dora``)."""
         check_adapter_name(name)
         if name in self.r:
             raise ValueError(f"adapter '{name}' already exists on this layer")
+        if (use_dora or is_residual_init(init)) and not isinstance(self, LoraLinear):
+            raise ValueError(f"use_dora / init_lora_weights={init!r}: implemented for Linear and GPT-2 Conv1D layers, "
+                             f"not {type(self.base_layer).__name__}")
+        self.use_dora[name] = use_dora
         self._set_scale(name, r, alpha, use_rslora)
         self.set_dropout(name, dropout)
         weight = self._base_weight()
@@ -136,7 +148,7 @@ class LoraLayer(nn.Module):
             if name in store:
                 del store[name]
         del self.lora_dropout[name]
-        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling):
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling, self.use_dora):
             table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
         self._refresh()
@@ -151,6 +163,10 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """The adapter's update in the layout of the base weight, scaled, in float32."""
         raise NotImplementedError
+
+    def merge_weight(self, value: torch.Tensor, name: str, sign: float = 1.0) -> torch.Tensor:
+        """``value`` (fp32, base layout) with adapter ``name`` merged in (sign +1) or taken out (-1)."""
+        return value + sign * self.delta_weight(name)
 
     def write_base_weight(self, value: torch.Tensor) -> None:
         """Overwrite the base weight (cast to its dtype); ``merged_adapters`` says what it holds."""
@@ -185,8 +201,12 @@ class LoraLayer(nn.Module):
             return self._without_merged(result, x) if self.merged_adapters else result
         if self.row_routes is not None:
             return self._routed(x, result)
+        base = result
         for name in self._live:
-            result = self._add_delta(result, x, name)
+            if self.use_dora.get(name):
+                result = result + dora.dora_delta(self, x, base, name).to(result.dtype)
+            else:
+                result = self._add_delta(result, x, name)
         return result
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -211,7 +231,10 @@ class LoraLayer(nn.Module):
         # distinct adapters in the batch, not with the number of rows.
         for name, rows in groups:
             rows = rows.to(x.device)
-            delta = self._delta(x.index_select(0, rows), name)
+            if self.use_dora.get(name):  # these rows of result still hold the base output
+                delta = dora.dora_delta(self, x.index_select(0, rows), result.index_select(0, rows), name)
+            else:
+                delta = self._delta(x.index_select(0, rows), name)
             result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
@@ -238,15 +261,31 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = linear_dims(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
 
     def _stores(self) -> list[Any]:
-        return [self.lora_A, self.lora_B]
+        return [self.lora_A, self.lora_B, self.lora_magnitude_vector]
 
     def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        if self.use_dora.get(name):
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.out_features, **factory))
+
+    def merge_weight(self, value: torch.Tensor, name: str, sign: float = 1.0) -> torch.Tensor:
+        if self.use_dora.get(name):
+            return dora.merge_weight(self, value, name, sign)
+        return super().merge_weight(value, name, sign)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        if is_residual_init(init):  # PiSSA / OLoRA: A and B from the base weight, which becomes the residual
+            residual.init_residual(self, name, init)
+        else:
+            self._reset_lora(name, init)
+        if self.use_dora.get(name):
+            dora.init_magnitude(self, name)
+
+    def _reset_lora(self, name: str, init: bool | str) -> None:
         with torch.no_grad():
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             if init is False:
@@ -276,7 +315,7 @@ class LoraLinear(LoraLayer):
         return F.linear(h * self.scaling[name], self.lora_B[name].weight)
 
     def _can_gather(self) -> bool:
-        return True
+        return not any(self.use_dora.values())
 
     def _stacked(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
         """All adapters' A and scaled B stacked (slot 0 = zeros: the base), rebuilt when a weight changes."""

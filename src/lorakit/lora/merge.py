@@ -10,6 +10,7 @@ from torch import nn
 
 from .inject import _replace, adapter_configs, adapter_names, lora_modules, unwrap_model
 from .layer import LoraLayer
+from .quant import quantization_of
 
 
 def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None) -> list[str]:
@@ -46,6 +47,10 @@ def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None)
     # Check every layer before writing any, so a bad adapter leaves the model untouched.
     uses = Counter(id(p) for _, p in unwrap_model(model).named_parameters(remove_duplicate=False))
     for path, layer, todo in plan:
+        kind = quantization_of(layer.base_layer)
+        if kind is not None:
+            raise ValueError(f"cannot merge into '{path}': its base is quantized ({kind}); dequantize the model first "
+                             "(lorakit.lora.quant.dequantize_model, as `lorakit merge` does); no weight was changed")
         if uses[id(layer._base_weight())] > 1:
             raise ValueError(
                 f"cannot merge into '{path}': its weight is shared with another module (tied embeddings?), "
@@ -68,7 +73,7 @@ def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None)
 def _merged(layer: LoraLayer, names: Sequence[str], sign: float = 1.0) -> torch.Tensor:
     value = layer._base_weight().detach().float()
     for name in names:
-        value = value + sign * layer.delta_weight(name)
+        value = layer.merge_weight(value, name, sign)
     return value
 
 

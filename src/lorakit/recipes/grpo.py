@@ -31,12 +31,15 @@ from ..config import RunConfig, dump_config
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
 from ..generation import SamplingParams
-from ..lora import adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report, write_adapter
+from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules,
+                    trainable_report, write_adapter)
 from ..models import load_model, resolve_device
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, ServerRollout,
                   completion_logprobs, group_advantages, logprob_gap, reference_policy, token_weights)
 from ..training import (
     start_run,
+    build_optimizer,
+    set_lr,
     MetricsWriter,
     Progress,
     check_same_run,
@@ -134,8 +137,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     objective = GRPOObjective(rc.temperature, gc.clip_eps_low, gc.clip_eps_high, gc.beta)
     step_module = wrap(LossModule(model, objective), info, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     steps_per_epoch = len(prompts) // gc.prompts_per_step
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     updates_per_step = gc.num_iterations * gc.mini_batches
@@ -250,8 +253,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
                 update = state["step"] * updates_per_step + iteration * gc.mini_batches + c
                 lr = lr_at(update, total_updates, tc.lr, warmup, tc.lr_scheduler)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -323,10 +325,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                         total_limit=tc.save_total_limit)
     sampler.close()  # the final adapter is written below; free the server
     adapter_dir = out / "adapter"
-    tensors = adapter_state_dict(model, ADAPTER)
+    final_config, tensors = final_adapter(model, ADAPTER)
     if info.main:
         metrics.close()
-        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        write_adapter(adapter_dir, final_config, tensors)
         curves = {"reward_mean": "reward (mean over sampled completions)",
                   evaluate.key: f"held-out {evaluate.what} (greedy)"}
         if rewards.accuracy and rewards.weights != {rewards.accuracy: 1.0}:  # else the same line as the reward
@@ -416,5 +418,5 @@ def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
 _RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
                 "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
-                "rollout.max_new_tokens", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+                "rollout.max_new_tokens", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                 "init_adapter")

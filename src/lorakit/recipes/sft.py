@@ -17,11 +17,13 @@ import torch
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, collect_eos_ids, pad_token_id
 from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
-from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, lora_modules, trainable_report,
+from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
 from ..models import resolve_device
 from ..training import (
     start_run,
+    build_optimizer,
+    set_lr,
     check_same_run,
     MetricsWriter,
     Progress,
@@ -119,8 +121,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS, global_batch=True)
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     global_batch = tc.batch_size * info.world  # samples per micro-batch over all ranks
     batches_per_epoch = math.ceil(len(train_rows) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
@@ -202,8 +204,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
             lr = lr_at(state["step"], total_steps, tc.lr, warmup, tc.lr_scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -251,10 +252,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if last_saved != state["step"]:
         checkpoint()
     adapter_dir = out / "adapter"
-    tensors = adapter_state_dict(model, ADAPTER)  # every rank joins the gather; rank 0 writes
+    final_config, tensors = final_adapter(model, ADAPTER)  # every rank joins the gather; rank 0 writes
     if info.main:
         metrics.close()
-        write_adapter(adapter_dir, adapter_configs(model)[ADAPTER], tensors)
+        write_adapter(adapter_dir, final_config, tensors)
         if plot_loss(out / "metrics.jsonl", out / "loss.png"):
             log(f"Loss curve: {out / 'loss.png'}")
     log(f"Adapter saved to {adapter_dir}")
@@ -276,4 +277,4 @@ def rank_micro_batch(rows: list[Row], info: DistInfo, pad_id: int, packed: bool,
 
 # What must not change between a run and its resumption (the data order and the adapter's math).
 _RESUME_KEYS = ("data.train", "data.format", "data.system_prompt", "train.seed", "train.max_seq_len", "train.packing",
-                "train.grad_accum", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "init_adapter")
+                "train.grad_accum", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "init_adapter")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..distributed import DistInfo, barrier
 from ..generation import Engine, Request, SamplingParams
-from ..lora import LoraConfig, adapter_configs, adapter_state_dict, write_adapter
+from ..lora import LoraConfig, adapter_state_dict, final_adapter, write_adapter
 
 
 @dataclass
@@ -214,10 +214,10 @@ class PolicySampler:
             return
         self.synced_step = step
         if isinstance(self.engine, ServerRollout):
-            tensors = adapter_state_dict(self.policy, self.adapter)
+            config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the server's base
             name = f"{self.name}-step{step}"
             if self.info.main:
-                self.engine.sync(name, adapter_configs(self.policy)[self.adapter], tensors)
+                self.engine.sync(name, config, tensors)
             barrier(self.info)
             self.serving = name
         elif self.engine.engine.model is not self.policy:

@@ -19,13 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..distributed import DistInfo, barrier, full_tensor, gather_objects, like_param
-from ..lora import adapter_configs, adapter_state_dict, load_adapter, write_adapter
+from ..lora import adapter_configs, adapter_state_dict, initial_adapter, load_adapter, set_adapter_weights, write_adapter
 from ..lora.atomic import atomic_directory
+from ..lora.config import is_residual_init
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 RNG_NAME = "rng_state.safetensors"
+INITIAL_NAME = "initial_adapter.safetensors"
+"""PiSSA/OLoRA: the adapter's first A and B, which define the residual base (see lora.residual)."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -84,11 +87,15 @@ def save_checkpoint(
     adapter = adapter_state_dict(model, adapter_name)  # gathers sharded weights
     tensors, meta = _optimizer_tensors(model, optimizer)
     rngs = gather_objects(_rng_state(), info)
+    initial = {f"{path}.{kind}.weight": t.detach().to("cpu").contiguous()
+               for path, pair in initial_adapter(model, adapter_name).items() for kind, t in zip(("lora_A", "lora_B"), pair)}
     final = output_dir / f"checkpoint-{step}"
     if info.main:
         with atomic_directory(final, replace=True) as staging:  # a rerun of the same step replaces it
             write_adapter(staging, adapter_configs(model)[adapter_name], adapter)  # at the top level
             save_file(tensors, str(staging / OPTIMIZER_NAME))
+            if initial:
+                save_file(initial, str(staging / INITIAL_NAME))
             (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
             save_file({f"rank{r}.{k}": v for r, rng in enumerate(rngs) for k, v in rng.items()}, str(staging / RNG_NAME))
             if config_yaml is not None:
@@ -103,6 +110,19 @@ def save_checkpoint(
 
 def load_checkpoint_adapter(path: Path, model: nn.Module, adapter_name: str = "default") -> None:
     """Restore the adapter weights (before the model is wrapped for DDP/FSDP2)."""
+    raw = json.loads((path / "adapter_config.json").read_text())
+    if is_residual_init(raw.get("init_lora_weights")):
+        # The resumed run has already made the same PiSSA/OLoRA start (it depends only on the base
+        # and the seed) and with it the same residual base; check that, then load the trained A, B.
+        saved = load_file(str(path / INITIAL_NAME))
+        for module, (a0, b0) in initial_adapter(model, adapter_name).items():
+            for kind, now in (("lora_A", a0), ("lora_B", b0)):
+                before = saved.get(f"{module}.{kind}.weight")
+                if before is None or not torch.equal(before, now.to("cpu")):
+                    raise ValueError(f"{path}: the {raw['init_lora_weights']} start of '{module}' differs from this "
+                                     "run's; the residual base cannot be rebuilt (another base model?)")
+        set_adapter_weights(model, load_file(str(path / "adapter_model.safetensors")), adapter_name)
+        return
     load_adapter(model, path, adapter_name=adapter_name, trainable=True)
 
 

@@ -40,7 +40,21 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     if cfg.model in (DEMO, DEMO_MOE) and not demo_model_dir(cfg.model == DEMO_MOE).exists():
         log(f"Building lorakit's demo model in {demo_model_dir(cfg.model == DEMO_MOE)} (once; later runs reuse it)")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
+    base_dtype = dtype if device.type == "cuda" else torch.float32
+    if cfg.quantization:
+        from ..lora import LoraConfig
+        from ..models.quantize import check_quantized_targets, quantize_model
+
+        # Loaded on the CPU and quantized layer by layer as each moves to the device: the device
+        # never holds the unquantized base.
+        model = load_model(cfg.model, dtype=base_dtype)
+        quantized = quantize_model(model, cfg.quantization, compute_dtype=base_dtype, device=device)
+        model.to(device)
+        log(f"Quantized {len(quantized)} linear layers of the base to {cfg.quantization} (bitsandbytes)")
+        lora = LoraConfig.from_json(cfg.init_adapter) if cfg.init_adapter else cfg.lora.to_lora_config()
+        check_quantized_targets(model, lora, cfg.quantization)
+    else:
+        model = load_model(cfg.model, dtype=base_dtype, device=device)
     if info.main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,143 @@
+"""DoRA: weight-decomposed LoRA (Liu et al., 2024), with PEFT's math and key names.
+
+The adapted weight is ``W' = m * (W + s*B@A) / ||W + s*B@A||`` with one norm per output feature
+(a row of the (out, in) weight) and a trained magnitude ``m`` (PEFT's ``lora_magnitude_vector``,
+initialised to that norm, so a fresh adapter changes nothing). As in PEFT and the paper, the norm is
+treated as a constant in the backward pass. With ``f = m / norm`` the layer output is::
+
+    y = base(x) + (f - 1) * (W x) + f * s * B(A(dropout(x)))
+
+which PEFT computes the same way (``W x`` is the base output without its bias; when dropout is
+active PEFT uses ``W dropout(x)``, and so does this module).
+
+Cost: the norm is never built from a full ``W + s*B@A`` temporary. Expanding the square,
+
+    ||W_i + s*(B A)_i||^2 = ||W_i||^2 + 2s * <B_i, (W A^T)_i> + s^2 * B_i (A A^T) B_i^T
+
+needs the per-row ``||W_i||^2`` (cached: the base is frozen, and the cache is keyed on the weight's
+storage and version), ``W A^T`` (one (r, in) x (in, out) product, run through the base layer itself,
+so a quantized base is never dequantized per step) and the (r, r) Gram matrix of A. In eval mode the
+whole norm is cached until A, B or the base change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # layer.py imports this module; the type is only needed for annotations
+    from .layer import LoraLinear
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[Any, ...]:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def base_weight_fp32(layer: "LoraLinear") -> torch.Tensor:
+    """The base weight as a float32 (out, in) matrix (a quantized base is dequantized)."""
+    from .quant import dequantized_weight  # quant recognises bitsandbytes lazily
+
+    weight = dequantized_weight(layer.base_layer).float()
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+def _base_row_norms_sq(layer: "LoraLinear") -> torch.Tensor:
+    """``||W_i||^2`` per output feature, float32 (out,), cached while the base weight is unchanged."""
+    weight = layer.base_layer.weight
+    key = _versions(weight)
+    cached = layer.__dict__.get("_dora_base_sq")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, base_weight_fp32(layer).pow(2).sum(dim=1))
+        layer.__dict__["_dora_base_sq"] = cached
+    return cached[1]
+
+
+def _base_matmul(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` without the bias: the base layer's own product (quantized kernels included)."""
+    base = layer.base_layer
+    if type(base) is nn.Linear:
+        return F.linear(x.to(base.weight.dtype), base.weight)
+    if layer.fan_in_fan_out and not hasattr(base, "quant_state"):  # GPT-2 Conv1D: weight (in, out)
+        return x.to(base.weight.dtype) @ base.weight
+    out = base(x.to(getattr(base, "compute_dtype", None) or torch.float32))
+    bias = getattr(base, "bias", None)
+    return out - bias if bias is not None else out
+
+
+def weight_norm(layer: "LoraLinear", name: str) -> torch.Tensor:
+    """``||W + s*B@A||`` per output feature, float32 (out,), without gradient (see the module doc)."""
+    a = layer.lora_A[name].weight
+    b = layer.lora_B[name].weight
+    scale = layer.scaling[name]
+    key = (_versions(a, b, layer.base_layer.weight), scale)
+    if not layer.training:
+        cached = layer.__dict__.get("_dora_norm", {}).get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        a32, b32 = a.float(), b.float()
+        w_at = _base_matmul(layer, a32).float().T  # (out, r) = W A^T
+        cross = (b32 * w_at).sum(dim=1)
+        lora_sq = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+        norm = (_base_row_norms_sq(layer) + 2.0 * scale * cross + scale * scale * lora_sq).clamp_min(0.0).sqrt()
+    if not layer.training:
+        layer.__dict__.setdefault("_dora_norm", {})[name] = (key, norm)
+    return norm
+
+
+def init_magnitude(layer: "LoraLinear", name: str) -> None:
+    """Set the magnitude to the current ``||W + s*B@A||`` (PEFT's DoRA initialisation)."""
+    with torch.no_grad():
+        layer.lora_magnitude_vector[name].copy_(weight_norm(layer, name))
+
+
+def dora_delta(layer: "LoraLinear", x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+    """What DoRA adds to the base output ``base_out`` (= base(x), bias included) for input ``x``.
+
+    Args:
+        x: (..., in_features).
+        base_out: (..., out_features), the base layer's output for ``x``.
+
+    Returns:
+        (..., out_features) in the adapter's dtype.
+    """
+    a = layer.lora_A[name].weight
+    b = layer.lora_B[name].weight
+    scale = layer.scaling[name]
+    dropout = layer.lora_dropout[name]
+    magnitude = layer.lora_magnitude_vector[name]
+    factor = magnitude / weight_norm(layer, name).to(magnitude.dtype)  # (out,): gradient flows to m only
+    x_in = dropout(x)
+    # The scale goes on the (..., r) intermediate, cheaper than on the (..., out) result.
+    lora = F.linear(F.linear(x_in.to(a.dtype), a) * scale, b)
+    if isinstance(dropout, nn.Identity) or not layer.training:
+        bias = getattr(layer.base_layer, "bias", None)
+        plain = base_out - bias if bias is not None else base_out
+    else:  # dropout changed the input: W x must see the same input as the LoRA branch (as in PEFT)
+        plain = _base_matmul(layer, x_in)
+    return torch.addcmul(plain.to(lora.dtype) * (factor - 1), lora, factor)
+
+
+def merge_weight(layer: "LoraLinear", value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
+    """Merge (sign > 0) or unmerge (sign < 0) a DoRA adapter into/out of ``value`` (fp32, base layout).
+
+    Merging stores the norm it divided by, so unmerging inverts it exactly (up to fp32 rounding).
+    """
+    delta = layer.delta_weight(name)
+    magnitude = layer.lora_magnitude_vector[name].detach().float()
+    stored = layer.__dict__.setdefault("_dora_merge_norm", {})
+    dim = 0 if layer.fan_in_fan_out else 1  # the output feature is a column of a Conv1D weight
+    shape = (1, -1) if layer.fan_in_fan_out else (-1, 1)
+    if sign > 0:
+        combined = value + delta
+        norm = torch.linalg.vector_norm(combined, dim=dim)
+        stored[name] = norm
+        return combined * (magnitude / norm).view(shape)
+    norm = stored.pop(name, None)
+    if norm is None:
+        raise RuntimeError(f"DoRA adapter '{name}' has no record of its merge; it cannot be unmerged")
+    return value / (magnitude / norm).view(shape) - delta
