@@ -296,3 +296,10 @@ def test_disable_on_merged_bf16_experts_never_rewrites_weights():
     err = (disabled - expected).abs().max().item()
     effect = (adapted - expected).abs().max().item()
     assert err < effect / 5, (err, effect)
+
+
+def test_dora_on_expert_weights_is_refused_naming_the_key():
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="use_dora: .*experts.*target_parameters: \\[\\] or use_dora: false"):
+        inject_lora(model, LoraConfig(r=4, use_dora=True))  # all-linear reaches the experts
+    inject_lora(model, LoraConfig(r=4, use_dora=True, target_parameters=[]))  # attention only: fine

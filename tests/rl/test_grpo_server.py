@@ -12,7 +12,7 @@ import torch
 
 import lorakit.recipes.grpo as grpo
 from lorakit.config import load_config
-from lorakit.generation import SamplingParams
+from lorakit.generation import Engine, SamplingParams
 from lorakit.lora import LoraConfig, adapter_configs, adapter_state_dict, inject_lora
 from lorakit.models import load_model, load_tokenizer, write_demo_model
 from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout
@@ -127,7 +127,8 @@ def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
 
 
 def test_policy_sampler_serves_one_adapter_per_step(server):
-    # Oracle: lorakit's engine on the policy in this process (the server test above ties the two).
+    # What is checked is which adapter the server serves at each step; the in-process engine on the
+    # same weights tells them apart (the tests above check the server itself against transformers).
     tokenizer = load_tokenizer(server["demo"])
     policy = load_model(server["demo"], dtype=torch.float32, device=torch.device("cpu"))
     inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))

@@ -353,6 +353,12 @@ def inject_lora(
     """
     model = unwrap_model(model)
     targets, saved = plan_injection(model, config, adapter_name)
+    expert_targets = [t.path for t in targets if t.param is not None]
+    if config.use_dora and expert_targets:
+        # DoRA's per-output-feature norm is defined for Linear/Conv1D weights; PEFT has no DoRA for
+        # parameter targets either.
+        raise ValueError(f"use_dora: '{expert_targets[0]}' is a fused expert weight (target_parameters, or all-linear "
+                         "on an MoE model), which DoRA does not cover: set target_parameters: [] or use_dora: false")
     fan_in_fan_out = False
     _wrap_parameters(model, [t for t in targets if t.param is not None], adapter_name, config, dtype)
     for t in targets:

@@ -53,7 +53,8 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
         if isinstance(module, (LoraLinear, LoraParameter)):  # expert wrappers store A/B in PEFT's stacked layout
             out[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
-            if adapter_name in module.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+            dora = getattr(module, "lora_magnitude_vector", {})  # expert wrappers have no DoRA
+            if adapter_name in dora:  # DoRA: PEFT's key has no ".weight"
                 out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
         elif isinstance(module, LoraEmbedding):
             out[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]

@@ -216,6 +216,9 @@ class LoraLayer(nn.Module):
             flat_x = x.reshape(lead.numel(), *x.shape[len(lead):])
             flat = self._routed_rows(flat_x, result.reshape(lead.numel(), result.shape[-1]), self.row_routes)
             return flat.reshape(result.shape)
+        if n == 0 or x.shape[0] % n:
+            raise RuntimeError(f"route_adapters was given {n} row adapters but the batch has {x.shape[0]} rows "
+                               f"({lead.numel()} tokens)")
         # One adapter per row; MoE blocks flatten (B, T) into B * T tokens before their experts.
         return self._routed_rows(x, result, expand_routes(self.row_routes, x.shape[0]))
 
