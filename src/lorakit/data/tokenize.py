@@ -164,18 +164,12 @@ def to_rows(encoded: Sequence[Encoded], max_seq_len: int, packing: bool) -> list
     return rows
 
 
-def collate(rows: Sequence[Row], pad_id: int, packed: bool, padding_free: bool = False) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch, or (``padding_free``) concatenate them into one row with no padding.
+def pad_rows(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``rows`` to their longest: ``(input_ids, labels, position_ids, attention_mask)``, each (rows, width).
 
-    Unpacked batches carry an attention mask. Packed and padding-free batches carry ``position_ids``
-    instead (and no mask), from which transformers builds a block-diagonal causal mask: no token
-    attends across samples. That needs a forward pass without a KV cache (``use_cache=False``).
-    Padding gets positions of its own, so it forms a separate block that nothing reads.
+    Padding gets label IGNORE, mask 0 and positions of its own (0, 1, ...), so in a packed batch it
+    forms a separate block that nothing reads.
     """
-    if padding_free and len(rows) > 1:
-        rows = [Row([t for r in rows for t in r.input_ids], [t for r in rows for t in r.labels],
-                    [t for r in rows for t in r.position_ids])]
-        packed = True
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -188,6 +182,22 @@ def collate(rows: Sequence[Row], pad_id: int, packed: bool, padding_free: bool =
         positions[i, :n] = torch.tensor(row.position_ids)
         positions[i, n:] = torch.arange(width - n)
         mask[i, :n] = 1
+    return ids, labels, positions, mask
+
+
+def collate(rows: Sequence[Row], pad_id: int, packed: bool, padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch, or (``padding_free``) concatenate them into one row with no padding.
+
+    Unpacked batches carry an attention mask. Packed and padding-free batches carry ``position_ids``
+    instead (and no mask), from which transformers builds a block-diagonal causal mask: no token
+    attends across samples. That needs a forward pass without a KV cache (``use_cache=False``).
+    Padding gets positions of its own, so it forms a separate block that nothing reads.
+    """
+    if padding_free and len(rows) > 1:
+        rows = [Row([t for r in rows for t in r.input_ids], [t for r in rows for t in r.labels],
+                    [t for r in rows for t in r.position_ids])]
+        packed = True
+    ids, labels, positions, mask = pad_rows(rows, pad_id)
     batch = {"input_ids": ids, "labels": labels}
     if packed:
         batch["position_ids"] = positions

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE, Row
+from ..data.tokenize import pad_rows
 from ..lora import lora_modules
 from .rows import epoch_order
 
@@ -71,18 +72,7 @@ def mixed_batch(groups: Sequence[Sequence[Row]], pad_id: int, packed: bool, conc
                          [t for r in group for t in r.position_ids])]
         rows += group
         owner += [index] * len(group)
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.input_ids)
-        ids[i, :n] = torch.tensor(row.input_ids)
-        labels[i, :n] = torch.tensor(row.labels)
-        positions[i, :n] = torch.tensor(row.position_ids)
-        positions[i, n:] = torch.arange(width - n)
-        mask[i, :n] = 1
+    ids, labels, positions, mask = pad_rows(rows, pad_id)
     batch = {"input_ids": ids, "labels": labels, "row_group": torch.tensor(owner, dtype=torch.long),
              "num_tokens": torch.tensor(real)}
     if packed:
