@@ -1,12 +1,13 @@
 """LoRA variants against the real `peft` package: DoRA, PiSSA/OLoRA, QLoRA (bitsandbytes), LoRA+."""
 
+import copy
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, inject_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
+from lorakit import LoraConfig, disable_adapters, inject_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from lorakit.lora import route_adapters
 from lorakit.training import build_optimizer
 
@@ -137,9 +138,103 @@ def test_dora_norm_is_cached_in_eval_and_follows_weight_changes(ids):
     assert torch.allclose(fresh, weight.norm(dim=1), rtol=1e-5)
 
 
-def test_dora_on_an_embedding_is_refused_naming_the_module():
-    with pytest.raises(ValueError, match=r"use_dora: module 'model.embed_tokens' is a Embedding"):
-        inject_lora(tiny_qwen3(), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+EMBED_TARGETS = ["embed_tokens", "q_proj", "v_proj"]
+
+
+def _scale_peft_magnitudes(model, seed):
+    """PEFT starts each magnitude at the weight norm (a factor of 1): move it, so the magnitude counts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_dora_on_an_embedding_interop_both_ways(tmp_path, ids, rslora):
+    cfg = dict(r=4, target_modules=EMBED_TARGETS, use_dora=True, use_rslora=rslora)
+    ours = tiny_qwen3()
+    inject_lora(ours, LoraConfig(alpha=8, **cfg))
+    assert (_logits(ours, ids) - _logits(tiny_qwen3(), ids)).abs().max() < 1e-6  # a fresh DoRA adapter is a no-op
+    randomize_lora(ours, seed=5)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_qwen3(), tmp_path / "ours").eval()
+    assert (_logits(theirs, ids) - _logits(ours, ids)).abs().max() < 1e-5
+    assert (_logits(theirs, ids) - _logits(tiny_qwen3(), ids)).abs().max() > 1e-2  # the adapter does something
+
+    trained = peft.get_peft_model(tiny_qwen3(), peft.LoraConfig(lora_alpha=8, init_lora_weights=False, **cfg)).eval()
+    _scale_peft_magnitudes(trained, seed=7)
+    trained.save_pretrained(tmp_path / "peft", save_embedding_layers=False)  # the adapter only
+    from safetensors.torch import load_file
+
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    peft_saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in peft_saved.items()}  # same keys, shapes
+    assert mine["base_model.model.model.embed_tokens.lora_magnitude_vector"].shape == (32,)  # per embedding dim
+    back = tiny_qwen3()
+    load_adapter(back, tmp_path / "peft")
+    assert (_logits(back, ids) - _logits(trained, ids)).abs().max() < 1e-5
+
+
+def test_dora_on_an_embedding_gradients_match_peft(ids):
+    ours = tiny_qwen3()
+    inject_lora(ours, LoraConfig(r=4, alpha=8, target_modules=EMBED_TARGETS, use_dora=True, init_lora_weights=False))
+    theirs = peft.get_peft_model(tiny_qwen3(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=EMBED_TARGETS,
+                                                               use_dora=True, init_lora_weights=False))
+    _scale_peft_magnitudes(theirs, seed=8)
+    ours.train(), theirs.train()
+
+    def our_name(name):
+        return name.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.base_model.model.named_parameters():
+            if p.requires_grad:
+                mine[our_name(name)].copy_(p)
+    ours(input_ids=ids).logits.square().mean().backward()
+    theirs(input_ids=ids).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    checked = []
+    for name, p in theirs.base_model.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[our_name(name)], p.grad, atol=1e-6, rtol=1e-4), name
+            checked.append(name)
+    assert len(checked) == 3 * (1 + 2 * 2)  # A, B and magnitude of the embedding and 2 targets x 2 layers
+    assert sum("embed_tokens" in n for n in checked) == 3
+
+
+def test_dora_on_an_embedding_merge_unmerge_and_disable_are_exact(ids):
+    model = tiny_qwen3()
+    base = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=EMBED_TARGETS, use_dora=True))
+    randomize_lora(model, seed=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    expected = _logits(model, ids)
+    merge_lora(model)
+    merged_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert (_logits(model, ids) - expected).abs().max() < 1e-5
+    with disable_adapters(model):  # merged adapters taken out of the outputs: the base model's logits
+        assert (_logits(model, ids) - _logits(base, ids)).abs().max() < 1e-5
+    assert all(torch.equal(p, merged_weights[n]) for n, p in model.named_parameters())  # weights untouched
+    unmerge_lora(model)
+    assert all((p - before[n]).abs().max() < 1e-6 for n, p in model.named_parameters() if n in before)
+    assert (_logits(model, ids) - expected).abs().max() < 1e-6
+    plain = unload_lora(model, merge=True)
+    assert (_logits(plain, ids) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_qwen3, QWEN_TARGETS), (tiny_gpt2, GPT2_TARGETS)], ids=["linear", "conv1d"])
+def test_disabling_a_merged_dora_model_gives_the_base_output(ids, make, targets):
+    model = make()
+    base = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True), adapter_name="a")
+    inject_lora(model, LoraConfig(r=2, target_modules=targets[:1], use_dora=True), adapter_name="b")
+    randomize_lora(model, seed=9)
+    merge_lora(model, ["a"])
+    merge_lora(model, ["b"])
+    with disable_adapters(model):
+        assert (_logits(model, ids) - _logits(base, ids)).abs().max() < 1e-5
 
 
 # --- PiSSA / OLoRA ---------------------------------------------------------------------------
@@ -291,17 +386,21 @@ def test_pissa_on_a_quantized_base_is_refused():
 
 
 # --- LoRA+ -----------------------------------------------------------------------------------
-def test_loraplus_groups_and_rates_equal_peft():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_loraplus_groups_and_rates_equal_peft(use_dora):
     from peft.optimizers import create_loraplus_optimizer
 
-    cfg = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=False)
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=use_dora)
     ours = tiny_qwen3()
     inject_lora(ours, LoraConfig(**cfg))
     theirs = peft.get_peft_model(tiny_qwen3(), peft.LoraConfig(**cfg))
     reference = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
 
     def rates(model, optimizer, prefix=""):
-        names = {id(p): n.removeprefix(prefix) for n, p in model.named_parameters()}
+        # PEFT holds a magnitude in a module: "...lora_magnitude_vector.default.weight"
+        names = {id(p): n.removeprefix(prefix).removesuffix("lora_magnitude_vector.default.weight")
+                 + ("lora_magnitude_vector.default" if n.endswith("lora_magnitude_vector.default.weight") else "")
+                 for n, p in model.named_parameters()}
         return {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
 
     theirs_rates = rates(theirs, reference, "base_model.model.")

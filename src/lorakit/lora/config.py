@@ -102,7 +102,7 @@ class LoraConfig:
     adapter to plain LoRA for the untouched base (see ``lora.residual``)."""
     use_dora: bool = False
     """DoRA: a trained per-output-feature magnitude times the normalised ``W + scale * B @ A``
-    (PEFT's ``use_dora``; Linear and GPT-2 Conv1D layers)."""
+    (PEFT's ``use_dora``; Linear, GPT-2 Conv1D and Embedding layers, the latter per embedding dimension)."""
     layers_to_transform: Union[list[int], int, None] = None
     """Only wrap modules inside these layer indices (``...layers.<i>...``)."""
     layers_pattern: Union[list[str], str, None] = None

@@ -18,6 +18,11 @@ needs the per-row ``||W_i||^2`` (cached: the base is frozen, and the cache is ke
 storage and version), ``W A^T`` (one (r, in) x (in, out) product, run through the base layer itself,
 so a quantized base is never dequantized per step) and the (r, r) Gram matrix of A. In eval mode the
 whole norm is cached until A, B or the base change.
+
+Embeddings (PEFT's layout too): the (num_embeddings, dim) table is read as the (dim, num_embeddings)
+weight of a Linear from one-hot ids, so A = ``lora_embedding_A`` (r, num), B = ``lora_embedding_B``
+(dim, r), and the magnitude and norm are per embedding dimension, (dim,): a column norm of the table,
+taken over the whole vocabulary. There is no bias and no dropout, so ``y = f * (base(ids) + s * A^T[ids] @ B^T)``.
 """
 
 from __future__ import annotations
@@ -29,19 +34,31 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # layer.py imports this module; the type is only needed for annotations
-    from .layer import LoraLinear
+    from .layer import LoraLayer, LoraLinear
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def base_weight_fp32(layer: "LoraLinear") -> torch.Tensor:
+def _transposed(layer: "LoraLayer") -> bool:
+    """Whether the base weight is stored (in, out): GPT-2 Conv1D, and an embedding table (num, dim)."""
+    return isinstance(layer.base_layer, nn.Embedding) or bool(getattr(layer, "fan_in_fan_out", False))
+
+
+def _factors(layer: "LoraLayer", name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's live ``(A, B)`` as (r, in) and (out, r), ``out`` being the magnitude's dimension."""
+    if isinstance(layer.base_layer, nn.Embedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def base_weight_fp32(layer: "LoraLayer") -> torch.Tensor:
     """The base weight as a float32 (out, in) matrix (a quantized base is dequantized)."""
     from .quant import dequantized_weight  # quant recognises bitsandbytes lazily
 
     weight = dequantized_weight(layer.base_layer).float()
-    return weight.T if layer.fan_in_fan_out else weight
+    return weight.T if _transposed(layer) else weight
 
 
 def _base_row_norms_sq(layer: "LoraLinear") -> torch.Tensor:
@@ -61,17 +78,16 @@ def _base_matmul(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     if type(base) is nn.Linear:
         return F.linear(x.to(base.weight.dtype), base.weight)
-    if layer.fan_in_fan_out and not hasattr(base, "quant_state"):  # GPT-2 Conv1D: weight (in, out)
+    if _transposed(layer) and not hasattr(base, "quant_state"):  # Conv1D / embedding: weight (in, out)
         return x.to(base.weight.dtype) @ base.weight
     out = base(x.to(getattr(base, "compute_dtype", None) or torch.float32))
     bias = getattr(base, "bias", None)
     return out - bias if bias is not None else out
 
 
-def weight_norm(layer: "LoraLinear", name: str) -> torch.Tensor:
+def weight_norm(layer: "LoraLayer", name: str) -> torch.Tensor:
     """``||W + s*B@A||`` per output feature, float32 (out,), without gradient (see the module doc)."""
-    a = layer.lora_A[name].weight
-    b = layer.lora_B[name].weight
+    a, b = _factors(layer, name)
     scale = layer.scaling[name]
     key = (_versions(a, b, layer.base_layer.weight), scale)
     if not layer.training:
@@ -89,13 +105,13 @@ def weight_norm(layer: "LoraLinear", name: str) -> torch.Tensor:
     return norm
 
 
-def init_magnitude(layer: "LoraLinear", name: str) -> None:
+def init_magnitude(layer: "LoraLayer", name: str) -> None:
     """Set the magnitude to the current ``||W + s*B@A||`` (PEFT's DoRA initialisation)."""
     with torch.no_grad():
         layer.lora_magnitude_vector[name].copy_(weight_norm(layer, name))
 
 
-def dora_delta(layer: "LoraLinear", x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+def dora_delta(layer: "LoraLayer", x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
     """What DoRA adds to the base output ``base_out`` (= base(x), bias included) for input ``x``.
 
     Args:
@@ -105,11 +121,15 @@ def dora_delta(layer: "LoraLinear", x: torch.Tensor, base_out: torch.Tensor, nam
     Returns:
         (..., out_features) in the adapter's dtype.
     """
+    magnitude = layer.lora_magnitude_vector[name]
+    if isinstance(layer.base_layer, nn.Embedding):  # x: ids; no dropout on ids, no bias
+        factor = magnitude / weight_norm(layer, name).to(magnitude.dtype)  # (dim,)
+        lora = layer._delta(x, name)  # (..., dim), scaled
+        return torch.addcmul(base_out.to(lora.dtype) * (factor - 1), lora, factor)
     a = layer.lora_A[name].weight
     b = layer.lora_B[name].weight
     scale = layer.scaling[name]
     dropout = layer.lora_dropout[name]
-    magnitude = layer.lora_magnitude_vector[name]
     factor = magnitude / weight_norm(layer, name).to(magnitude.dtype)  # (out,): gradient flows to m only
     x_in = dropout(x)
     # The scale goes on the (..., r) intermediate, cheaper than on the (..., out) result.
@@ -122,7 +142,7 @@ def dora_delta(layer: "LoraLinear", x: torch.Tensor, base_out: torch.Tensor, nam
     return torch.addcmul(plain.to(lora.dtype) * (factor - 1), lora, factor)
 
 
-def merge_weight(layer: "LoraLinear", value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
+def merge_weight(layer: "LoraLayer", value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
     """Merge (sign > 0) or unmerge (sign < 0) a DoRA adapter into/out of ``value`` (fp32, base layout).
 
     Merging stores the norm it divided by, so unmerging inverts it exactly (up to fp32 rounding).
@@ -130,8 +150,8 @@ def merge_weight(layer: "LoraLinear", value: torch.Tensor, name: str, sign: floa
     delta = layer.delta_weight(name)
     magnitude = layer.lora_magnitude_vector[name].detach().float()
     stored = layer.__dict__.setdefault("_dora_merge_norm", {})
-    dim = 0 if layer.fan_in_fan_out else 1  # the output feature is a column of a Conv1D weight
-    shape = (1, -1) if layer.fan_in_fan_out else (-1, 1)
+    dim = 0 if _transposed(layer) else 1  # the output feature is a column of a Conv1D weight / embedding table
+    shape = (1, -1) if _transposed(layer) else (-1, 1)
     if sign > 0:
         combined = value + delta
         norm = torch.linalg.vector_norm(combined, dim=dim)
@@ -141,3 +161,26 @@ def merge_weight(layer: "LoraLinear", value: torch.Tensor, name: str, sign: floa
     if norm is None:
         raise RuntimeError(f"DoRA adapter '{name}' has no record of its merge; it cannot be unmerged")
     return value / (magnitude / norm).view(shape) - delta
+
+
+def unmerged_output(layer: "LoraLayer", result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The output ``result`` of a layer whose weight holds merged DoRA adapter ``name``, with it taken out.
+
+    The merged weight is ``f * (W + delta)`` with ``f = m / norm`` (the norm stored at merge time),
+    so ``W x = (result - bias) / f - delta x``; only the output changes, never the weight.
+
+    Args:
+        result: (..., out_features), the base layer's output on the merged weight.
+        x: the layer's input, (..., in_features) or ids.
+
+    Returns:
+        (..., out_features) in float32.
+    """
+    norm = layer.__dict__.get("_dora_merge_norm", {}).get(name)
+    if norm is None:
+        raise RuntimeError(f"DoRA adapter '{name}' has no record of its merge; it cannot be taken out of the output")
+    factor = layer.lora_magnitude_vector[name].detach().float() / norm
+    bias = getattr(layer.base_layer, "bias", None)
+    plain = result.float() if bias is None else result.float() - bias.detach().float()
+    out = plain / factor - layer._merged_delta(x, name).float()
+    return out if bias is None else out + bias.detach().float()

@@ -150,9 +150,9 @@ def check_variant_target(path: str, module: nn.Module, config: LoraConfig) -> No
 
     base = module.base_layer if isinstance(module, LoraLayer) else module
     linear = isinstance(base, nn.Linear) or is_conv1d(base)
-    if config.use_dora and not linear:
-        raise ValueError(f"use_dora: module '{path}' is a {type(base).__name__}; lorakit's DoRA covers Linear and GPT-2 "
-                         "Conv1D layers: leave it out of target_modules or set use_dora: false")
+    if config.use_dora and not (linear or isinstance(base, nn.Embedding)):
+        raise ValueError(f"use_dora: module '{path}' is a {type(base).__name__}; lorakit's DoRA covers Linear, GPT-2 "
+                         "Conv1D and Embedding layers: leave it out of target_modules or set use_dora: false")
     if is_residual_init(config.init_lora_weights):
         if not linear:
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r}: module '{path}' is a "

@@ -59,6 +59,8 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
         elif isinstance(module, LoraEmbedding):
             out[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
             out[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+            if adapter_name in module.lora_magnitude_vector:
+                out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
         elif isinstance(module, ModulesToSave):
             for key, value in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 out[f"{path}.{key}"] = value
@@ -109,6 +111,8 @@ def _expected_shapes(targets: list[Target], saved: list[tuple[str, nn.Module]],
         elif isinstance(base, nn.Embedding):
             shapes[f"{t.path}.lora_embedding_A"] = (t.r, base.num_embeddings)
             shapes[f"{t.path}.lora_embedding_B"] = (base.embedding_dim, t.r)
+            if use_dora:  # one magnitude per embedding dimension, as in PEFT
+                shapes[f"{t.path}.lora_magnitude_vector"] = (base.embedding_dim,)
         else:
             fan_in, fan_out = linear_dims(base)
             shapes[f"{t.path}.lora_A.weight"] = (t.r, fan_in)

@@ -117,8 +117,11 @@ class LoraLayer(nn.Module):
         check_adapter_name(name)
         if name in self.r:
             raise ValueError(f"adapter '{name}' already exists on this layer")
-        if (use_dora or is_residual_init(init)) and not isinstance(self, LoraLinear):
-            raise ValueError(f"use_dora / init_lora_weights={init!r}: implemented for Linear and GPT-2 Conv1D layers, "
+        if use_dora and not isinstance(self, (LoraLinear, LoraEmbedding)):
+            raise ValueError(f"use_dora: implemented for Linear, GPT-2 Conv1D and Embedding layers, "
+                             f"not {type(self.base_layer).__name__}")
+        if is_residual_init(init) and not isinstance(self, LoraLinear):
+            raise ValueError(f"init_lora_weights={init!r}: implemented for Linear and GPT-2 Conv1D layers, "
                              f"not {type(self.base_layer).__name__}")
         self.use_dora[name] = use_dora
         self._set_scale(name, r, alpha, use_rslora)
@@ -191,8 +194,12 @@ class LoraLayer(nn.Module):
         # Disabled with adapters merged: take their updates out of the output, never out of the
         # weights, so a merged model is bit for bit the same after any number of disable blocks.
         # ``result - delta`` runs in the adapters' (float32) dtype and rounds once.
-        for name in self.merged_adapters:
-            result = (result - self._merged_delta(x, name)).to(result.dtype)
+        # Merged adapters come out newest first, the inverse of the order they went in.
+        for name in reversed(self.merged_adapters):
+            if self.use_dora.get(name):  # the merge scaled the weight: divide, then subtract
+                result = dora.unmerged_output(self, result, x, name).to(result.dtype)
+            else:
+                result = (result - self._merged_delta(x, name)).to(result.dtype)
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -374,21 +381,30 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: ``y = base(ids) + (A^T[ids] @ B^T) * scale``.
 
     A: (r, num_embeddings), B: (embedding_dim, r). As in PEFT, A starts at zero and B gaussian,
-    so a fresh adapter changes nothing.
+    so a fresh adapter changes nothing. A DoRA adapter adds a magnitude of shape (embedding_dim,)
+    (see ``lora.dora``).
     """
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
 
     def _stores(self) -> list[Any]:
-        return [self.lora_embedding_A, self.lora_embedding_B]
+        return [self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector]
 
     def _create_weights(self, name: str, r: int, factory: dict[str, Any]) -> None:
         num, dim = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **factory))
+        if self.use_dora.get(name):
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(dim, **factory))
+
+    def merge_weight(self, value: torch.Tensor, name: str, sign: float = 1.0) -> torch.Tensor:
+        if self.use_dora.get(name):
+            return dora.merge_weight(self, value, name, sign)
+        return super().merge_weight(value, name, sign)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
         with torch.no_grad():
@@ -402,6 +418,8 @@ class LoraEmbedding(LoraLayer):
             else:
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
+        if self.use_dora.get(name):
+            dora.init_magnitude(self, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].detach().float()

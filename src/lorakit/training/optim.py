@@ -53,11 +53,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_lr_r
     for module in root.modules():
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), module)
+    # Only an embedding's A and B: PEFT groups its DoRA magnitude (1-D) with B, like every magnitude.
     embedding_params = {id(p) for _, layer in lora_modules(root) if isinstance(layer, LoraEmbedding)
                         for store in (layer.lora_embedding_A, layer.lora_embedding_B) for p in store.values()}
-    for _, layer in lora_modules(root):
-        if isinstance(layer, LoraEmbedding):
-            embedding_params |= {id(p) for p in getattr(layer, "lora_magnitude_vector", {}).values()}
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, p in named:
         if id(p) in embedding_params:
