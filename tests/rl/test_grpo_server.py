@@ -12,7 +12,7 @@ import torch
 
 import lorakit.recipes.grpo as grpo
 from lorakit.config import load_config
-from lorakit.generation import Engine, SamplingParams
+from lorakit.generation import Engine, Request, SamplingParams
 from lorakit.lora import LoraConfig, adapter_configs, adapter_state_dict, inject_lora
 from lorakit.models import load_model, load_tokenizer, write_demo_model
 from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout
