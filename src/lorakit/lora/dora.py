@@ -27,33 +27,31 @@ taken over the whole vocabulary. There is no bias and no dropout, so ``y = f * (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # layer.py imports this module; the type is only needed for annotations
-    from .layer import LoraLayer, LoraLinear
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def _transposed(layer: "LoraLayer") -> bool:
+def _transposed(layer: nn.Module) -> bool:
     """Whether the base weight is stored (in, out): GPT-2 Conv1D, and an embedding table (num, dim)."""
     return isinstance(layer.base_layer, nn.Embedding) or bool(getattr(layer, "fan_in_fan_out", False))
 
 
-def _factors(layer: "LoraLayer", name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapter's live ``(A, B)`` as (r, in) and (out, r), ``out`` being the magnitude's dimension."""
     if isinstance(layer.base_layer, nn.Embedding):
         return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
     return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
-def base_weight_fp32(layer: "LoraLayer") -> torch.Tensor:
+def base_weight_fp32(layer: nn.Module) -> torch.Tensor:
     """The base weight as a float32 (out, in) matrix (a quantized base is dequantized)."""
     from .quant import dequantized_weight  # quant recognises bitsandbytes lazily
 
@@ -61,7 +59,7 @@ def base_weight_fp32(layer: "LoraLayer") -> torch.Tensor:
     return weight.T if _transposed(layer) else weight
 
 
-def _base_row_norms_sq(layer: "LoraLinear") -> torch.Tensor:
+def _base_row_norms_sq(layer: nn.Module) -> torch.Tensor:
     """``||W_i||^2`` per output feature, float32 (out,), cached while the base weight is unchanged."""
     weight = layer.base_layer.weight
     key = _versions(weight)
@@ -73,7 +71,7 @@ def _base_row_norms_sq(layer: "LoraLinear") -> torch.Tensor:
     return cached[1]
 
 
-def _base_matmul(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
+def _base_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x @ W^T`` without the bias: the base layer's own product (quantized kernels included)."""
     base = layer.base_layer
     if type(base) is nn.Linear:
@@ -85,7 +83,7 @@ def _base_matmul(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
     return out - bias if bias is not None else out
 
 
-def weight_norm(layer: "LoraLayer", name: str) -> torch.Tensor:
+def weight_norm(layer: nn.Module, name: str) -> torch.Tensor:
     """``||W + s*B@A||`` per output feature, float32 (out,), without gradient (see the module doc)."""
     a, b = _factors(layer, name)
     scale = layer.scaling[name]
@@ -105,13 +103,13 @@ def weight_norm(layer: "LoraLayer", name: str) -> torch.Tensor:
     return norm
 
 
-def init_magnitude(layer: "LoraLayer", name: str) -> None:
+def init_magnitude(layer: nn.Module, name: str) -> None:
     """Set the magnitude to the current ``||W + s*B@A||`` (PEFT's DoRA initialisation)."""
     with torch.no_grad():
         layer.lora_magnitude_vector[name].copy_(weight_norm(layer, name))
 
 
-def dora_delta(layer: "LoraLayer", x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+def dora_delta(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
     """What DoRA adds to the base output ``base_out`` (= base(x), bias included) for input ``x``.
 
     Args:
@@ -142,7 +140,7 @@ def dora_delta(layer: "LoraLayer", x: torch.Tensor, base_out: torch.Tensor, name
     return torch.addcmul(plain.to(lora.dtype) * (factor - 1), lora, factor)
 
 
-def merge_weight(layer: "LoraLayer", value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
+def merge_weight(layer: nn.Module, value: torch.Tensor, name: str, sign: float) -> torch.Tensor:
     """Merge (sign > 0) or unmerge (sign < 0) a DoRA adapter into/out of ``value`` (fp32, base layout).
 
     Merging stores the norm it divided by, so unmerging inverts it exactly (up to fp32 rounding).
@@ -163,7 +161,7 @@ def merge_weight(layer: "LoraLayer", value: torch.Tensor, name: str, sign: float
     return value / (magnitude / norm).view(shape) - delta
 
 
-def unmerged_output(layer: "LoraLayer", result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+def unmerged_output(layer: nn.Module, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """The output ``result`` of a layer whose weight holds merged DoRA adapter ``name``, with it taken out.
 
     The merged weight is ``f * (W + delta)`` with ``f = m / norm`` (the norm stored at merge time),

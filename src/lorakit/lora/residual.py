@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
+from torch import nn
 
 from .config import LoraConfig, is_residual_init
 
-if TYPE_CHECKING:
-    from .layer import LoraLinear
 
 __all__ = ["is_residual_init", "init_residual", "initial_weights", "restore_residual", "to_plain_lora"]
 
 
-def _weight_out_in(layer: "LoraLinear") -> torch.Tensor:
+def _weight_out_in(layer: nn.Module) -> torch.Tensor:
     from .quant import is_quantized
 
     if is_quantized(layer.base_layer):
@@ -43,7 +42,7 @@ def _weight_out_in(layer: "LoraLinear") -> torch.Tensor:
     return weight.T if layer.fan_in_fan_out else weight
 
 
-def init_residual(layer: "LoraLinear", name: str, method: str) -> None:
+def init_residual(layer: nn.Module, name: str, method: str) -> None:
     """Initialise adapter ``name`` of ``layer`` by PiSSA/OLoRA and make the base weight the residual."""
     r, scale = layer.r[name], layer.scaling[name]
     weight = _weight_out_in(layer)
@@ -68,7 +67,7 @@ def init_residual(layer: "LoraLinear", name: str, method: str) -> None:
     restore_residual(layer, name, a0, b0, weight)
 
 
-def restore_residual(layer: "LoraLinear", name: str, a0: torch.Tensor, b0: torch.Tensor,
+def restore_residual(layer: nn.Module, name: str, a0: torch.Tensor, b0: torch.Tensor,
                      original: Optional[torch.Tensor] = None) -> None:
     """Write the residual ``W - s * b0 @ a0`` into the base and remember (a0, b0) for the conversion.
 
@@ -84,7 +83,7 @@ def restore_residual(layer: "LoraLinear", name: str, a0: torch.Tensor, b0: torch
     layer.__dict__.setdefault("_initial_lora", {})[name] = (a0.detach().clone(), b0.detach().clone())
 
 
-def initial_weights(layer: "LoraLinear", name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def initial_weights(layer: nn.Module, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The (A0, B0) a PiSSA/OLoRA adapter started from on this layer, or None."""
     return layer.__dict__.get("_initial_lora", {}).get(name)
 
