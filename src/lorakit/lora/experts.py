@@ -25,7 +25,6 @@ that calls the module with ``W + scale * B @ A`` (PEFT's method; cheap for a rou
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from typing import Any, Iterable, Optional, Sequence
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoraLayer, RowRoutes, expand_routes
+from .layer import LoraLayer, RowRoutes, expand_routes, init_lora_pair
 
 # Parameter names of fused expert weights the routed path computes (transformers' experts interface).
 _ROUTED_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -205,17 +204,7 @@ class LoraParameter(LoraLayer):
         self.lora_B[name] = nn.Linear(r * e, self.out_features, bias=False, **factory)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
-        with torch.no_grad():
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if init is False:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-                return
-            if init == "gaussian":
-                nn.init.normal_(a, std=1.0 / self.r[name])
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # fan-in = in_features, as for each expert alone
-            nn.init.zeros_(b)
+        init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert views ``(A: (experts, r, in), B: (experts, out, r))`` of adapter ``name`` (no copy)."""

@@ -296,17 +296,7 @@ class LoraLinear(LoraLayer):
             dora.init_magnitude(self, name)
 
     def _reset_lora(self, name: str, init: bool | str) -> None:
-        with torch.no_grad():
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if init is False:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-                return
-            if init == "gaussian":
-                nn.init.normal_(a, std=1.0 / self.r[name])
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
+        init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.detach().float()
@@ -526,6 +516,22 @@ def expand_routes(routes: RowRoutes, n: int) -> RowRoutes:
     per = n // rows
     span = torch.arange(per)
     return tuple((name, (r.unsqueeze(-1) * per + span.to(r.device)).reshape(-1)) for name, r in routes)
+
+
+def init_lora_pair(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
+    """Initialise A (r·k, in) and B (out, r·k) in place: kaiming A and zero B (True), N(0, 1/r) A and
+    zero B ('gaussian'), or both kaiming (False: a non-zero adapter, for tests). Kaiming's fan-in is
+    ``in``, as for each of k stacked experts alone."""
+    with torch.no_grad():
+        if init is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
 
 
 def check_rows(routes: RowRoutes, x: torch.Tensor, tokens: Optional[int] = None) -> bool:
