@@ -112,3 +112,15 @@ def test_two_torchrun_ranks_share_the_first_build(tmp_path):
     assert "batch 2 x 2 rank(s)" in proc.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert len([p for p in cache.iterdir() if not p.name.endswith(".lock")]) == 1
+
+
+def test_demo_config_names_its_architecture_so_servers_pick_the_causal_lm(tmp_path):
+    # vLLM (and transformers' pipelines) resolve the model class from config.json's `architectures`;
+    # without it vLLM loads the bare Qwen3Model as a pooling model and refuses to generate.
+    from lorakit.models.demo import write_demo_model
+
+    for moe in (False, True):
+        path = write_demo_model(tmp_path / f"m{moe}", moe=moe)
+        config = json.loads((path / "config.json").read_text())
+        expected = "Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"
+        assert config.get("architectures") == [expected], config.get("architectures")

@@ -21,7 +21,7 @@ DEMO = "demo"
 """The model name that means lorakit's demo model (``model: demo``, ``--model demo``)."""
 DEMO_MOE = "demo-moe"
 """The model name of the demo model's Mixture-of-Experts variant (a tiny Qwen3-MoE, 8 experts, top-2)."""
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: config.json names its architecture (vLLM needs it)
 """Bump when the demo model or tokenizer changes: the cache directory is named after it."""
 
 
@@ -99,6 +99,7 @@ def _save_demo(directory: Path, seed: int, moe: bool = False) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
+    model.config.architectures = [type(model).__name__]  # what save_pretrained would record
     # Written by hand, not with save_pretrained: under an initialised process group that writes
     # nothing on ranks other than 0, and any rank may be the one that builds the cached copy.
     from safetensors.torch import save_file
