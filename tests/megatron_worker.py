@@ -4,17 +4,12 @@ Every check computes a number (a max abs difference, a count, a flag) into resul
 --out; the pytest side asserts on them. One launch checks many things: megatron-core's import
 and process-group setup cost more than the checks themselves.
 
-CPU shims (test-only; Megatron's own code paths, not lorakit's): megatron-core 0.16 allocates
-the buffers of its sequence-parallel collectives and RoPE's frequencies on
-``torch.cuda.current_device()``, and its attention forks the CUDA RNG tracker. On CPU the worker
-points ``torch.cuda.current_device`` at "cpu" and replaces the RNG tracker's fork with a no-op
-(dropout is 0 everywhere here). Nothing is patched on CUDA.
+CPU shims (test-only; Megatron's own code paths, not lorakit's): see tests/megatron_cpu.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -38,8 +33,10 @@ parser.add_argument("--train-only", action="store_true", help="only the GPTModel
 ARGS = parser.parse_args()
 DEV = torch.device(ARGS.device if ARGS.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
+from tests.megatron_cpu import patch_megatron_for_cpu, point_cuda_device_at_cpu  # noqa: E402
+
 if DEV.type == "cpu":
-    torch.cuda.current_device = lambda: "cpu"
+    point_cuda_device_at_cpu()
 else:
     torch.cuda.set_device(DEV)
 dist.init_process_group("gloo" if DEV.type == "cpu" else "nccl")
@@ -48,21 +45,10 @@ OUT = Path(ARGS.out) / f"tp{WORLD}"
 OUT.mkdir(parents=True, exist_ok=True)
 
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core import tensor_parallel  # noqa: E402
 
 ps.initialize_model_parallel(tensor_model_parallel_size=WORLD)
 if DEV.type == "cpu":
-    class _NoFork:
-        def fork(self, name=None):
-            return contextlib.nullcontext()
-
-    def _tracker(*args, **kwargs):
-        return _NoFork()
-
-    import megatron.core.tensor_parallel.random as _random
-
-    tensor_parallel.get_cuda_rng_tracker = _tracker
-    _random.get_cuda_rng_tracker = _tracker
+    patch_megatron_for_cpu()
 else:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -12,6 +12,13 @@ Layouts (checked against megatron-core 0.16 ``SelfAttention.get_query_key_value_
 * ``linear_fc1`` of a gated MLP (SwiGLU) stacks ``[gate; up]`` along its output (the MLP's
   ``glu`` chunks its output in two, gate first).
 * ``linear_proj`` is HF's ``o_proj``, ``linear_fc2`` is ``down_proj``.
+* MoE experts (``SequentialMLP``): expert ``e``'s ``local_experts.<j>.linear_fc1`` ([gate; up]) and
+  ``linear_fc2`` are rows ``e`` of transformers' fused ``mlp.experts.gate_up_proj`` (experts,
+  2 * intermediate, hidden) and ``mlp.experts.down_proj`` (experts, hidden, intermediate), the
+  Qwen3-MoE / Qwen2-MoE / Mixtral layout. Their LoRA goes to PEFT's ``target_parameters`` layout
+  (``lora.experts``): A (experts * r, in) with expert ``e``'s rows at ``e * r``, B (out, r * experts)
+  with expert ``e``'s column ``j`` at ``j * experts + e``. Exact both ways (one A, B per expert on
+  both sides); every expert of a layer must carry the same rank and alpha (one PEFT tensor holds them).
 
 A LoRA on the fused ``linear_qkv`` has one A and one B; its HF form gives q/k/v the same A and
 each its rows of B, which is exact. The inverse (HF -> Megatron) is exact when q, k and v (those
@@ -27,6 +34,8 @@ from typing import Optional
 import torch
 
 from ..lora.config import LoraConfig
+from ..lora.experts import conventional_order, wrapper_paths
+from ..lora.vllm_layout import expert_wrappers
 
 ROLES = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1", "linear_fc2": "fc2"}
 # role -> (HF parent module, HF projection names in Megatron's fused order)
@@ -36,8 +45,10 @@ HF_NAMES = {
     "fc1": ("mlp", ("gate_proj", "up_proj")),
     "fc2": ("mlp", ("down_proj",)),
 }
+EXPERT_PARAMS = {"expert_fc1": "gate_up_proj", "expert_fc2": "down_proj"}
 PEFT_PREFIX = "base_model.model."
 _GPT_PATH = re.compile(r"(^|.*\.)layers\.\d+\.(self_attention\.linear_(qkv|proj)|mlp\.linear_fc[12])$")
+_EXPERT_PATH = re.compile(r"(^|.*\.)layers\.\d+\.mlp\.experts\.local_experts\.\d+\.linear_fc(?P<fc>[12])$")
 
 
 @dataclass
@@ -61,13 +72,23 @@ class ModuleInfo:
     num_query_groups: int = 0
     head_dim: int = 0
     gated: bool = False
+    expert: int = -1
+    """Global index of the MoE expert this layer belongs to (-1: not an expert layer)."""
+    num_experts: int = 0
+    """Experts of the MoE layer, all expert-parallel ranks together (0: not an expert layer)."""
+    ep_rank: int = 0
+    """Expert-parallel rank holding this expert layer (its checkpoint shard's folder)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def role_of(path: str) -> str:
-    """The HF-mappable role of a Megatron GPT module path, or "" (MoE experts, other models)."""
+    """The HF-mappable role of a Megatron GPT module path (qkv, proj, fc1, fc2, expert_fc1,
+    expert_fc2), or "" (shared experts, other models)."""
+    found = _EXPERT_PATH.match(path)
+    if found:
+        return f"expert_fc{found['fc']}"
     if not _GPT_PATH.match(path):
         return ""
     return ROLES[path.rsplit(".", 1)[-1]]
@@ -135,7 +156,11 @@ def to_hf_adapter(
     """
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
+    experts = [m for m in modules if m[0].role in EXPERT_PARAMS]
+    params = _experts_to_hf(experts, tensors, ranks)
     for info, a, b in modules:
+        if info.role in EXPERT_PARAMS:
+            continue
         if not info.role:
             raise ValueError(
                 f"{info.key}: no Hugging Face counterpart for this layer (export maps the GPT decoder's "
@@ -149,17 +174,93 @@ def to_hf_adapter(
             ranks[path] = (info.r, info.alpha)
     if not tensors:
         raise ValueError("no LoRA layers to export")
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in ranks})
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in ranks} - set(EXPERT_PARAMS.values()))
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     odd = {re.escape(p): v for p, v in ranks.items() if v != common}
     hf = replace(
-        config, r=common[0], alpha=common[1], target_modules=leaves, exclude_modules=None,
+        config, r=common[0], alpha=common[1], target_modules=leaves or None, exclude_modules=None,
+        target_parameters=[f"mlp.experts.{p}" for p in params] or None,
         layers_to_transform=None, layers_pattern=None, modules_to_save=None,
         rank_pattern={k: v[0] for k, v in odd.items() if v[0] != common[0]},
         alpha_pattern={k: v[1] for k, v in odd.items() if v[1] != common[1]},
         task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path,
     )
     return hf, tensors
+
+
+def experts_owner(layer: int) -> str:
+    """HF path of layer ``layer``'s fused experts module."""
+    return f"model.layers.{layer}.mlp.experts"
+
+
+def _experts_to_hf(experts: list[tuple[ModuleInfo, torch.Tensor, torch.Tensor]], tensors: dict[str, torch.Tensor],
+                   ranks: dict[str, tuple[int, float]]) -> list[str]:
+    """Stack every expert's A and B into PEFT's fused tensors (into ``tensors``); returns the
+    parameters (gate_up_proj, down_proj) in registration order."""
+    groups: dict[tuple[int, str], dict[int, tuple[ModuleInfo, torch.Tensor, torch.Tensor]]] = {}
+    for info, a, b in experts:
+        if info.role == "expert_fc1" and not info.gated:
+            raise ValueError(f"{info.key}: the experts' linear_fc1 is not gated (no [gate; up]); export maps gated "
+                             "experts to transformers' fused gate_up_proj")
+        groups.setdefault((info.layer, info.role), {})[info.expert] = (info, a, b)
+    per_layer: dict[int, set[str]] = {}
+    for (layer, role), by_expert in sorted(groups.items()):
+        first = next(iter(by_expert.values()))[0]
+        count = first.num_experts
+        if sorted(by_expert) != list(range(count)):
+            missing = sorted(set(range(count)) - set(by_expert))
+            raise ValueError(f"layer {layer} {role}: experts {missing[:8]} have no LoRA (PEFT's fused layout holds "
+                             f"all {count} experts of a layer in one tensor)")
+        shapes = {(i.r, i.alpha, i.use_rslora) for i, _, _ in by_expert.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"layer {layer} {role}: experts have different rank/alpha {sorted(shapes)}; PEFT's fused "
+                             "layout gives every expert of a layer one rank and alpha")
+        a = torch.cat([by_expert[e][1] for e in range(count)])  # (experts * r, in)
+        b = torch.stack([by_expert[e][2] for e in range(count)], dim=-1)  # (out, r, experts)
+        param = EXPERT_PARAMS[role]
+        per_layer.setdefault(layer, set()).add(param)
+        ranks[f"{experts_owner(layer)}.{param}"] = (first.r, first.alpha)
+        tensors[f"{layer}:{param}:A"] = a.contiguous()
+        tensors[f"{layer}:{param}:B"] = b.reshape(b.shape[0], -1).contiguous()
+    params: set[str] = set()
+    for layer, present in per_layer.items():
+        ordered = conventional_order(present)
+        params.update(ordered)
+        for param, path in wrapper_paths(experts_owner(layer), ordered).items():
+            for which in "AB":
+                tensors[f"{PEFT_PREFIX}{path}.lora_{which}.weight"] = tensors.pop(f"{layer}:{param}:{which}")
+    return conventional_order(params)
+
+
+def expert_wrapper_keys(info: ModuleInfo, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Optional[tuple[str, str]]:
+    """The ``(lora_A key, lora_B key)`` (without the PEFT prefix) holding expert layer ``info``'s
+    fused parameter in an HF adapter, or None when the adapter does not adapt it."""
+    owner, param = experts_owner(info.layer), EXPERT_PARAMS[info.role]
+    paths = sorted({k.split(".lora_")[0] for k in tensors if k.startswith(owner + ".")})
+    for path, (found_owner, found_param) in expert_wrappers(config, paths).items():
+        if found_owner == owner and found_param == param:
+            return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+    return None
+
+
+def _expert_from_hf(info: ModuleInfo, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                    source: str) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float]]:
+    keys = expert_wrapper_keys(info, config, tensors)
+    if keys is None:
+        return None
+    if info.role == "expert_fc1" and not info.gated:
+        raise ValueError(f"{info.key}: experts without a gated linear_fc1 cannot be imported from gate_up_proj")
+    param_path = f"{experts_owner(info.layer)}.{EXPERT_PARAMS[info.role]}"
+    r, alpha, count = config.rank_for(param_path), config.alpha_for(param_path), info.num_experts
+    a_all, b_all = tensors[keys[0]], tensors[keys[1]]
+    if tuple(a_all.shape) != (count * r, info.in_features) or tuple(b_all.shape) != (info.out_features, r * count):
+        raise ValueError(
+            f"{source}: '{keys[0]}' / '{keys[1]}' are {tuple(a_all.shape)} / {tuple(b_all.shape)}; {info.key} "
+            f"({count} experts, rank {r}) needs {(count * r, info.in_features)} / {(info.out_features, r * count)}"
+        )
+    a = a_all.reshape(count, r, info.in_features)[info.expert].clone()
+    b = b_all.reshape(info.out_features, r, count)[:, :, info.expert].contiguous()
+    return a, b, r, alpha
 
 
 def from_hf_adapter(
@@ -176,6 +277,8 @@ def from_hf_adapter(
     """
     if not info.role:
         raise ValueError(f"{info.key}: no Hugging Face counterpart for this layer; cannot import it from {source}")
+    if info.role in EXPERT_PARAMS:
+        return _expert_from_hf(info, config, tensors, source)
     _, names = HF_NAMES[info.role]
     found = {}
     for projection in names:

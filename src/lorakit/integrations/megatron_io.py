@@ -25,7 +25,16 @@ from ..lora.config import LoraConfig
 from ..lora.inject import adapter_configs, delete_adapter, lora_modules, set_adapter_trainable
 from ..lora.io import read_adapter, write_adapter
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear, unshard_tensor
-from .megatron_hf import HF_NAMES, ModuleInfo, from_hf_adapter, hf_module, role_of, to_hf_adapter
+from .megatron_hf import (
+    EXPERT_PARAMS,
+    HF_NAMES,
+    ModuleInfo,
+    expert_wrapper_keys,
+    from_hf_adapter,
+    hf_module,
+    role_of,
+    to_hf_adapter,
+)
 from .megatron_model import apply_lora_to_megatron_model, model_chunks
 
 logger = logging.getLogger("lorakit.integrations.megatron")
@@ -48,6 +57,18 @@ def _layer_index(chunk: nn.Module, path: str) -> int:
     return int(found.group(2)) if found else -1
 
 
+def _expert_place(chunk: nn.Module, path: str) -> tuple[int, int, int]:
+    """``(global expert index, experts in the layer, expert-parallel rank)`` of a ``SequentialMLP``
+    expert's linear at ``path`` (``...experts.local_experts.<j>.linear_fc1``)."""
+    owner_path, _, rest = path.partition(".local_experts.")
+    owner = chunk.get_submodule(owner_path)
+    local = int(rest.split(".", 1)[0])
+    ep_group = getattr(owner, "ep_group", None)
+    ep_size = ep_group.size() if ep_group is not None else 1
+    ep_rank = ep_group.rank() if ep_group is not None else 0
+    return ep_rank * owner.num_local_experts + local, ep_size * owner.num_local_experts, ep_rank
+
+
 def module_infos(model: Chunks, adapter_name: str = "default") -> list[tuple[ModuleInfo, ParallelLoraLinear]]:
     """Every wrapped layer carrying ``adapter_name``, with what export needs to know about it."""
     out = []
@@ -55,6 +76,9 @@ def module_infos(model: Chunks, adapter_name: str = "default") -> list[tuple[Mod
         for path, layer in lora_modules(chunk):
             if not isinstance(layer, ParallelLoraLinear) or adapter_name not in layer.r:
                 continue
+            expert, num_experts, ep_rank = -1, 0, 0
+            if role_of(path) in EXPERT_PARAMS:
+                expert, num_experts, ep_rank = _expert_place(chunk, path)
             config = getattr(layer.base_layer, "config", None)
             heads = int(getattr(config, "num_attention_heads", 0) or 0)
             groups = int(getattr(config, "num_query_groups", None) or heads)
@@ -69,6 +93,7 @@ def module_infos(model: Chunks, adapter_name: str = "default") -> list[tuple[Mod
                 alpha=layer.lora_alpha[adapter_name], use_rslora=layer.use_rslora[adapter_name],
                 num_heads=heads, num_query_groups=groups, head_dim=head_dim,
                 gated=bool(getattr(config, "gated_linear_unit", False)),
+                expert=expert, num_experts=num_experts, ep_rank=ep_rank,
             )
             out.append((info, layer))
     return out
@@ -78,16 +103,40 @@ def _parallel_ranks() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return {"tp": 0, "tp_size": 1, "pp": 0, "pp_size": 1, "dp": 0}
+        return {"tp": 0, "tp_size": 1, "pp": 0, "pp_size": 1, "dp": 0, "ep": 0, "ep_size": 1, "etp_size": 1, "edp": 0}
     return {"tp": ps.get_tensor_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_rank(), "pp_size": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_rank()}
+            "dp": ps.get_data_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
+            "ep_size": ps.get_expert_model_parallel_world_size(),
+            "etp_size": ps.get_expert_tensor_parallel_world_size(), "edp": ps.get_expert_data_parallel_rank()}
 
 
 def _pp_group() -> Optional[dist.ProcessGroup]:
     from megatron.core import parallel_state as ps
 
     return ps.get_pipeline_model_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+def _ep_group() -> Optional[dist.ProcessGroup]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+def _shard_folder(root: Path, tp: int, pp: int, ep: int, ep_size: int) -> Path:
+    # Megatron's own naming: the expert-parallel rank is appended only when EP > 1.
+    return root / (f"mp_rank_{tp:02d}_{pp:03d}" + (f"_{ep:03d}" if ep_size > 1 else ""))
+
+
+def _gather_experts(local: list, ranks: dict[str, int]) -> list:
+    """Under expert parallelism each EP rank holds other experts: collect every rank's expert
+    entries (``(ModuleInfo, ...)`` tuples), keeping the dense ones (EP ranks' replicas) once."""
+    if ranks["ep_size"] == 1:
+        return local
+    experts = [item for item in local if item[0].role in EXPERT_PARAMS]
+    gathered: list[Any] = [None] * ranks["ep_size"]
+    dist.all_gather_object(gathered, experts, group=_ep_group())
+    return [item for item in local if item[0].role not in EXPERT_PARAMS] + [i for part in gathered for i in part]
 
 
 def _barrier() -> None:
@@ -110,16 +159,19 @@ def save_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
         raise ValueError(f"the model has no LoRA adapter '{adapter_name}' to save")
     ranks = _parallel_ranks()
     root = Path(path)
-    if ranks["dp"] == 0:
+    # Under expert parallelism the EP ranks hold different experts: one writer per EP rank (its
+    # expert-data-parallel rank 0; the dense LoRA in its file is a replica of the others').
+    if (ranks["edp"] if ranks["ep_size"] > 1 else ranks["dp"]) == 0:
         tensors = {}
         for info, layer in infos:
             tensors[f"{info.key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
             tensors[f"{info.key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
-        folder = root / f"mp_rank_{ranks['tp']:02d}_{ranks['pp']:03d}"
+        folder = _shard_folder(root, ranks["tp"], ranks["pp"], ranks["ep"], ranks["ep_size"])
         folder.mkdir(parents=True, exist_ok=True)
         atomic_file(folder / SHARD_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    # The meta lists every pipeline stage's layers: gather them to write one file.
-    local = [info.to_dict() for info, _ in infos]
+    # The meta lists every pipeline stage's (and expert-parallel rank's) layers: one file.
+    local = [(info,) for info, _ in infos]
+    local = [info.to_dict() for (info,) in _gather_experts(local, ranks)]
     if ranks["pp_size"] > 1:
         gathered: list[Any] = [None] * ranks["pp_size"]
         dist.all_gather_object(gathered, local, group=_pp_group())
@@ -129,7 +181,8 @@ def save_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
         config = adapter_configs(chunks[0]).get(adapter_name) or next(
             adapter_configs(c)[adapter_name] for c in chunks if adapter_name in adapter_configs(c))
         meta = {"format": "lorakit-megatron-lora", "version": 1, "tp_size": ranks["tp_size"],
-                "pp_size": ranks["pp_size"], "config": config.to_peft_dict(), "modules": local}
+                "pp_size": ranks["pp_size"], "ep_size": ranks["ep_size"], "etp_size": ranks["etp_size"],
+                "config": config.to_peft_dict(), "modules": local}
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         atomic_file(root / META_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     _barrier()
@@ -146,15 +199,26 @@ def _read_meta(root: Path) -> dict:
     return meta
 
 
-def _full_from_files(root: Path, meta: dict, pp: int, wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Full (unsharded) LoRA tensors of pipeline stage ``pp`` from every TP rank's file."""
+def _full_from_files(root: Path, meta: dict, pp: int, wanted: set[str], ep: int = 0) -> dict[str, torch.Tensor]:
+    """Full (unsharded) LoRA tensors of pipeline stage ``pp`` (expert-parallel rank ``ep``) from
+    every TP rank's file.
+
+    Raises:
+        ValueError: expert layers split over an expert-TP size other than the TP size (their
+            shards do not line up with the TP files).
+    """
+    ep_size = meta.get("ep_size", 1)
+    infos = {m["key"]: ModuleInfo(**m) for m in meta["modules"] if m.get("ep_rank", 0) == ep or m["role"] not in EXPERT_PARAMS}
+    if meta.get("etp_size", 1) != meta["tp_size"] and any(i.role in EXPERT_PARAMS for i in infos.values()):
+        raise ValueError(f"{root}: expert layers were saved with expert-TP size {meta.get('etp_size')} and TP size "
+                         f"{meta['tp_size']}; rebuilding them from the files needs both equal (reload it with the "
+                         "same parallel layout, then export_hf_adapter in process)")
     shards = []
     for tp in range(meta["tp_size"]):
-        file = root / f"mp_rank_{tp:02d}_{pp:03d}" / SHARD_NAME
+        file = _shard_folder(root, tp, pp, ep, ep_size) / SHARD_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing shard of TP rank {tp}, PP rank {pp}")
+            raise FileNotFoundError(f"{file}: missing shard of TP rank {tp}, PP rank {pp}, EP rank {ep}")
         shards.append(load_file(str(file)))
-    infos = {m["key"]: ModuleInfo(**m) for m in meta["modules"]}
     full = {}
     for key in wanted:
         if key not in shards[0]:
@@ -184,18 +248,22 @@ def load_megatron_lora(model: Chunks, path: Union[str, os.PathLike], adapter_nam
     ranks = _parallel_ranks()
     if meta["pp_size"] != ranks["pp_size"]:
         raise ValueError(f"{root}: saved with pipeline size {meta['pp_size']}, this model runs {ranks['pp_size']}")
+    if meta.get("ep_size", 1) != ranks["ep_size"]:
+        raise ValueError(f"{root}: saved with expert-parallel size {meta.get('ep_size', 1)}, this model runs "
+                         f"{ranks['ep_size']}; export it to HF (python -m lorakit.integrations.megatron export) and "
+                         "import_hf_adapter it instead")
     infos = module_infos(model, adapter_name)
     if not infos:
         raise ValueError(f"the model has no LoRA adapter '{adapter_name}'; inject it before loading its weights")
     wanted = {f"{i.key}.lora_{w}.weight" for i, _ in infos for w in "AB"}
-    if meta["tp_size"] == ranks["tp_size"]:
-        file = root / f"mp_rank_{ranks['tp']:02d}_{ranks['pp']:03d}" / SHARD_NAME
+    if meta["tp_size"] == ranks["tp_size"] and meta.get("etp_size", 1) == ranks["etp_size"]:
+        file = _shard_folder(root, ranks["tp"], ranks["pp"], ranks["ep"], ranks["ep_size"]) / SHARD_NAME
         if not file.is_file():
             raise FileNotFoundError(f"{file}: missing shard of TP rank {ranks['tp']}, PP rank {ranks['pp']}")
         tensors = load_file(str(file))
         resharded = False
     else:
-        tensors = _full_from_files(root, meta, ranks["pp"], wanted)
+        tensors = _full_from_files(root, meta, ranks["pp"], wanted, ranks["ep"])
         resharded = True
     problems = []
     plan = []
@@ -264,6 +332,7 @@ def gather_lora(model: Chunks, adapter_name: str = "default") -> list[tuple[Modu
         b = layer.gather("lora_B", layer.lora_B[adapter_name].weight.detach()).cpu()
         local.append((info, a, b))
     ranks = _parallel_ranks()
+    local = _gather_experts(local, ranks)
     if ranks["pp_size"] > 1:
         gathered: list[Any] = [None] * ranks["pp_size"]
         dist.all_gather_object(gathered, local, group=_pp_group())
@@ -298,13 +367,17 @@ def export_hf_adapter_from_checkpoint(ckpt: Union[str, os.PathLike], path: Union
     meta = _read_meta(root)
     infos = [ModuleInfo(**m) for m in meta["modules"]]
     modules = []
+    seen: set[tuple[str, int]] = set()
     for pp in range(meta["pp_size"]):
-        wanted = {f"{i.key}.lora_{w}.weight" for i in infos for w in "AB"}
-        full = _full_from_files(root, meta, pp, wanted)
-        for info in infos:
-            key = f"{info.key}.lora_A.weight"
-            if key in full:
-                modules.append((info, full[key], full[f"{info.key}.lora_B.weight"]))
+        for ep in range(meta.get("ep_size", 1)):
+            wanted = {f"{i.key}.lora_{w}.weight" for i in infos for w in "AB"}
+            full = _full_from_files(root, meta, pp, wanted, ep)
+            for info in infos:
+                key = f"{info.key}.lora_A.weight"
+                place = (info.key, info.ep_rank if info.role in EXPERT_PARAMS else -1)
+                if key in full and place not in seen and (info.role not in EXPERT_PARAMS or info.ep_rank == ep):
+                    seen.add(place)
+                    modules.append((info, full[key], full[f"{info.key}.lora_B.weight"]))
     config = LoraConfig.from_dict(meta["config"], source=str(root / META_NAME))
     hf_config, tensors = to_hf_adapter(modules, config, base_model_name_or_path)
     return write_adapter(path, hf_config, tensors)
@@ -328,13 +401,19 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
     chunks = model_chunks(model)
     injected = False
     if not module_infos(chunks, adapter_name):
-        roles = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
-                 "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+        # Megatron paths (as regexes) of the HF projections and expert parameters the adapter holds.
+        roles = {"q_proj": r"self_attention\.linear_qkv", "k_proj": r"self_attention\.linear_qkv",
+                 "v_proj": r"self_attention\.linear_qkv", "o_proj": r"self_attention\.linear_proj",
+                 "gate_proj": r"mlp\.linear_fc1", "up_proj": r"mlp\.linear_fc1", "down_proj": r"mlp\.linear_fc2"}
+        experts = {"gate_up_proj": r"mlp\.experts\.local_experts\.\d+\.linear_fc1",
+                   "down_proj": r"mlp\.experts\.local_experts\.\d+\.linear_fc2"}
         leaves = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
-        present = sorted({roles[leaf] for leaf in leaves if leaf in roles})
+        present = {roles[leaf] for leaf in leaves if leaf in roles}
+        present |= {experts[t.rsplit(".", 1)[-1]] for t in hf_config.target_parameters or [] if t.rsplit(".", 1)[-1] in experts}
         if not present:
-            raise ValueError(f"{source}: no q/k/v/o/gate/up/down projection weights to import")
-        inject = LoraConfig(r=hf_config.r, alpha=hf_config.alpha, dropout=hf_config.dropout, target_modules=present,
+            raise ValueError(f"{source}: no q/k/v/o/gate/up/down projection or fused expert weights to import")
+        inject = LoraConfig(r=hf_config.r, alpha=hf_config.alpha, dropout=hf_config.dropout,
+                            target_modules=rf"(.*\.)?layers\.\d+\.({'|'.join(sorted(present))})",
                             use_rslora=hf_config.use_rslora)
         apply_lora_to_megatron_model(chunks, inject, adapter_name, log=False)
         injected = True
@@ -348,8 +427,12 @@ def import_hf_adapter(model: Chunks, path: Union[str, os.PathLike], adapter_name
             if got is None:  # the adapter does not touch this layer: a no-op here
                 plan.append((layer, None, torch.zeros_like(layer.lora_B[adapter_name].weight), info.alpha))
                 continue
-            for projection in HF_NAMES[info.role][1]:
-                used.update({f"{hf_module(info, projection)}.lora_A.weight", f"{hf_module(info, projection)}.lora_B.weight"})
+            if info.role in EXPERT_PARAMS:
+                used.update(expert_wrapper_keys(info, hf_config, tensors) or ())
+            else:
+                for projection in HF_NAMES[info.role][1]:
+                    used.update({f"{hf_module(info, projection)}.lora_A.weight",
+                                 f"{hf_module(info, projection)}.lora_B.weight"})
             a, b, r, alpha = got
             if r != layer.r[adapter_name]:
                 raise ValueError(f"{source}: rank {r} for {info.key}, but the model's adapter '{adapter_name}' has "

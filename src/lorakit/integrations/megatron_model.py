@@ -80,6 +80,8 @@ class ParallelSpec:
     tp_group: Optional[dist.ProcessGroup]
     sequence_parallel: bool
     fused_norm: bool = False
+    reduces_output: bool = True
+    """False for a row-parallel MoE expert layer: the token dispatcher sums its partial outputs."""
 
 
 def parallel_spec(path: str, module: nn.Module) -> Optional[ParallelSpec]:
@@ -105,7 +107,10 @@ def parallel_spec(path: str, module: nn.Module) -> Optional[ParallelSpec]:
             raise ValueError(f"'{path}' ({kind}) takes an unsplit input (input_is_parallel=False); LoRA supports "
                              "the split input of the transformer layers' row-parallel linears")
         if module.explicit_expert_comm:
-            raise ValueError(f"'{path}' ({kind}) is an expert layer with explicit communication (MoE): not supported")
+            # An MoE expert's fc2 (SequentialMLP): no reduction inside the layer; the dispatcher
+            # sums the expert-TP ranks' partial outputs when it combines the tokens.
+            return ParallelSpec(ROW, module.input_size, module.output_size, module.tp_group, False,
+                                reduces_output=False)
         return ParallelSpec(ROW, module.input_size, module.output_size, module.tp_group, module.sequence_parallel)
     te_mode = None
     if names & set(_TE_COLUMN):
@@ -205,6 +210,31 @@ def _refuse_variants(config: LoraConfig) -> None:
                          "SVD/QR and are not supported on Megatron tensor-parallel layers")
 
 
+_GROUPED_EXPERTS = ("GroupedMLP", "TEGroupedMLP")
+
+
+def _refuse_grouped_experts(chunk: nn.Module, index: int, config: LoraConfig, names: Union[list[str], str]) -> None:
+    """Grouped-GEMM experts that the targets reach are refused, not skipped in silence.
+
+    ``GroupedMLP`` runs its experts through the ``grouped_gemm`` CUDA kernels (its weights are one
+    fused buffer per projection, with no layer to wrap) and ``TEGroupedMLP`` through Transformer
+    Engine's grouped linears; neither builds on CPU, so LoRA for them is not written untested.
+    """
+    for path, module in iter_modules(chunk):
+        if _class_names(module) & set(_GROUPED_EXPERTS) and not isinstance(module, ParallelLoraLinear):
+            leaves = ("linear_fc1", "linear_fc2")
+            wanted = sorted({*names, *leaves}) if config.target_modules == ALL_LINEAR else names
+            reached = any(is_target(f"{path}.{leaf}", config, wanted) for leaf in leaves)
+            if reached:
+                raise ValueError(
+                    f"'{path}' (model chunk {index}) is a {type(module).__name__}: grouped-GEMM MoE experts "
+                    "(moe_grouped_gemm=True) are not supported by Megatron LoRA. Build the experts as SequentialMLP "
+                    "(moe_grouped_gemm=False: same weights, and Megatron's distributed checkpoints are "
+                    "interchangeable between the two), or keep the experts out of the targets "
+                    "(exclude_modules: '.*\\.experts\\..*')"
+                )
+
+
 def _resolve_targets(config: LoraConfig, candidates: list[tuple[str, nn.Module]]) -> Union[list[str], str]:
     if config.target_modules != ALL_LINEAR:
         return config.target_modules
@@ -224,10 +254,15 @@ def _nothing_matched(config: LoraConfig, chunks: list[nn.Module]) -> str:
 
 def _mark_parallel(layer: ParallelLoraLinear, adapter_name: str) -> None:
     # Megatron's grad-norm and parameter counting read these attributes: a sharded LoRA weight is
-    # tensor-parallel, a replicated one is a TP duplicate (counted on TP rank 0 only).
+    # tensor-parallel, a replicated one is a TP duplicate (counted on TP rank 0 only). An expert's
+    # weights carry allreduce=False under expert parallelism (Megatron's DDP then reduces them
+    # over the expert-data-parallel group only): its LoRA weights are expert weights too.
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+    allreduce = getattr(layer.base_layer.weight, "allreduce", None)
     for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+        if allreduce is not None:
+            store[adapter_name].weight.allreduce = allreduce
         dim = layer.sharded[which]
         if dim is not None:
             stride = layer.partition_stride if which == "lora_B" else 1
@@ -276,6 +311,7 @@ def apply_lora_to_megatron_model(
     for index, chunk in enumerate(chunks):
         candidates = _candidates(chunk)
         names = _resolve_targets(config, candidates)
+        _refuse_grouped_experts(chunk, index, config, names)
         plan = []
         for path, module in iter_modules(chunk):
             if not is_target(path, config, names):
@@ -289,6 +325,11 @@ def apply_lora_to_megatron_model(
             if spec is None:
                 if isinstance(module, nn.Linear):
                     continue  # a plain Linear inside a matched name (e.g. a router); not a TP layer
+                if "Router" in type(module).__name__:
+                    raise ValueError(
+                        f"module '{path}' (model chunk {index}) is Megatron's MoE router ({type(module).__name__}); "
+                        "routers get no LoRA on this backend (vLLM serves none either): leave it out of target_modules"
+                    )
                 raise ValueError(
                     f"module '{path}' (model chunk {index}) matches target_modules but is a {type(module).__name__}; "
                     "Megatron LoRA wraps ColumnParallelLinear / RowParallelLinear and their Transformer Engine versions"
@@ -305,7 +346,8 @@ def apply_lora_to_megatron_model(
                 cls = NormedInputLoraLinear if spec.fused_norm else MegatronLoraLinear
                 layer = cls(module, parallel_mode=spec.parallel_mode, in_features=spec.in_features,
                             out_features=spec.out_features, tp_group=spec.tp_group,
-                            sequence_parallel=spec.sequence_parallel, partition_stride=_stride(path, module))
+                            sequence_parallel=spec.sequence_parallel, partition_stride=_stride(path, module),
+                            reduces_output=spec.reduces_output)
                 _replace(chunk, path, layer)
             weight = layer.base_layer.weight
             lora_dtype = dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)

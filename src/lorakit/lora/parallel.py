@@ -175,6 +175,9 @@ class ParallelLoraLinear(LoraLayer):
         sequence_parallel: activations outside the layer are split along dim 0 (the sequence).
         partition_stride: Megatron's stride of the output shard (2 for SwiGLU ``linear_fc1``);
             only changes how full tensors map to shards (init, import, export).
+        reduces_output: a row-parallel layer sums its partial outputs itself (True, Megatron's
+            default); False for MoE expert layers (``explicit_expert_comm``), whose partial outputs
+            the token dispatcher sums after the layer, so the LoRA update is left partial too.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class ParallelLoraLinear(LoraLayer):
         tp_group: Optional[dist.ProcessGroup] = None,
         sequence_parallel: bool = False,
         partition_stride: int = 1,
+        reduces_output: bool = True,
     ) -> None:
         super().__init__(base_layer)
         if parallel_mode not in (COLUMN, ROW):
@@ -199,6 +203,7 @@ class ParallelLoraLinear(LoraLayer):
         self.tp_rank = group_rank(tp_group)
         self.sequence_parallel = bool(sequence_parallel) and self.tp_world > 1
         self.partition_stride = partition_stride
+        self.reduces_output = reduces_output
         split = out_features if parallel_mode == COLUMN else in_features
         if split % self.tp_world:
             raise ValueError(f"{parallel_mode}-parallel size {split} is not divisible by the TP size {self.tp_world}")
@@ -352,6 +357,11 @@ class ParallelLoraLinear(LoraLayer):
                 h = _AllReduceInBackward.apply(F.linear(x, a), group)
             return F.linear(h * self.scaling[name], b)
         h = F.linear(x, a)  # partial: this rank's input features only
+        if not self.reduces_output:
+            # MoE experts: the dispatcher sums the ranks' partial outputs after the layer, so
+            # B(h_partial) is summed there too; B is replicated but sees a partial h on each
+            # rank, so its gradient is partial: sum it across ranks in backward.
+            return F.linear(h * self.scaling[name], _AllReduceInBackward.apply(b, group))
         if self.sequence_parallel:
             h = _ReduceScatterSequence.apply(h, group)
             # B is replicated but each rank sees its sequence chunk: sum B's gradient across ranks.
@@ -375,4 +385,6 @@ class ParallelLoraLinear(LoraLayer):
         layout = f"{self.parallel_mode}-parallel {self.in_features}->{self.out_features}, tp={self.tp_world}"
         if self.sequence_parallel:
             layout += ", sequence_parallel"
+        if not self.reduces_output:
+            layout += ", output reduced outside"
         return ", ".join([layout] + [f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.r])
