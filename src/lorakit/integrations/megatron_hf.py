@@ -174,7 +174,7 @@ def to_hf_adapter(
             ranks[path] = (info.r, info.alpha)
     if not tensors:
         raise ValueError("no LoRA layers to export")
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in ranks} - set(EXPERT_PARAMS.values()))
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in ranks if ".mlp.experts." not in p})
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     odd = {re.escape(p): v for p, v in ranks.items() if v != common}
     hf = replace(
