@@ -180,8 +180,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
-    from .lora.vllm_layout import export_per_expert
+    from .lora.vllm_layout import export_per_expert, import_per_expert
 
+    if args.format == "peft":
+        path = import_per_expert(args.adapter, args.out)
+        print(f"Wrote {path}: MoE experts in PEFT's fused target_parameters layout (mlp.experts.gate_up_proj/down_proj)")
+        return 0
     path = export_per_expert(args.adapter, args.out)
     print(f"Wrote {path}: MoE experts in vLLM's per-expert layout (experts.<e>.gate_proj/up_proj/down_proj)")
     return 0
@@ -316,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")
     p.add_argument("adapter")
     p.add_argument("out")
-    p.add_argument("--format", choices=["vllm"], default="vllm",
-                   help="vllm: fused expert LoRA (target_parameters) split into experts.<e>.gate_proj/up_proj/down_proj")
+    p.add_argument("--format", choices=["vllm", "peft"], default="vllm",
+                   help="vllm: fused expert LoRA (target_parameters) split into experts.<e>.gate_proj/up_proj/down_proj; "
+                        "peft: the inverse (a per-expert adapter back to PEFT's fused target_parameters layout)")
     p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")

@@ -66,3 +66,51 @@ def test_export_per_expert_reproduces_each_experts_update(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "vllm"), "--check", "vllm"]) == 0
     out = capsys.readouterr().out
     assert "per-expert layout" in out and "r=16 x8" in out
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_per_expert_layout_imports_back_to_peft_layout(tmp_path, capsys, family):
+    """vLLM's per-expert layout -> PEFT's fused layout gives back the same tensors and logits; the
+    real peft loads the result (Qwen2-MoE: its shared expert's gate/up/down stay module targets)."""
+    peft = pytest.importorskip("peft")
+    from lorakit import load_adapter
+    from lorakit.lora.io import read_adapter
+
+    model = tiny_moe(family)
+    inject_lora(model, LoraConfig(r=4, alpha=16, target_modules="all-linear", rank_pattern={"down_proj": 8}))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "ad")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert main(["export-adapter", str(tmp_path / "ad"), str(tmp_path / "vllm"), "--format", "vllm"]) == 0
+    assert main(["export-adapter", str(tmp_path / "vllm"), str(tmp_path / "back"), "--format", "peft"]) == 0
+    assert "fused target_parameters layout" in capsys.readouterr().out
+    original, back = read_adapter(tmp_path / "ad"), read_adapter(tmp_path / "back")
+    assert back[1].keys() == original[1].keys()
+    assert all(torch.equal(back[1][k], original[1][k]) for k in original[1])
+    assert back[0].target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    fresh = tiny_moe(family)
+    load_adapter(fresh, tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, expected, atol=1e-5, rtol=0)
+        peft_model = peft.PeftModel.from_pretrained(tiny_moe(family), str(tmp_path / "back"))
+        torch.testing.assert_close(peft_model(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_per_expert_import_refuses_gate_and_up_with_different_a(tmp_path):
+    from lorakit.lora.io import read_adapter, write_adapter
+    from lorakit.lora.vllm_layout import export_per_expert, import_per_expert
+
+    _, path = _saved(tmp_path, r=4, target_modules=[], target_parameters=EXPERTS)
+    export_per_expert(path, tmp_path / "vllm")
+    config, tensors, _ = read_adapter(tmp_path / "vllm")
+    key = "model.layers.0.mlp.experts.2.up_proj.lora_A.weight"
+    tensors[key] = tensors[key] + 1
+    write_adapter(tmp_path / "odd", config, {"base_model.model." + k: v for k, v in tensors.items()})
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts.2.gate_proj' and '.up_proj' have different lora_A"):
+        import_per_expert(tmp_path / "odd", tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -29,7 +29,7 @@ from typing import Union
 import torch
 
 from .config import LoraConfig
-from .experts import conventional_order, wrapper_paths
+from .experts import conventional_order, general_name, wrapper_paths
 from .io import PEFT_PREFIX, read_adapter, write_adapter
 
 _PER_EXPERT_KEY = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.lora_[AB]\.weight$")
@@ -140,3 +140,75 @@ def export_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
     exported = dataclasses.replace(config, target_modules=sorted(names), target_parameters=None,
                                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return write_adapter(dst, exported, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()})
+
+
+def import_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
+    """Inverse of :func:`export_per_expert`: vLLM's per-expert layout -> PEFT's fused ``target_parameters``.
+
+    Expert ``e``'s ``gate_proj`` and ``up_proj`` become rows of ``gate_up_proj``'s B with their
+    shared A (exact); ``down_proj`` stacks as is. Other tensors (attention, shared experts) are
+    copied unchanged.
+
+    Raises:
+        ValueError: no per-expert weights; an expert lacks a projection; or an expert's gate and up
+            have different A or rank (one fused ``gate_up_proj`` pair cannot hold them exactly).
+    """
+    config, tensors, source = read_adapter(src)
+    found: dict[str, dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(lambda: defaultdict(dict))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        match = _PER_EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = value
+        elif key.endswith(".lora_A.weight"):
+            path = key[: -len(".lora_A.weight")]
+            found[match["owner"]][int(match["e"])][match["proj"]] = (value, tensors[f"{path}.lora_B.weight"])
+    if not found:
+        raise ValueError(f"{source}: no per-expert weights (experts.<e>.gate_proj/up_proj/down_proj) to fuse")
+    rank_pattern = {k: v for k, v in config.rank_pattern.items() if r"experts\.\d+\." not in k}
+    alpha_pattern = {k: v for k, v in config.alpha_pattern.items() if r"experts\.\d+\." not in k}
+    params_seen: set[str] = set()
+    for owner, experts in found.items():
+        count = max(experts) + 1
+        if sorted(experts) != list(range(count)):
+            raise ValueError(f"{source}: '{owner}' has LoRA for experts {sorted(experts)}, not all of 0..{count - 1}")
+        fused: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for e in range(count):
+            projs = experts[e]
+            if "gate_proj" in projs or "up_proj" in projs:
+                if set(projs) & {"gate_proj", "up_proj"} != {"gate_proj", "up_proj"}:
+                    raise ValueError(f"{source}: '{owner}.{e}' has only one of gate_proj / up_proj")
+                (a_gate, b_gate), (a_up, b_up) = projs["gate_proj"], projs["up_proj"]
+                if a_gate.shape != a_up.shape or not torch.equal(a_gate, a_up):
+                    raise ValueError(f"{source}: '{owner}.{e}.gate_proj' and '.up_proj' have different lora_A; one fused "
+                                     "gate_up_proj pair per expert cannot represent them exactly")
+                fused["gate_up_proj"].append((a_gate, torch.cat([b_gate, b_up])))
+            if "down_proj" in projs:
+                fused["down_proj"].append(projs["down_proj"])
+        for param, pairs in fused.items():
+            if len(pairs) != count:
+                raise ValueError(f"{source}: '{owner}': {param} covers {len(pairs)} of {count} experts")
+            r = pairs[0][0].shape[0]
+            if any(a.shape[0] != r for a, _ in pairs):
+                raise ValueError(f"{source}: '{owner}' {param}: experts have different ranks")
+            proj = "gate_proj" if param == "gate_up_proj" else "down_proj"
+            alpha = config.alpha_for(f"{owner}.0.{proj}")
+            fused_config = dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+            if r != fused_config.rank_for(f"{owner}.{param}"):
+                rank_pattern[re.escape(f"{owner}.{param}")] = r
+            if alpha != fused_config.alpha_for(f"{owner}.{param}"):
+                alpha_pattern[re.escape(f"{owner}.{param}")] = alpha
+            fused[param] = [(torch.cat([a for a, _ in pairs]), torch.stack([b for _, b in pairs], dim=-1))]
+        ordered = conventional_order(fused)
+        params_seen.update(general_name(f"{owner}.{p}") for p in ordered)
+        for param, path in wrapper_paths(owner, ordered).items():
+            a, b = fused[param][0]
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.reshape(b.shape[0], -1).contiguous()
+    leaves = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in out
+                     if not any(k.startswith(f"{PEFT_PREFIX}{owner}.") for owner in found)})
+    fused_config = dataclasses.replace(config, target_modules=leaves or None,
+                                       target_parameters=sorted(params_seen, key=lambda p: conventional_order(
+                                           {q.rsplit(".", 1)[-1] for q in params_seen}).index(p.rsplit(".", 1)[-1])),
+                                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return write_adapter(dst, fused_config, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()})
