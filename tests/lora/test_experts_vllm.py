@@ -27,6 +27,7 @@ def test_inspect_reports_experts_and_what_vllm_accepts(tmp_path, capsys):
     assert "expert parameters: 4 (4 experts x4" in out
     assert "model.layers.0.mlp.experts.base_layer  r=8" in out  # per-expert rank, not experts * r
     assert "is_3d_moe_weight" in out and "export-adapter" in out
+    assert "CPU build (0.32.0) cannot run an MoE model with LoRA enabled" in out  # what is and is not verified
     assert "vLLM check: OK" in out
 
 
