@@ -1,7 +1,8 @@
 """Runs under torchrun (1 or 2 ranks, gloo on CPU) for tests/test_megatron_moe.py.
 
 A megatron-core GPTModel with MoE layers (SequentialMLP experts, allgather dispatcher) built from a
-tiny HF Qwen3-MoE's weights, with expert parallelism over all ranks (EP = world size, TP = 1).
+tiny HF Qwen3-MoE's weights, with expert parallelism over all ranks (EP = world size, TP = 1), or
+with ``--etp`` tensor parallelism over all ranks for the experts too (TP = expert-TP = world size).
 Every check writes a number or flag into results_rank<r>.json in --out/ep<EP>; the pytest side
 asserts on them. CPU shims: tests/megatron_cpu.py.
 """
@@ -27,16 +28,19 @@ from tests.megatron_cpu import patch_megatron_for_cpu, point_cuda_device_at_cpu 
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
+parser.add_argument("--etp", action="store_true", help="TP = expert-TP = world size (sequence parallel), EP = 1")
 ARGS = parser.parse_args()
 point_cuda_device_at_cpu()
 dist.init_process_group("gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
-OUT = Path(ARGS.out) / f"ep{WORLD}"
+TP, EP = (WORLD, 1) if ARGS.etp else (1, WORLD)
+OUT = Path(ARGS.out) / (f"etp{WORLD}" if ARGS.etp else f"ep{WORLD}")
 OUT.mkdir(parents=True, exist_ok=True)
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-ps.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=WORLD)
+ps.initialize_model_parallel(tensor_model_parallel_size=TP, expert_model_parallel_size=EP,
+                             expert_tensor_parallel_size=TP)
 patch_megatron_for_cpu()
 
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -46,6 +50,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from lorakit import LoraConfig, merge_lora, unmerge_lora  # noqa: E402
 from lorakit.integrations import megatron as mlora  # noqa: E402
 from lorakit.integrations.megatron_hf import fuse_qkv  # noqa: E402
+from lorakit.lora.parallel import shard_tensor, unshard_tensor  # noqa: E402
 
 RESULTS: dict = {}
 EXPERTS, TOP_K = 4, 2
@@ -71,7 +76,8 @@ def build(hf, seed=1):
     config = TransformerConfig(
         num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
         num_query_groups=c.num_key_value_heads, kv_channels=c.head_dim, ffn_hidden_size=c.intermediate_size,
-        expert_model_parallel_size=WORLD, use_cpu_initialization=True, gated_linear_unit=True,
+        tensor_model_parallel_size=TP, expert_model_parallel_size=EP, expert_tensor_parallel_size=TP,
+        use_cpu_initialization=True, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm", layernorm_epsilon=c.rms_norm_eps,
         qk_layernorm=True, bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, attention_dropout=0.0, hidden_dropout=0.0,
@@ -88,38 +94,51 @@ def build(hf, seed=1):
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=c.vocab_size,
                      max_sequence_length=c.max_position_embeddings, position_embedding_type="rope",
                      rotary_base=rope_theta, share_embeddings_and_output_weights=False)
-    return model
+    # eval mode (dropout is 0 anyway): megatron-core refuses to *train* MoE with TP > 1 without
+    # sequence parallelism, which its local (CPU) layer spec does not offer; gradients are the same.
+    return model.eval()
 
 
 def hf_to_megatron(hf):
-    """HF Qwen3-MoE weights -> this EP rank's GPTModel state dict (its experts only)."""
+    """HF Qwen3-MoE weights -> this rank's GPTModel state dict (its experts only, its TP shards)."""
     sd = {k: v.detach() for k, v in hf.state_dict().items()}
     c = hf.config
-    local = c.num_experts // WORLD
-    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": sd["model.norm.weight"], "output_layer.weight": sd["lm_head.weight"]}
+    local = c.num_experts // EP
+    tp_rank = RANK if TP > 1 else 0
+
+    def split(full, dim, stride=1):
+        return shard_tensor(full, dim, tp_rank, TP, stride)
+
+    out = {"embedding.word_embeddings.weight": split(sd["model.embed_tokens.weight"], 0),
+           "decoder.final_layernorm.weight": sd["model.norm.weight"],
+           "output_layer.weight": split(sd["lm_head.weight"], 0)}
     for i in range(c.num_hidden_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
-        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
+        out[m + "self_attention.linear_qkv.weight"] = split(fuse_qkv(
             sd[h + "self_attn.q_proj.weight"], sd[h + "self_attn.k_proj.weight"], sd[h + "self_attn.v_proj.weight"],
-            c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim), 0)
         out[m + "self_attention.q_layernorm.weight"] = sd[h + "self_attn.q_norm.weight"]
         out[m + "self_attention.k_layernorm.weight"] = sd[h + "self_attn.k_norm.weight"]
-        out[m + "self_attention.linear_proj.weight"] = sd[h + "self_attn.o_proj.weight"]
+        out[m + "self_attention.linear_proj.weight"] = split(sd[h + "self_attn.o_proj.weight"], 1)
         out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
         out[m + "mlp.router.weight"] = sd[h + "mlp.gate.weight"]
         for j in range(local):
-            e = RANK * local + j
-            out[m + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
-            out[m + f"mlp.experts.local_experts.{j}.linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
+            e = (0 if TP > 1 else RANK) * local + j
+            out[m + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = split(sd[h + "mlp.experts.gate_up_proj"][e], 0, 2)
+            out[m + f"mlp.experts.local_experts.{j}.linear_fc2.weight"] = split(sd[h + "mlp.experts.down_proj"][e], 1)
     return out
 
 
 def logits(model):
     pos = torch.arange(IDS.shape[1]).unsqueeze(0).expand_as(IDS)
     mask = torch.ones(1, 1, IDS.shape[1], IDS.shape[1], dtype=torch.bool).tril().logical_not()
-    return model(IDS, pos, mask).float()
+    out = model(IDS, pos, mask).float()
+    if TP == 1:
+        return out
+    parts = [torch.empty_like(out) for _ in range(TP)]
+    dist.all_gather(parts, out.contiguous())
+    return unshard_tensor(parts, 2)  # vocab-parallel logits -> full vocab
 
 
 def loss(model):
@@ -255,7 +274,38 @@ def checks():
     with torch.no_grad():
         record("merge_logits", maxdiff(logits(model), lora_logits))
     unmerge_lora(model)
+    grad_identity_check(model)
     train_check(model)
+
+
+def grad_identity_check(model):
+    """LoRA gradients against Megatron's own weight gradient of the same layer: for y = W x +
+    s * B A x, dL/dB = s * G A^T and dL/dA = s * B^T G with G = dL/dW (full tensors, gathered).
+    Exact whatever the dispatcher does with the tokens, so it checks the sharded LoRA backward."""
+    from lorakit.lora.parallel import COLUMN
+
+    infos = mlora.module_infos([model])
+    for _, layer in infos:
+        layer.base_layer.weight.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    loss(model).backward()
+    worst = 0.0
+    for info, layer in infos:
+        column = layer.parallel_mode == COLUMN
+        g_local = layer.base_layer.weight.grad
+        parts = [torch.empty_like(g_local) for _ in range(layer.tp_world)]
+        dist.all_gather(parts, g_local.contiguous(), group=layer.tp_group)
+        g = unshard_tensor(parts, 0 if column else 1, layer.partition_stride if column else 1)
+        a = layer.gather("lora_A", layer.lora_A["default"].weight.detach())
+        b = layer.gather("lora_B", layer.lora_B["default"].weight.detach())
+        s = layer.scaling["default"]
+        for which, want in (("lora_A", s * b.T @ g), ("lora_B", s * g @ a.T)):
+            got = layer.gather(which, getattr(layer, which)["default"].weight.grad)
+            worst = max(worst, maxdiff(got, want) / max(want.abs().max().item(), 1e-12))
+        layer.base_layer.weight.requires_grad_(False)
+        layer.base_layer.weight.grad = None
+    model.zero_grad(set_to_none=True)
+    record("lora_grad_vs_weight_grad", worst)
 
 
 def train_check(model):
@@ -270,7 +320,7 @@ def train_check(model):
         # data-parallel replicas (the dense LoRA on the EP ranks) average their gradients, as
         # Megatron's DDP would; expert LoRA is reduced over the expert-data-parallel group (size 1 here)
         for n, p in model.named_parameters():
-            if p.requires_grad and getattr(p, "allreduce", True) and WORLD > 1:
+            if p.requires_grad and getattr(p, "allreduce", True) and EP > 1:
                 dist.all_reduce(p.grad)
                 p.grad /= WORLD
         opt.step()

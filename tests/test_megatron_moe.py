@@ -1,7 +1,9 @@
 """Megatron-core MoE: LoRA on SequentialMLP experts with expert parallelism (real torchrun, gloo, CPU).
 
-tests/megatron_moe_worker.py runs once with 2 ranks (EP=2: each rank holds 2 of the 4 experts) and
-once with 1 rank (EP=1); the tests assert on what they recorded. The oracle for the expert layout
+tests/megatron_moe_worker.py runs with 2 ranks (EP=2: each rank holds 2 of the 4 experts), with 2
+ranks in expert tensor parallelism (TP = expert-TP = 2, EP=1: every expert split over both ranks,
+the fc2 partial sums reduced by Megatron's dispatcher) and with 1 rank; the tests assert on what
+they recorded. The oracle for the expert layout
 is the HF Qwen3-MoE model the Megatron model is built from, with the exported adapter loaded by
 the real `peft` (and by lorakit), and an adapter made by peft imported into Megatron.
 """
@@ -24,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "megatron_moe_worker.py"
 
 
-def _torchrun(out: Path, nproc: int) -> None:
+def _torchrun(out: Path, nproc: int, *extra: str) -> None:
     src = str(Path(lorakit.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), "--out", str(out)]
+           str(WORKER), "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -37,12 +39,13 @@ def _torchrun(out: Path, nproc: int) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_moe")
     _torchrun(out, 2)
+    _torchrun(out, 2, "--etp")
     _torchrun(out, 1)
     results = {}
-    for ep, rank in ((2, 0), (2, 1), (1, 0)):
-        data = json.loads((out / f"ep{ep}" / f"results_rank{rank}.json").read_text())
+    for run, rank in (("ep2", 0), ("ep2", 1), ("etp2", 0), ("etp2", 1), ("ep1", 0)):
+        data = json.loads((out / run / f"results_rank{rank}.json").read_text())
         assert "error" not in data, data["error"]
-        results[(ep, rank)] = data
+        results[(run, rank)] = data
     return out, results
 
 
@@ -51,24 +54,24 @@ def test_megatron_moe_model_matches_hf_and_lora_covers_experts_not_router(runs):
         assert r["conversion_covers_all_keys"] and r["base_vs_hf_logits"] <= 1e-5, key
         assert r["only_lora_trainable"] and r["router_not_wrapped"]
         # 2 layers x fc1/fc2 x local experts (4 experts over EP ranks)
-        assert r["local_expert_layers"] == 2 * 2 * (4 // key[0])
-        assert r["expert_lora_allreduce"] == (key[0] == 1)  # expert-parallel weights: Megatron's DDP flag
+        assert r["local_expert_layers"] == 2 * 2 * (2 if key[0] == "ep2" else 4)
+        assert r["expert_lora_allreduce"] == (key[0] != "ep2")  # expert-parallel weights: Megatron's DDP flag
         assert "MoE router (TopKRouter)" in r["router_target_error"] and "decoder.layers.0.mlp.router" in r["router_target_error"]
         assert r["fresh_lora_is_noop"] == 0.0 and r["lora_changes_logits"] > 1e-2
-    text = runs[1][(2, 0)]["report_text"]
+    text = runs[1][("ep2", 0)]["report_text"]
     assert "Applied LoRA to: decoder.layers.0.mlp.experts.local_experts.1.linear_fc2" in text
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_export_to_peft_target_parameters_and_back(runs, ep):
-    r = runs[1][(ep, 0)]
+@pytest.mark.parametrize("run", ["ep1", "ep2", "etp2"])
+def test_export_to_peft_target_parameters_and_back(runs, run):
+    r = runs[1][(run, 0)]
     # Megatron -> PEFT target_parameters layout -> peft / lorakit on the HF Qwen3-MoE: same logits (fp32)
     assert r["export_peft_vs_megatron"] <= 1e-4 and r["export_lorakit_vs_megatron"] <= 1e-4
     cfg = r["export_config"]
     assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    for rank in range(ep):
-        rr = runs[1][(ep, rank)]
+    for rank in range(1 if run == "ep1" else 2):
+        rr = runs[1][(run, rank)]
         assert rr["import_equal"] and rr["import_logits"] == 0.0  # and back: the same expert shards
         assert rr["peft_made_vs_megatron"] <= 1e-4  # an adapter peft made (rsLoRA, experts + o_proj)
         assert rr["reload_exact"] and rr["merge_logits"] <= 1e-5
@@ -80,10 +83,10 @@ def test_expert_parallel_export_equals_single_rank(runs):
 
     out = runs[0]
     one = load_file(str(out / "ep1" / "adapter" / "adapter_model.safetensors"))
-    two = load_file(str(out / "ep2" / "adapter" / "adapter_model.safetensors"))
-    assert one.keys() == two.keys()
     assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in one  # gate_up_proj's
-    assert all(torch.equal(one[k], two[k]) for k in one)
+    for run in ("ep2", "etp2"):
+        other = load_file(str(out / run / "adapter" / "adapter_model.safetensors"))
+        assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one), run
     assert (out / "ep2" / "ckpt" / "mp_rank_00_000_001" / "adapter_shard.safetensors").is_file()
 
 
@@ -91,8 +94,12 @@ def test_training_steps_change_only_lora(runs):
     for key, r in runs[1].items():
         assert r["train_losses"][-1] < r["train_losses"][0], (key, r["train_losses"])
         assert r["train_base_unchanged"] and r["train_every_expert_lora_changed"]
-    # EP=2 (each rank its experts, dense LoRA averaged over the 2 data-parallel replicas) == EP=1
-    assert runs[1][(2, 0)]["train_losses"] == pytest.approx(runs[1][(1, 0)]["train_losses"], abs=1e-5)
+        # every LoRA gradient equals what Megatron's own gradient of that layer's weight implies
+        assert r["lora_grad_vs_weight_grad"] <= 1e-5, key
+    # EP=2 (each rank its experts, dense LoRA averaged over the 2 data-parallel replicas) == EP=1.
+    # (Not TP=2: without sequence parallelism Megatron's dispatcher feeds every expert each token
+    # once per TP rank, doubling the experts' weight gradients; Megatron refuses to train so.)
+    assert runs[1][("ep2", 0)]["train_losses"] == pytest.approx(runs[1][("ep1", 0)]["train_losses"], abs=1e-5)
 
 
 class GroupedMLP(torch.nn.Module):
