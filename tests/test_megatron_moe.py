@@ -60,6 +60,14 @@ def test_megatron_moe_model_matches_hf_and_lora_covers_experts_not_router(runs):
         assert r["fresh_lora_is_noop"] == 0.0 and r["lora_changes_logits"] > 1e-2
     text = runs[1][("ep2", 0)]["report_text"]
     assert "Applied LoRA to: decoder.layers.0.mlp.experts.local_experts.1.linear_fc2" in text
+    from tests.models import tiny_moe
+
+    # model-wide counts are the same at every parallel layout (each EP rank holds half the experts)
+    hf_params = sum(p.numel() for p in tiny_moe("qwen3_moe", experts=4, top_k=2).parameters())
+    lora = 2 * 4 * ((32 + 64) + (32 + 32)) + 2 * 4 * 4 * ((32 + 32) + (16 + 32))  # r=4: qkv, proj; 4 experts fc1, fc2
+    for key in [k for k in runs[1] if k[1] == 0]:  # global rank 0 prints the report
+        assert f"Total parameters: {hf_params + lora:,}" in runs[1][key]["report_text"], key
+        assert f"Trainable parameters: {lora:,}" in runs[1][key]["report_text"], key
 
 
 @pytest.mark.parametrize("run", ["ep1", "ep2", "etp2"])

@@ -427,7 +427,7 @@ def megatron_lora_report(model: Chunks, config: Optional[LoraConfig] = None) -> 
     chunks = model_chunks(model)
     tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     wrapped = []
-    total = trainable = unique_total = unique_trainable = 0
+    total = trainable = 0
     for index, chunk in enumerate(chunks):
         for path, layer in lora_modules(chunk):
             wrapped.append(path if len(chunks) == 1 else f"model{index}.{path}")
@@ -437,16 +437,22 @@ def megatron_lora_report(model: Chunks, config: Optional[LoraConfig] = None) -> 
             n = p.numel()
             total += n
             trainable += n if p.requires_grad else 0
+    # Expert-parallel weights (Megatron marks them allreduce=False) differ between EP ranks: their
+    # counts are summed over the expert-parallel group as well.
+    counts = torch.zeros(4, dtype=torch.float64)
     for chunk in chunks:
         for p in chunk.parameters():
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                unique_total += p.numel()
-                unique_trainable += p.numel() if p.requires_grad else 0
-    global_total, global_trainable = unique_total, unique_trainable
+                at = 2 if getattr(p, "allreduce", True) is False else 0
+                counts[at] += p.numel()
+                counts[at + 1] += p.numel() if p.requires_grad else 0
     if dist.is_initialized():
-        counts = torch.tensor([unique_total, unique_trainable], dtype=torch.float64)
         dist.all_reduce(counts, group=_model_parallel_group())
-        global_total, global_trainable = int(counts[0]), int(counts[1])
+        if parallel_state.model_parallel_is_initialized() and parallel_state.get_expert_model_parallel_world_size() > 1:
+            experts = torch.cat([torch.zeros(2, dtype=torch.float64), counts[2:]])
+            dist.all_reduce(experts, group=parallel_state.get_expert_model_parallel_group())
+            counts[2:] = experts[2:]
+    global_total, global_trainable = int(counts[0] + counts[2]), int(counts[1] + counts[3])
     rank = dist.get_rank() if dist.is_initialized() else 0
     return MegatronLoraReport(config, wrapped, rank, total, trainable, global_total, global_trainable)
 
