@@ -126,3 +126,33 @@ def test_grouped_gemm_experts_are_refused_not_skipped():
     for targets in ("all-linear", ["linear_fc1"]):
         with pytest.raises(ValueError, match=r"'decoder.mlp.experts' .*GroupedMLP: grouped-GEMM MoE experts"):
             apply_lora_to_megatron_model(model, LoraConfig(r=2, target_modules=targets), log=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped-GEMM experts need CUDA (Transformer Engine)")
+def test_gpu_real_grouped_gemm_experts_are_refused(tmp_path):
+    """On a device: megatron-core's own TEGroupedMLP (moe_grouped_gemm=True) is refused, naming it."""
+    pytest.importorskip("transformer_engine")
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    from lorakit.integrations.megatron import apply_lora_to_megatron_model
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ps.initialize_model_parallel(1)
+        model_parallel_cuda_manual_seed(0)
+        config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                   num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_grouped_gemm=True,
+                                   gated_linear_unit=True, add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=4, moe_grouped_gemm=True)
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=64).cuda()
+        with pytest.raises(ValueError, match=r"'decoder.layers.0.mlp.experts' .*: grouped-GEMM MoE experts"):
+            apply_lora_to_megatron_model(model, LoraConfig(r=4, target_modules="all-linear"), log=False)
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
