@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -67,9 +68,6 @@ def test_export_per_expert_reproduces_each_experts_update(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "vllm"), "--check", "vllm"]) == 0
     out = capsys.readouterr().out
     assert "per-expert layout" in out and "r=16 x8" in out
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
