@@ -28,7 +28,8 @@ from tests.megatron_cpu import patch_megatron_for_cpu, point_cuda_device_at_cpu 
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
-parser.add_argument("--etp", action="store_true", help="TP = expert-TP = world size (sequence parallel), EP = 1")
+parser.add_argument("--etp", action="store_true", help="TP = expert-TP = world size, EP = 1")
+parser.add_argument("--other-layout", default=None, help="a checkpoint saved at another EP size (must be refused)")
 ARGS = parser.parse_args()
 point_cuda_device_at_cpu()
 dist.init_process_group("gloo")
@@ -260,6 +261,13 @@ def checks():
     mlora.load_megatron_lora([fresh], ckpt)
     reloaded = lora_state(fresh)
     record("reload_exact", reloaded.keys() == saved.keys() and all(torch.equal(reloaded[k], saved[k]) for k in saved))
+    if ARGS.other_layout:
+        try:
+            mlora.load_megatron_lora([fresh], ARGS.other_layout)
+            record("other_ep_refused", "")
+        except ValueError as err:
+            record("other_ep_refused", str(err))
+        record("other_ep_left_weights", all(torch.equal(v, lora_state(fresh)[k]) for k, v in reloaded.items()))
     if RANK == 0:
         from safetensors.torch import load_file
 

@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_moe")
     _torchrun(out, 2)
     _torchrun(out, 2, "--etp")
-    _torchrun(out, 1)
+    _torchrun(out, 1, "--other-layout", str(out / "ep2" / "ckpt"))
     results = {}
     for run, rank in (("ep2", 0), ("ep2", 1), ("etp2", 0), ("etp2", 1), ("ep1", 0)):
         data = json.loads((out / run / f"results_rank{rank}.json").read_text())
@@ -96,6 +96,10 @@ def test_expert_parallel_export_equals_single_rank(runs):
         other = load_file(str(out / run / "adapter" / "adapter_model.safetensors"))
         assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one), run
     assert (out / "ep2" / "ckpt" / "mp_rank_00_000_001" / "adapter_shard.safetensors").is_file()
+    # an EP=2 checkpoint into an EP=1 model: refused before any weight changes, saying what to do
+    err = runs[1][("ep1", 0)]["other_ep_refused"]
+    assert "saved with expert-parallel size 2, this model runs 1" in err and "import_hf_adapter" in err
+    assert runs[1][("ep1", 0)]["other_ep_left_weights"]
 
 
 def test_training_steps_change_only_lora(runs):
