@@ -4,7 +4,7 @@ A megatron-core GPTModel with MoE layers (SequentialMLP experts, allgather dispa
 tiny HF Qwen3-MoE's weights, with expert parallelism over all ranks (EP = world size, TP = 1), or
 with ``--etp`` tensor parallelism over all ranks for the experts too (TP = expert-TP = world size).
 Every check writes a number or flag into results_rank<r>.json in --out/ep<EP>; the pytest side
-asserts on them. CPU shims: tests/megatron_cpu.py.
+asserts on them. CPU shims: tests/megatron_shared.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from tests.megatron_cpu import patch_megatron_for_cpu, point_cuda_device_at_cpu  # noqa: E402
+from tests.megatron_shared import (  # noqa: E402
+    export_checks,
+    lora_tensors,
+    maxdiff,
+    randomize_full_lora,
+    patch_megatron_for_cpu,
+    point_cuda_device_at_cpu,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -61,9 +68,6 @@ IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
 def record(name, value):
     RESULTS[name] = float(value) if isinstance(value, (int, float, bool)) or torch.is_tensor(value) else value
 
-
-def maxdiff(a, b):
-    return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
 def hf_model():
@@ -148,19 +152,12 @@ def loss(model):
     return model(IDS, pos, mask, labels=IDS).float().mean()
 
 
-def randomize(model, scale=0.1):
-    """Full A/B per layer drawn from a seed of (layer, role, global expert): the same weights at any EP size."""
-    roles = {"qkv": 1, "proj": 2, "fc1": 3, "fc2": 4, "expert_fc1": 5, "expert_fc2": 6}
-    for info, layer in mlora.module_infos([model]):
-        g = torch.Generator().manual_seed(1000 * info.layer + 10 * roles[info.role] + 100 * (info.expert + 1))
-        shapes = layer.full_shapes("default")
-        with torch.no_grad():
-            for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                store["default"].weight.copy_(layer.shard(which, torch.randn(shapes[which], generator=g) * scale))
+ROLE_IDS = {"qkv": 1, "proj": 2, "fc1": 3, "fc2": 4, "expert_fc1": 5, "expert_fc2": 6}
 
 
-def lora_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+def layer_generator(info):
+    """A seed of (layer, role, global expert): the same LoRA weights at any parallel layout."""
+    return torch.Generator().manual_seed(1000 * info.layer + 10 * ROLE_IDS[info.role] + 100 * (info.expert + 1))
 
 
 def checks():
@@ -197,35 +194,23 @@ def checks():
     with torch.no_grad():
         record("fresh_lora_is_noop", maxdiff(logits(model), base_logits))
 
-    randomize(model)
+    randomize_full_lora(model, layer_generator)
     with torch.no_grad():
         lora_logits = logits(model)
     record("lora_changes_logits", maxdiff(lora_logits, base_logits))
-    saved = lora_state(model)
+    saved = lora_tensors(model)
 
     # Megatron -> HF PEFT target_parameters layout; lorakit and peft on the HF model agree with Megatron
     adapter = OUT / "adapter"
-    mlora.export_hf_adapter([model], adapter)
-    if RANK == 0:
-        from peft import PeftModel
-
-        from lorakit import load_adapter
-
-        hf_l = hf_model()
-        load_adapter(hf_l, adapter)
-        with torch.no_grad():
-            record("export_lorakit_vs_megatron", maxdiff(hf_l(IDS).logits, lora_logits))
-        peft_model = PeftModel.from_pretrained(hf_model(), str(adapter))
-        with torch.no_grad():
-            record("export_peft_vs_megatron", maxdiff(peft_model(IDS).logits, lora_logits))
-        record("export_config", json.loads((adapter / "adapter_config.json").read_text()))
+    for what, value in export_checks(model, adapter, hf_model, IDS, lora_logits, RANK).items():
+        record(f"export_{what}" if what != "config" else "export_config", value)
     dist.barrier()
 
     # the exported adapter back into a fresh Megatron model: same LoRA weights, same logits
     imported = build(hf, seed=7)
     imported.load_state_dict(base_sd, strict=False)
     mlora.import_hf_adapter([imported], adapter)
-    got = lora_state(imported)
+    got = lora_tensors(imported)
     record("import_equal", got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved))
     with torch.no_grad():
         record("import_logits", maxdiff(logits(imported), lora_logits))
@@ -259,7 +244,7 @@ def checks():
     fresh.load_state_dict(base_sd, strict=False)
     mlora.apply_lora_to_megatron_model([fresh], LoraConfig(r=4, alpha=8, target_modules="all-linear"), log=False)
     mlora.load_megatron_lora([fresh], ckpt)
-    reloaded = lora_state(fresh)
+    reloaded = lora_tensors(fresh)
     record("reload_exact", reloaded.keys() == saved.keys() and all(torch.equal(reloaded[k], saved[k]) for k in saved))
     if ARGS.other_layout:
         try:
@@ -267,7 +252,7 @@ def checks():
             record("other_ep_refused", "")
         except ValueError as err:
             record("other_ep_refused", str(err))
-        record("other_ep_left_weights", all(torch.equal(v, lora_state(fresh)[k]) for k, v in reloaded.items()))
+        record("other_ep_left_weights", all(torch.equal(v, lora_tensors(fresh)[k]) for k, v in reloaded.items()))
     if RANK == 0:
         from safetensors.torch import load_file
 
@@ -318,7 +303,7 @@ def grad_identity_check(model):
 
 def train_check(model):
     base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k and torch.is_tensor(v)}
-    before = lora_state(model)
+    before = lora_tensors(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(4):
@@ -336,7 +321,7 @@ def train_check(model):
     record("train_losses", losses)
     after = {k: v for k, v in model.state_dict().items() if ".lora_" not in k and torch.is_tensor(v)}
     record("train_base_unchanged", all(torch.equal(after[k], v) for k, v in base.items()))
-    now = lora_state(model)
+    now = lora_tensors(model)
     record("train_every_expert_lora_changed", all(not torch.equal(now[k], before[k]) for k in before
                                                   if ".local_experts." in k and ".lora_B." in k))
 

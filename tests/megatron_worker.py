@@ -4,7 +4,7 @@ Every check computes a number (a max abs difference, a count, a flag) into resul
 --out; the pytest side asserts on them. One launch checks many things: megatron-core's import
 and process-group setup cost more than the checks themselves.
 
-CPU shims (test-only; Megatron's own code paths, not lorakit's): see tests/megatron_cpu.py.
+CPU shims (test-only; Megatron's own code paths, not lorakit's): see tests/megatron_shared.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ parser.add_argument("--train-only", action="store_true", help="only the GPTModel
 ARGS = parser.parse_args()
 DEV = torch.device(ARGS.device if ARGS.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
-from tests.megatron_cpu import patch_megatron_for_cpu, point_cuda_device_at_cpu  # noqa: E402
+from tests.megatron_shared import (  # noqa: E402
+    export_checks,
+    lora_tensors,
+    maxdiff,
+    randomize_full_lora,
+    patch_megatron_for_cpu,
+    point_cuda_device_at_cpu,
+)
 
 if DEV.type == "cpu":
     point_cuda_device_at_cpu()
@@ -71,9 +78,6 @@ RESULTS: dict = {}
 def record(name, value):
     RESULTS[name] = float(value) if isinstance(value, (int, float, bool)) or torch.is_tensor(value) else value
 
-
-def maxdiff(a, b):
-    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
 def gather(t, dim, stride=1):
@@ -256,20 +260,6 @@ def gpt_loss(model):
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
-def randomize_full_lora(model, seed=11, scale=0.1):
-    """Give every LoRA layer full A/B drawn from one generator (same on every rank), keep the shards."""
-    g = torch.Generator().manual_seed(seed)
-    for info, layer in mlora.module_infos([model]):
-        shapes = layer.full_shapes("default")
-        with torch.no_grad():
-            for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                store["default"].weight.copy_(layer.shard(which, torch.randn(shapes[which], generator=g) * scale))
-
-
-def lora_tensors(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
-
-
 def gpt_checks():
     hf = hf_model()
     base_sd = hf_to_megatron(hf)
@@ -316,7 +306,8 @@ def gpt_checks():
                                      list(proj_a.global_shape), list(proj_a.axis_fragmentations),
                                      type(sharded["decoder.layers.0.mlp.linear_fc1.lora_B.default.weight"]).__name__])
 
-    randomize_full_lora(model)
+    generator = torch.Generator().manual_seed(11)
+    randomize_full_lora(model, lambda info: generator)  # one stream over all layers
     with torch.no_grad():
         lora_logits = gpt_logits(model)
     record("gpt_lora_changes_logits", maxdiff(lora_logits, base_logits))
@@ -324,20 +315,8 @@ def gpt_checks():
 
     # export -> HF (lorakit and PEFT) reproduces the Megatron-side logits
     adapter_dir = OUT / "adapter"
-    mlora.export_hf_adapter([model], adapter_dir)
-    if RANK == 0:
-        from peft import PeftModel
-
-        from lorakit import load_adapter
-
-        hf_l = hf_model()
-        load_adapter(hf_l, adapter_dir)
-        with torch.no_grad():
-            record("export_lorakit_vs_megatron_logits", maxdiff(hf_l(IDS).logits, lora_logits))
-        peft_model = PeftModel.from_pretrained(hf_model(), str(adapter_dir))
-        with torch.no_grad():
-            record("export_peft_vs_megatron_logits", maxdiff(peft_model(IDS).logits, lora_logits))
-        record("export_config", json.loads((adapter_dir / "adapter_config.json").read_text()))
+    for what, value in export_checks(model, adapter_dir, hf_model, IDS, lora_logits, RANK).items():
+        record(f"export_{what}_logits" if what != "config" else "export_config", value)
 
     # per-rank checkpoint, offline export equals the online one
     ckpt = OUT / "ckpt"
