@@ -178,7 +178,7 @@ def checks():
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        mlora.apply_lora_to_megatron_model([model], LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+        mlora.apply_lora_to_megatron_model([model], LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     record("report_text", buf.getvalue())
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     record("only_lora_trainable", all(".lora_" in n for n in trainable))
@@ -242,7 +242,7 @@ def checks():
     mlora.save_megatron_lora([model], ckpt)
     fresh = build(hf, seed=5)
     fresh.load_state_dict(base_sd, strict=False)
-    mlora.apply_lora_to_megatron_model([fresh], LoraConfig(r=4, alpha=8, target_modules="all-linear"), log=False)
+    mlora.apply_lora_to_megatron_model([fresh], LoraConfig(r=8, alpha=16, target_modules="all-linear"), log=False)
     mlora.load_megatron_lora([fresh], ckpt)
     reloaded = lora_tensors(fresh)
     record("reload_exact", reloaded.keys() == saved.keys() and all(torch.equal(reloaded[k], saved[k]) for k in saved))

@@ -64,7 +64,7 @@ def test_megatron_moe_model_matches_hf_and_lora_covers_experts_not_router(runs):
 
     # model-wide counts are the same at every parallel layout (each EP rank holds half the experts)
     hf_params = sum(p.numel() for p in tiny_moe("qwen3_moe", experts=4, top_k=2).parameters())
-    lora = 2 * 4 * ((32 + 64) + (32 + 32)) + 2 * 4 * 4 * ((32 + 32) + (16 + 32))  # r=4: qkv, proj; 4 experts fc1, fc2
+    lora = 2 * 8 * ((32 + 64) + (32 + 32)) + 2 * 8 * 4 * ((32 + 32) + (16 + 32))  # r=8: qkv, proj; 4 experts fc1, fc2
     for key in [k for k in runs[1] if k[1] == 0]:  # global rank 0 prints the report
         assert f"Total parameters: {hf_params + lora:,}" in runs[1][key]["report_text"], key
         assert f"Trainable parameters: {lora:,}" in runs[1][key]["report_text"], key
@@ -78,6 +78,10 @@ def test_export_to_peft_target_parameters_and_back(runs, run):
     cfg = r["export_config"]
     assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # what `lorakit inspect --check vllm` would say: nothing vLLM refuses (no router, gate/up and down)
+    from lorakit.lora.describe import describe_adapter, vllm_problems
+
+    assert vllm_problems(describe_adapter(runs[0] / run / "adapter")) == []
     for rank in range(1 if run == "ep1" else 2):
         rr = runs[1][(run, rank)]
         assert rr["import_equal"] and rr["import_logits"] == 0.0  # and back: the same expert shards
