@@ -70,14 +70,14 @@ def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
     seen = []
     for version, seed in enumerate((1, 2)):
         randomize_lora(policy, seed=seed, scale=0.3)  # an "update"
-        name = rollout.sync(f"policy-v{version}", adapter_configs(policy)["default"], adapter_state_dict(policy))
+        name = rollout.load(f"policy-v{version}", adapter_configs(policy)["default"], adapter_state_dict(policy))
         assert _served(server)[1:] == [name]  # the previous version was unloaded
         reference = _peft_policy(server, adapter_state_dict(policy))
         with torch.no_grad():
             want = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                       max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
         for params in (greedy, sampled):
-            remote = rollout.generate(name, [prompt], [params])[0]
+            remote = rollout.generate([prompt], [params], model=name)[0]
             if params is greedy:  # transformers' greedy decoding, stop token included
                 assert remote.token_ids == want
                 assert remote.text == tokenizer.decode(want, skip_special_tokens=True)
@@ -99,10 +99,10 @@ def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
 def test_unreachable_or_refusing_servers_give_clear_errors(server, tmp_path):
     dead = ServerRollout("http://127.0.0.1:9/v1", tmp_path, [0], timeout_s=5)
     with pytest.raises(RolloutServerError, match="unreachable"):
-        dead.generate("x", [[1, 2]], [SamplingParams()])
+        dead.generate([[1, 2]], [SamplingParams()], model="x")
     no_key = ServerRollout(server["url"], tmp_path, [0])
     with pytest.raises(RolloutServerError, match="HTTP 401"):
-        no_key.generate("x", [[1, 2]], [SamplingParams()])
+        no_key.generate([[1, 2]], [SamplingParams()], model="x")
 
 
 def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_policy_sampler_serves_one_adapter_per_step(server):
     inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     engine = Engine(policy, tokenizer)
     sampler = PolicySampler(ServerRollout(server["url"], server["root"] / "sampler", [tokenizer.eos_token_id],
-                                          api_key=KEY), policy, "default", name="run")
+                                          api_key=KEY, name="run"), policy, "default")
     prompt = tokenizer("12+7=")["input_ids"]
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
 
