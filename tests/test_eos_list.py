@@ -33,14 +33,14 @@ def _pieces(chain):
     return re.findall(r"<\|[a-z_]+\|>|.", chain, flags=re.S)
 
 
-@pytest.fixture(scope="module")
-def two_eos(tmp_path_factory):
+def write_two_eos_model(path, head_dim=16):
+    """Write the two-eos bigram model and its tokenizer to ``path`` (vLLM's CPU attention wants head_dim >= 32)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_demo_tokenizer()  # eos <|im_end|>, pad <|endoftext|>
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
                          tie_word_embeddings=False)
     model = Qwen3ForCausalLM(config)
     emb = model.get_input_embeddings().weight
@@ -60,10 +60,14 @@ def two_eos(tmp_path_factory):
     model.config.pad_token_id = endoftext
     model.generation_config.eos_token_id = [im_end, endoftext]
     model.generation_config.pad_token_id = endoftext
-    path = tmp_path_factory.mktemp("models") / "two-eos"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def two_eos(tmp_path_factory):
+    return write_two_eos_model(tmp_path_factory.mktemp("models") / "two-eos")
 
 
 def _hf_greedy(path, prompt_ids, max_new_tokens=10):
