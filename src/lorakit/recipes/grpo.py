@@ -466,7 +466,7 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
                              dtype=vllm_dtype_name(sampler_dtype(cfg, dtype)), max_model_len=vc.max_model_len or longest,
                              gpu_memory_utilization=vc.gpu_memory_utilization, enforce_eager=vc.enforce_eager,
                              tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,
-                             cpu_kvcache_gib=vc.cpu_kvcache_gib)
+                             external_launcher=info.world > 1, cpu_kvcache_gib=vc.cpu_kvcache_gib)
         return PolicySampler(engine, model, ADAPTER, info)
     if info.mode == "fsdp2":
         copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)

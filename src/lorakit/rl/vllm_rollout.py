@@ -98,13 +98,16 @@ class VllmRollout:
         max_model_len: the longest prompt + completion.
         gpu_memory_utilization, enforce_eager, tensor_parallel_size, seed: passed to ``vllm.LLM``.
         sleep: CUDA only: sleep (level 1) after each rollout, wake before the next sync.
+        external_launcher: this process is one rank of a torchrun job and holds its own engine
+            (vLLM's ``external_launcher`` backend, the layout TRL's colocate mode uses); each rank
+            samples its own prompts.
         cpu_kvcache_gib: the CPU build's KV cache size (``VLLM_CPU_KVCACHE_SPACE``).
         sync_dir: where the adapter is handed over (default: a fresh directory under ``ram_dir()``).
     """
 
     def __init__(self, model_dir: str, eos_token_ids: Sequence[int], lora_rank: Optional[int], dtype: str = "auto",
                  max_model_len: int = 1024, gpu_memory_utilization: float = 0.3, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, seed: int = 0, sleep: bool = False,
+                 tensor_parallel_size: int = 1, seed: int = 0, sleep: bool = False, external_launcher: bool = False,
                  cpu_kvcache_gib: Optional[float] = None, sync_dir: Optional[Path] = None) -> None:
         vllm = import_vllm()
         self._vllm = vllm
@@ -120,6 +123,8 @@ class VllmRollout:
             max_model_len=int(max_model_len), gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, seed=seed,
             enable_sleep_mode=self.sleep)
+        if external_launcher:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         key = repr(sorted(kwargs.items()))
