@@ -324,7 +324,7 @@ class PolicySampler:
         payload = self.engine.payload
         if payload == "lora":
             config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
-            fingerprint = adapter_fingerprint(adapter_state_dict(self.policy, self.adapter))
+            fingerprint = adapter_fingerprint(tensors)
         else:
             config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
             fingerprint = adapter_fingerprint(tensors)
