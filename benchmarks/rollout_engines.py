@@ -59,20 +59,29 @@ def serve(model: Path, adapter_root: Path) -> tuple[subprocess.Popen, str]:
     return proc, found.group(0)
 
 
-def bf16_rounding_loss(policy) -> float:
-    """The fraction of merged weight elements whose bf16 value does not move when the adapter's update
-    is added: what a bf16 merged sync loses (the LoRA sync keeps the update exactly in its own tensors)."""
-    from lorakit.lora import lora_modules, merged_weights
+def lora_factors(policy) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Module path -> (A, B, scale) of the policy adapter, fp32 copies."""
+    from lorakit.lora import lora_modules
 
-    merged = merged_weights(policy, "default")
-    lost = total = 0
-    for path, layer in lora_modules(policy):
-        base = layer.base_layer.weight.detach().float()
-        update = merged[f"{path}.weight"] - base
-        moved = update != 0
-        same = (merged[f"{path}.weight"].bfloat16() == base.bfloat16()) & moved
-        lost, total = lost + int(same.sum()), total + int(moved.sum())
-    return lost / max(total, 1)
+    return {path: (layer.lora_A["default"].weight.detach().float().clone(),
+                   layer.lora_B["default"].weight.detach().float().clone(), layer.scaling["default"])
+            for path, layer in lora_modules(policy)}
+
+
+def bf16_update_error(policy, before_factors, after_factors, before_merged, after_merged) -> tuple[float, float]:
+    """Relative error of one update of the effective weights as a bf16 engine receives it:
+    ``||received change - true change|| / ||true change||`` summed over the adapted layers, for a
+    merged sync (bf16(W + dW) stored) and for a LoRA sync (bf16 A and B, the product formed from them)."""
+    merged_err = lora_err = true_norm = 0.0
+    for path, (a0, b0, scale) in before_factors.items():
+        a1, b1, _ = after_factors[path]
+        true = after_merged[f"{path}.weight"] - before_merged[f"{path}.weight"]
+        merged = (after_merged[f"{path}.weight"].bfloat16().float() - before_merged[f"{path}.weight"].bfloat16().float())
+        lora = scale * (b1.bfloat16().float() @ a1.bfloat16().float() - b0.bfloat16().float() @ a0.bfloat16().float())
+        merged_err += float((merged - true).pow(2).sum())
+        lora_err += float((lora - true).pow(2).sum())
+        true_norm += float(true.pow(2).sum())
+    return (merged_err / true_norm) ** 0.5, (lora_err / true_norm) ** 0.5
 
 
 def main() -> None:
@@ -82,7 +91,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-sync", choices=["lora", "merged"], default="lora")
-    parser.add_argument("--engines", default="local,server,vllm")
+    parser.add_argument("--engines", default="local,server,vllm", help="'' for the bf16 precision lines alone")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -107,7 +116,7 @@ def main() -> None:
     prompts = [torch.randint(0, 250, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
     eos = [tokenizer.eos_token_id]
 
-    wanted = args.engines.split(",")
+    wanted = [name for name in args.engines.split(",") if name]
     server = None
     engines = {}
     if "local" in wanted:
@@ -132,7 +141,7 @@ def main() -> None:
                   for i in range(len(prompts))]
         batch = sampler.generate(prompts, params)
         sampled = time.perf_counter()
-        completions = batch.completions
+        completions = last[0] = batch.completions
         assert all(len(c.token_ids) == args.new for c in completions), name
         gap, n = 0.0, 0
         for micro, indices in zip(CompletionBatches(prompts, completions, 16, tokenizer.pad_token_id, False)
@@ -145,6 +154,10 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return synced - start, len(prompts) * args.new / (sampled - synced), time.perf_counter() - start, gap / n
 
+    last: list = [None]
+    if not engines:  # precision only: one local sample to train on
+        last[0] = LocalRollout(policy, tokenizer, "default", max_batch=args.prompts).generate(
+            prompts, [SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=i) for i in range(len(prompts))])
     print(f"start: {load()}")
     results: dict[str, dict[str, list[float]]] = {name: {"sync": [], "tps": [], "step": [], "gap": []} for name in engines}
     version = 0
@@ -173,7 +186,18 @@ def main() -> None:
                 print(f"ratio {label[name]} / local: rollout tokens/s "
                       f"{spread(ratios(results[name]['tps'], results['local']['tps']), '.3f')}, step time "
                       f"{spread(ratios(results[name]['step'], results['local']['step']), '.3f')}")
-    print(f"bf16 merged weights: {bf16_rounding_loss(policy):.1%} of the updated elements round back to the base")
+    # Precision of a bf16 engine: how much of one training update reaches it, merged vs LoRA.
+    from lorakit.lora import merged_weights
+
+    before_factors, before = lora_factors(policy), merged_weights(policy, "default")
+    logp = token_logprobs(policy, next(CompletionBatches(prompts, last[0], 16, tokenizer.pad_token_id, False)
+                                       .micro_batches()))
+    (-logp.mean()).backward()
+    optimizer.step()
+    merged_err, lora_err = bf16_update_error(policy, before_factors, lora_factors(policy), before,
+                                             merged_weights(policy, "default"))
+    print(f"one AdamW update (lr {optimizer.defaults['lr']:g}) as a bf16 engine receives it, relative error: "
+          f"merged sync {merged_err:.2f}, LoRA sync {lora_err:.2f}")
     print(f"end: {load()}")
 
 
