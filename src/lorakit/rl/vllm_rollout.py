@@ -51,6 +51,8 @@ def import_vllm() -> Any:
     """The ``vllm`` module, imported in-process mode; a clear error naming the install command if absent."""
     # In-process engine core: without this vLLM spawns a process that re-imports __main__.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM logs a line per sync at INFO; the trainer's progress line says what matters (set it to see them).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as err:
