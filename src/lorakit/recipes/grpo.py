@@ -216,10 +216,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
         # 1. sample G completions per prompt from the current policy (async: from the policy one
         #    step back, sampled while the last step trained)
-        mine, seq_prompts, _ = inputs = rollout_inputs(state["epoch"], state["sample"], state["step"])
+        mine, seq_prompts, sampling = rollout_inputs(state["epoch"], state["sample"], state["step"])
         if pending is None:
             sampler.sync(state["step"])
-            rollout: RolloutBatch = sampler.generate(*inputs[1:])
+            rollout: RolloutBatch = sampler.generate(seq_prompts, sampling)
             expected = state["step"]
         else:
             rollout, pending, expected = pending.result(), None, state["step"] - 1
