@@ -47,7 +47,9 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(demo):
     tokenizer = load_tokenizer(demo)
-    yield VllmRollout(demo, [tokenizer.eos_token_id], lora_rank=R, **ENGINE)
+    engine = VllmRollout(demo, [tokenizer.eos_token_id], lora_rank=R, **ENGINE)
+    yield engine
+    engine.close()
     release_vllm()
 
 

@@ -20,6 +20,7 @@ previous policy and would otherwise be reused under the same LoRA id.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import shutil
@@ -135,6 +136,8 @@ class VllmRollout:
             _shared["llm"], _shared["key"] = vllm.LLM(**kwargs), key
         self.llm = _shared["llm"]
         self.sync_dir = Path(sync_dir) if sync_dir else ram_dir() / f"lorakit-rollout-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # /dev/shm is memory: a run that dies before close() must not leave its adapter there.
+        atexit.register(shutil.rmtree, self.sync_dir, True)
         self.request: Any = None
         self.asleep = False
 
