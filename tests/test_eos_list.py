@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,14 +34,14 @@ def _pieces(chain):
     return re.findall(r"<\|[a-z_]+\|>|.", chain, flags=re.S)
 
 
-@pytest.fixture(scope="module")
-def two_eos(tmp_path_factory):
+def write_two_eos_model(path, head_dim=16):
+    """Write the two-eos bigram model and its tokenizer to ``path`` (vLLM's CPU attention wants head_dim >= 32)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_demo_tokenizer()  # eos <|im_end|>, pad <|endoftext|>
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
                          tie_word_embeddings=False)
     model = Qwen3ForCausalLM(config)
     emb = model.get_input_embeddings().weight
@@ -60,10 +61,14 @@ def two_eos(tmp_path_factory):
     model.config.pad_token_id = endoftext
     model.generation_config.eos_token_id = [im_end, endoftext]
     model.generation_config.pad_token_id = endoftext
-    path = tmp_path_factory.mktemp("models") / "two-eos"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def two_eos(tmp_path_factory):
+    return write_two_eos_model(tmp_path_factory.mktemp("models") / "two-eos")
 
 
 def _hf_greedy(path, prompt_ids, max_new_tokens=10):
@@ -195,3 +200,38 @@ def test_collect_eos_ids_takes_an_int_or_a_list_tokenizer_first():
     assert collect_eos_ids(tok, GenerationConfig(eos_token_id=endoftext)) == [im_end, endoftext]
     tok.eos_token = None
     assert collect_eos_ids(tok, GenerationConfig(eos_token_id=[endoftext, im_end])) == [endoftext, im_end]
+
+
+@pytest.mark.parametrize("engine", ["local", "server"])
+def test_grpo_rollouts_stop_on_the_second_eos_and_train_on_it(two_eos, tmp_path, engine):
+    # Chat prompts end with "\n", whose chain is "ok<|endoftext|>": the eos the tokenizer does not
+    # name. Stopping there and keeping the stop token gives 3 completion tokens, none truncated; an
+    # engine that missed it would sample on (the head has nothing after it) up to max_new_tokens.
+    import json
+
+    import lorakit.recipes.grpo as grpo
+    from lorakit.config import load_config
+
+    body = {"recipe": "grpo", "model": str(two_eos), "output_dir": str(tmp_path / "run"),
+            "data": {"train": str(Path(__file__).resolve().parents[1] / "examples" / "data" / "arith_rl.jsonl")},
+            "lora": {"r": 4, "alpha": 8}, "grpo": {"prompts_per_step": 2},
+            "rollout": {"engine": engine, "num_generations": 2, "max_new_tokens": 8},
+            "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-3}}
+    proc = None
+    if engine == "server":
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(two_eos), "--port", "0",
+                                 "--adapter-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        found = re.search(r"http://127\.0\.0\.1:\d+/v1", proc.stdout.readline())
+        assert found
+        body["rollout"].update(base_url=found.group(0), adapter_dir=str(tmp_path / "adapters"))
+    try:
+        (tmp_path / "cfg.json").write_text(json.dumps(body))
+        grpo.run(load_config(tmp_path / "cfg.json"), log=lambda _: None)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert (step["completion_len"], step["truncated_frac"]) == (3.0, 0.0)
+    assert step["logprob_gap"] < 1e-5  # the stop token's log-prob came with it

@@ -149,3 +149,23 @@ def test_unload_without_merge_restores_base(ids):
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), base, atol=1e-6, rtol=0)
+
+
+def test_merged_weights_are_the_plain_models_weights_and_leave_the_model_alone(ids):
+    from lorakit.lora import merged_weights
+
+    model = _adapted_qwen()
+    base = _base_weights(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+    weights = merged_weights(model)
+    assert len(weights) == 14 and all(w.dtype == torch.float32 for w in weights.values())
+    assert _base_weights(model).keys() == base.keys()
+    for name, value in _base_weights(model).items():  # computed aside: nothing merged in place
+        assert torch.equal(value, base[name])
+    # Loaded into a copy of the base model by their state-dict names, they give the adapted outputs.
+    plain = tiny_qwen3()
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    assert not unexpected and len(missing) == len(plain.state_dict()) - 14
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted, atol=1e-5, rtol=0)

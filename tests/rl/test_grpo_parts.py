@@ -114,5 +114,5 @@ def test_the_rollout_engine_follows_the_config(tmp_path, demo):
     server = grpo.rollout_engine(_cfg(tmp_path, demo, "rollout.engine=server", "rollout.base_url=http://127.0.0.1:9/v1",
                                       output_dir=str(tmp_path / "my run.1")),
                                  model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
-    assert isinstance(server.engine, ServerRollout) and server.name == "my-run-1"
+    assert isinstance(server.engine, ServerRollout) and server.engine.name == "my-run-1"
     assert server.engine.adapter_dir == tmp_path / "my run.1" / "rollout_adapters"

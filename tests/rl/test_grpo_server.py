@@ -1,5 +1,7 @@
-"""GRPO's server rollout engine against a real `lorakit serve` on 127.0.0.1: only adapters travel."""
+"""GRPO's server rollout engine against a real `lorakit serve` on 127.0.0.1: only adapters travel; async
+rollouts; a stale server is caught (the version check and the trainer-vs-sampler log-prob gap)."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -15,7 +17,7 @@ from lorakit.config import load_config
 from lorakit.generation import Engine, Request, SamplingParams
 from lorakit.lora import LoraConfig, adapter_configs, adapter_state_dict, inject_lora
 from lorakit.models import load_model, load_tokenizer, write_demo_model
-from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout
+from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout, StaleRolloutError
 
 from ..models import randomize_lora
 
@@ -70,14 +72,14 @@ def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
     seen = []
     for version, seed in enumerate((1, 2)):
         randomize_lora(policy, seed=seed, scale=0.3)  # an "update"
-        name = rollout.sync(f"policy-v{version}", adapter_configs(policy)["default"], adapter_state_dict(policy))
+        name = rollout.load(f"policy-v{version}", adapter_configs(policy)["default"], adapter_state_dict(policy))
         assert _served(server)[1:] == [name]  # the previous version was unloaded
         reference = _peft_policy(server, adapter_state_dict(policy))
         with torch.no_grad():
             want = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                       max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
         for params in (greedy, sampled):
-            remote = rollout.generate(name, [prompt], [params])[0]
+            remote = rollout.generate([prompt], [params], model=name)[0]
             if params is greedy:  # transformers' greedy decoding, stop token included
                 assert remote.token_ids == want
                 assert remote.text == tokenizer.decode(want, skip_special_tokens=True)
@@ -99,10 +101,10 @@ def test_each_sync_loads_the_new_adapter_and_completions_follow_it(server):
 def test_unreachable_or_refusing_servers_give_clear_errors(server, tmp_path):
     dead = ServerRollout("http://127.0.0.1:9/v1", tmp_path, [0], timeout_s=5)
     with pytest.raises(RolloutServerError, match="unreachable"):
-        dead.generate("x", [[1, 2]], [SamplingParams()])
+        dead.generate([[1, 2]], [SamplingParams()], model="x")
     no_key = ServerRollout(server["url"], tmp_path, [0])
     with pytest.raises(RolloutServerError, match="HTTP 401"):
-        no_key.generate("x", [[1, 2]], [SamplingParams()])
+        no_key.generate([[1, 2]], [SamplingParams()], model="x")
 
 
 def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
@@ -134,7 +136,7 @@ def test_policy_sampler_serves_one_adapter_per_step(server):
     inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     engine = Engine(policy, tokenizer)
     sampler = PolicySampler(ServerRollout(server["url"], server["root"] / "sampler", [tokenizer.eos_token_id],
-                                          api_key=KEY), policy, "default", name="run")
+                                          api_key=KEY, name="run"), policy, "default")
     prompt = tokenizer("12+7=")["input_ids"]
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
 
@@ -158,3 +160,72 @@ def test_policy_sampler_serves_one_adapter_per_step(server):
     assert sampler.generate([prompt], [greedy])[0].token_ids == local()
     sampler.close()
     assert _served(server) == ["demo"]
+
+
+def _server_config(server, tmp_path, name, steps=3, **rollout):
+    body = {"recipe": "grpo", "model": str(server["demo"]), "output_dir": str(tmp_path / name),
+            "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
+            "lora": {"r": 4, "alpha": 8},
+            "grpo": {"prompts_per_step": 2, "rewards": {"tests.rl.rewards_for_tests:odd_chars": 1.0}},  # a signal
+            "rollout": {"engine": "server", "base_url": server["url"], "num_generations": 4, "max_new_tokens": 4,
+                        "adapter_dir": str(server["root"] / name), **rollout},
+            "train": {"max_steps": steps, "batch_size": 8, "lr": 5e-2, "seed": 3}}
+    (tmp_path / f"{name}.yaml").write_text(json.dumps(body))
+    return load_config(tmp_path / f"{name}.yaml")
+
+
+def _steps(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "reward_mean" in r]
+
+
+def test_async_rollouts_are_one_step_stale_and_corrected_by_the_ratio(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_API_KEY", KEY)
+    synced = []
+    real_sync = ServerRollout.sync
+    monkeypatch.setattr(ServerRollout, "sync", lambda self, update: (synced.append(update.version), real_sync(self, update)))
+    grpo.run(_server_config(server, tmp_path, "async", steps=4, **{"async": True}), log=lambda _: None)
+    steps = _steps(tmp_path / "async")
+    # Step 1 samples synchronously; each later step trains on rollouts its predecessor's policy drew.
+    assert [r["staleness"] for r in steps] == [0, 1, 1, 1]
+    assert [r["policy_version"] for r in steps] == [0, 0, 1, 2]
+    assert synced == [0, 1, 2]  # no adapter is synced for a step that never comes
+    # One update later the trainer's log-probs have moved away from the sampler's: the gap is the
+    # off-policy drift the importance ratio corrects (ratio != 1, so some tokens may clip).
+    assert all(r["logprob_gap"] > 1e-4 for r in steps[1:])
+    assert steps[0]["logprob_gap"] < 1e-5
+    assert _served(server) == ["demo"]
+
+
+def test_a_server_left_on_the_previous_adapter_trips_the_sync_check(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_API_KEY", KEY)
+    real_sync, kept = ServerRollout.sync, {}
+
+    def stale_at_version_2(self, update):
+        kept.setdefault(update.version, {k: v.clone() for k, v in update.tensors.items()})
+        if update.version == 2:  # the server is handed the new name but the old weights
+            update = dataclasses.replace(update, tensors=kept[1])
+        real_sync(self, update)
+
+    monkeypatch.setattr(ServerRollout, "sync", stale_at_version_2)
+    cfg = _server_config(server, tmp_path, "stale", steps=4)
+    with pytest.raises(StaleRolloutError, match=r"step 3: .* differ by .* not sampling the current adapter"):
+        grpo.run(cfg, log=lambda _: None)
+    steps = _steps(tmp_path / "stale")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["logprob_gap"] < 1e-5 for r in steps)  # the check is not noise: synced steps pass it
+
+    # warn: the run goes on and says so
+    lines = []
+    cfg = _server_config(server, tmp_path, "stale-warn", steps=3, check_sync="warn")
+    grpo.run(cfg, log=lines.append)
+    assert sum("Warning: rollout.check_sync: step 3" in line for line in lines) == 1
+    assert _steps(tmp_path / "stale-warn")[2]["logprob_gap"] > 1e-3
+
+
+def test_an_engine_that_never_got_the_sync_trips_the_version_check(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_API_KEY", KEY)
+    real_sync = ServerRollout.sync
+    monkeypatch.setattr(ServerRollout, "sync", lambda self, update: None if update.version == 1 else real_sync(self, update))
+    with pytest.raises(StaleRolloutError, match="sampled by policy version 0, but the trainer expected version 1"):
+        grpo.run(_server_config(server, tmp_path, "skipped", steps=3), log=lambda _: None)

@@ -73,3 +73,36 @@ def test_a_separate_engine_model_gets_the_adapter_once_per_step(demo):
     assert sampled() == first  # step 0 was already synced: the engine keeps that adapter
     sampler.sync(1)
     assert sampled() == second
+
+
+def test_batches_carry_the_synced_version_and_fingerprint(demo):
+    from lorakit.lora import adapter_state_dict
+    from lorakit.rl import adapter_fingerprint
+
+    tokenizer = load_tokenizer(demo)
+    policy = _model(demo)
+    inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    copy = _model(demo)
+    inject_lora(copy, adapter_configs(policy)["default"], trainable=False)
+    engine = LocalRollout(copy, tokenizer, "default")
+    sampler = PolicySampler(engine, policy, "default")
+    prompts = _prompts(tokenizer)
+    with pytest.raises(RuntimeError, match="before sync"):
+        sampler.generate(prompts, [GREEDY] * len(prompts))
+    randomize_lora(policy, seed=1, scale=0.3)
+    sampler.sync(0)
+    first = sampler.generate(prompts, [GREEDY] * len(prompts))
+    assert (first.version, first.fingerprint) == (0, adapter_fingerprint(adapter_state_dict(policy)))
+    assert sampler.check_batch(first, 0) is None
+    assert "expected version 1" in sampler.check_batch(first, 1)
+
+    randomize_lora(policy, seed=2, scale=0.3)
+    fingerprint = adapter_fingerprint(adapter_state_dict(policy))
+    assert fingerprint != first.fingerprint  # a different adapter hashes differently
+    engine.sync = lambda update: None  # the update never reaches the engine
+    sampler.sync(1)
+    stale = sampler.generate(prompts, [GREEDY] * len(prompts))
+    assert stale.version == 0 and "did not reach the LocalRollout engine" in sampler.check_batch(stale, 1)
+    # an engine that records the new version but holds other weights: caught by the fingerprint
+    stale.version = 1
+    assert "fingerprint" in sampler.check_batch(stale, 1)

@@ -29,6 +29,7 @@ KEY_ALIASES = {
     "lora.lora_rank": "lora.r",
     "lora.lora_alpha": "lora.alpha",
     "lora.lora_dropout": "lora.dropout",
+    "rollout.async": "rollout.async_",  # a Python keyword: the field is async_
 }
 
 
@@ -333,6 +334,7 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
             fail("grpo.clip_eps_low", f"must be < 1 (the ratio's lower bound is 1 - clip_eps_low), got {cfg.grpo.clip_eps_low!r}")
         if cfg.rollout.engine == "server" and not cfg.rollout.base_url:
             fail("rollout.base_url", "is required with rollout.engine=server (e.g. http://127.0.0.1:8000/v1)")
+        _validate_rollout(cfg, fail)
         if not cfg.grpo.rewards:
             fail("grpo.rewards", "must name at least one reward, e.g. {numeric_match: 1.0}")
         bad = [k for k, w in cfg.grpo.rewards.items() if not math.isfinite(w)]
@@ -462,9 +464,30 @@ def _describe(hint: Any) -> str:
     return " or ".join(names)
 
 
+def _validate_rollout(cfg: RunConfig, fail) -> None:
+    rc = cfg.rollout
+    if rc.async_ and rc.engine == "local":
+        fail("rollout.async", "needs rollout.engine server or vllm: the local engine samples on the trainer's own "
+             "weights, so it cannot sample while they train")
+    if rc.async_ and rc.temperature != 1.0:
+        fail("rollout.async", "needs rollout.temperature: 1 (the importance ratio uses the sampler's log-probs, "
+             f"which engines report for the raw distribution), got temperature {rc.temperature!r}")
+    if rc.sync == "merged" and rc.engine != "vllm":
+        fail("rollout.sync", f"merged needs rollout.engine: vllm (got {rc.engine!r})")
+    if rc.max_logprob_gap is not None and not rc.max_logprob_gap > 0:
+        fail("rollout.max_logprob_gap", f"must be > 0 (or null for the default), got {rc.max_logprob_gap!r}")
+    if not 0.0 < rc.vllm.gpu_memory_utilization <= 1.0:
+        fail("rollout.vllm.gpu_memory_utilization", f"must be in (0, 1], got {rc.vllm.gpu_memory_utilization!r}")
+    if rc.vllm.tensor_parallel_size < 1:
+        fail("rollout.vllm.tensor_parallel_size", f"must be >= 1, got {rc.vllm.tensor_parallel_size!r}")
+    if rc.vllm.max_model_len is not None and rc.vllm.max_model_len < 1:
+        fail("rollout.vllm.max_model_len", f"must be >= 1 (or null), got {rc.vllm.max_model_len!r}")
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML (what a run records in output_dir/config.yaml)."""
     data = dataclasses.asdict(cfg)
     if not data["jobs"]:
         del data["jobs"]  # a single run's record reads as before
+    data["rollout"] = {("async" if k == "async_" else k): v for k, v in data["rollout"].items()}
     return _yaml().safe_dump(data, sort_keys=False, allow_unicode=True)

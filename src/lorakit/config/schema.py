@@ -131,14 +131,55 @@ class TrainSection:
 
 
 @dataclass
+class VllmSection:
+    """The vLLM engine in the training process (``rollout.engine: vllm``); passed through to ``vllm.LLM``."""
+
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU's memory vLLM may take for weights and KV cache; the trainer keeps the rest.
+    On the CPU build the KV cache size is cpu_kvcache_gib instead."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + completion vLLM plans for (default: grpo.max_prompt_len + rollout.max_new_tokens)."""
+    enforce_eager: bool = False
+    """No CUDA graphs: slower sampling, faster start and less memory."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """vLLM's weights and activations (auto: the trainer's train.dtype)."""
+    sleep: bool = False
+    """CUDA only: vLLM's sleep mode frees its weights and KV cache while the trainer steps, and it is
+    woken before each rollout (level 1: weights kept in CPU memory)."""
+    tensor_parallel_size: int = 1
+    """GPUs one vLLM instance spans (vLLM's own tensor parallelism)."""
+    cpu_kvcache_gib: Optional[float] = None
+    """vLLM CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE; default: vLLM's own)."""
+    seed: int = 0
+    """vLLM's engine seed (each completion also gets its own sampling seed from train.seed)."""
+
+
+@dataclass
 class RolloutSection:
     """Where GRPO's completions come from."""
 
-    engine: Literal["local", "server"] = "local"
+    engine: Literal["local", "server", "vllm"] = "local"
     """local: lorakit's generation engine in this process (the policy's own weights, or under FSDP2 a
     full copy whose adapter is updated in place). server: an OpenAI-compatible server with
     /v1/load_lora_adapter (lorakit serve, vLLM); after each update only the adapter is written and
-    loaded there under a new name."""
+    loaded there under a new name. vllm: a vLLM engine in this process (one per rank; install with
+    pip install 'lorakit[vllm]', or scripts/install_vllm_cpu.sh on a CPU-only machine)."""
+    sync: Literal["lora", "merged"] = "lora"
+    """How the policy reaches a vllm engine after each update: lora (the adapter alone, through a
+    RAM-backed directory reloaded in place) or merged (base + adapter merged in fp32 and loaded into
+    vLLM's weights: for serving paths that cannot run LoRA; exact in fp32, rounded in bf16)."""
+    check_sync: Literal["error", "warn", "off"] = "error"
+    """What a stale engine is: a rollout batch from another policy version or adapter fingerprint than
+    the trainer's, or a trainer-vs-sampler log-prob gap over max_logprob_gap right after a sync."""
+    max_logprob_gap: Optional[float] = None
+    """Mean |trainer - sampler| log-prob per token above which check_sync fires (needs temperature 1;
+    default: 1e-3 when the sampler runs in fp32, 5e-2 in bf16/fp16)."""
+    async_: bool = False
+    """YAML key ``async``. Sample step n+1's groups while step n trains (server and vllm engines): one
+    step off-policy, corrected by the importance ratio against the sampler's log-probs (needs
+    temperature 1); the staleness (0 on the first step, then 1) is logged."""
+    vllm: VllmSection = field(default_factory=VllmSection)
+    """vllm engine settings."""
     num_generations: int = 8
     """G: completions sampled per prompt (a group)."""
     temperature: float = 1.0

@@ -77,6 +77,28 @@ def _merged(layer: LoraLayer, names: Sequence[str], sign: float = 1.0) -> torch.
     return value
 
 
+def merged_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Each adapted layer's base weight with ``adapter_name`` merged in, computed aside (the model is
+    not changed): what an inference engine that cannot run LoRA loads in place of its own weights.
+
+    Returns:
+        ``{"<module path>.weight": fp32 tensor}``, keyed like the base model's state dict, shaped like
+        the base weight (a sharded weight is gathered whole: every rank must call this under FSDP2).
+    """
+    from .tensors import full_tensor
+
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_modules(unwrap_model(model)):
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+            continue
+        kind = quantization_of(layer.base_layer)
+        if kind is not None:
+            raise ValueError(f"cannot merge into '{path}': its base is quantized ({kind})")
+        with torch.no_grad():
+            out[f"{path}.weight"] = full_tensor(_merged(layer, [adapter_name]).detach())
+    return out
+
+
 def unmerge_lora(model: nn.Module) -> list[str]:
     """Subtract every merged adapter's update again (fp32 math), restoring the base weights.
 

@@ -1,8 +1,11 @@
 """GRPO with LoRA on verifiable rewards (RLVR).
 
 The policy is base + LoRA; the reference is the same base with the adapter disabled (or a frozen
-copy of ``init_adapter``): no second model. Rollouts come from lorakit's engine in this process or
-from an OpenAI-compatible server that receives only adapter weights after each update.
+copy of ``init_adapter``): no second model. Rollouts come from lorakit's engine in this process, an
+OpenAI-compatible server, or vLLM in this process, all behind one ``PolicySampler``; the server and
+vLLM receive only adapter weights after each update. Every rollout batch names the policy version
+that sampled it, and a stale engine is an error (``rollout.check_sync``). With ``rollout.async``
+the next step's groups are sampled while this step trains (one step off-policy).
 
 Reads top to bottom: setup, prompts and rewards, adapter, rollout engine, optimizer, (resume), loop
 (sample, score, advantages, old/reference log-probs, clipped updates, log, evaluate, checkpoint),
@@ -22,6 +25,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,8 +38,11 @@ from ..generation import SamplingParams
 from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules,
                     trainable_report, write_adapter)
 from ..models import load_model, resolve_device
-from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, ServerRollout,
-                  completion_logprobs, group_advantages, logprob_gap, reference_policy, token_weights)
+from ..models.loading import resolve_model
+from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
+                  ServerRollout, StaleRolloutError, completion_logprobs, group_advantages, logprob_gap, reference_policy,
+                  token_weights)
+from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
     build_optimizer,
@@ -82,6 +89,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     out = Path(cfg.output_dir)
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
+    if rc.engine == "vllm":
+        import_vllm()  # not installed: say how to install it before any model loads
     run = start_run(cfg, info, device, log)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
     if gc.prompts_per_step % info.world:
@@ -177,22 +186,53 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         score = evaluate(sampler.generate)
         log_metrics({"step": 0, evaluate.key: score})
         log(f"Held-out {evaluate.what} before training: {score:.3f} ({len(evals)} prompts)")
+    slots = list(range(info.rank, gc.prompts_per_step, info.world))  # this rank's whole groups
+
+    def rollout_inputs(epoch: int, sample: int, step: int) -> tuple[list[int], list[list[int]], list[SamplingParams]]:
+        """This rank's prompts of a step, each repeated G times, and their sampling parameters.
+
+        The prompt order is a function of (seed, epoch), and each completion's sampling seed of (seed,
+        step, prompt slot, g): a resumed run, on any number of ranks, draws the same rollouts.
+        """
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(tc.seed + epoch)).tolist()
+        mine = [order[sample + s] for s in slots]
+        sampling = [SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                                   top_k=rc.top_k, seed=sampling_seed(tc.seed, step, slot, g))
+                    for slot in slots for g in range(G)]
+        return mine, [prompt_ids[index] for index in mine for _ in range(G)], sampling
+
+    def stale(message: str) -> None:
+        if rc.check_sync == "error":
+            raise StaleRolloutError(f"rollout.check_sync: {message}. Nothing of this step was saved; set "
+                                    "rollout.check_sync: warn to go on regardless")
+        if rc.check_sync == "warn":
+            log(f"Warning: rollout.check_sync: {message}")
+
+    max_gap = rc.max_logprob_gap or (1e-3 if sampler_dtype(cfg, dtype) == torch.float32 else 5e-2)
+    background = ThreadPoolExecutor(max_workers=1) if rc.async_ else None
+    pending: Optional[Future] = None  # async: the next step's rollouts, sampled while this step trains
     while state["step"] < total_steps:
         step_start = time.perf_counter()
-        # The prompt order is a function of (seed, epoch), and each completion's sampling seed of
-        # (seed, step, prompt slot, g): a resumed run, on any number of ranks, draws the same rollouts.
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(tc.seed + state["epoch"])).tolist()
-        chosen = order[state["sample"]:state["sample"] + gc.prompts_per_step]
-        slots = list(range(info.rank, gc.prompts_per_step, info.world))  # this rank's whole groups
-        mine = [chosen[s] for s in slots]
 
-        # 1. sample G completions per prompt from the current policy
-        sampler.sync(state["step"])
-        seq_prompts = [prompt_ids[index] for index in mine for _ in range(G)]
-        sampling = [SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                                   top_k=rc.top_k, seed=sampling_seed(tc.seed, state["step"], slot, g))
-                    for slot in slots for g in range(G)]
-        completions = sampler.generate(seq_prompts, sampling)
+        # 1. sample G completions per prompt from the current policy (async: from the policy one
+        #    step back, sampled while the last step trained)
+        mine, seq_prompts, sampling = rollout_inputs(state["epoch"], state["sample"], state["step"])
+        if pending is None:
+            sampler.sync(state["step"])
+            rollout: RolloutBatch = sampler.generate(seq_prompts, sampling)
+            expected = state["step"]
+        else:
+            rollout, pending, expected = pending.result(), None, state["step"] - 1
+        problem = sampler.check_batch(rollout, expected)
+        if problem is not None:
+            stale(f"step {state['step'] + 1}: {problem}")
+        staleness, completions = state["step"] - rollout.version, rollout.completions
+        sync_s = sampler.sync_s
+        if background is not None and state["step"] + 1 < total_steps:
+            sampler.sync(state["step"])  # the adapter as it is now: version step, trained on at step + 1
+            sync_s = sampler.sync_s
+            pending = background.submit(sampler.generate, *rollout_inputs(*advance(
+                state["epoch"], state["sample"], gc.prompts_per_step, len(prompts)), state["step"] + 1)[1:])
         rollout_s = time.perf_counter() - step_start
 
         # 2. rewards and group advantages (groups never straddle ranks)
@@ -207,8 +247,14 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
         extra: dict[str, torch.Tensor] = {}
-        if updates_per_step > 1:
+        mismatch, mismatch_n = 0.0, 0
+        if rc.async_:  # the sampler's policy is a step behind the trainer's: the ratio corrects for it
+            extra["old_logp"] = sampler_logprobs(completions, rc.engine)
+        elif updates_per_step > 1:
             extra["old_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
+            if rc.temperature == 1.0:  # trainer vs sampler log-probs of the same tokens
+                mismatch = logprob_gap(extra["old_logp"], range(len(completions)), completions)
+                mismatch_n = sum(len(c.token_ids) for c in completions if c.logprobs is not None)
         if gc.beta > 0 or gc.log_kl:
             with reference_policy(model, reference, ADAPTER):
                 extra["ref_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
@@ -220,7 +266,6 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         width = int(lengths.max()) if len(lengths) else 0
         real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T) completion tokens
         totals = {"loss": 0.0, "clipped": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0}
-        mismatch, mismatch_n = 0.0, 0
         grad_norm = torch.zeros(())
         for iteration in range(gc.num_iterations):
             for c, chunk in enumerate(chunks):
@@ -244,7 +289,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                     totals["loss"] += float(loss.detach())
                     for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
                         totals[key] += getattr(stats, key)
-                    if iteration == 0 and rc.temperature == 1.0 and "old_logp" not in batch:
+                    if updates_per_step == 1 and rc.temperature == 1.0:
                         # Trainer vs sampler log-probs of the same tokens (before any update).
                         these = chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
                         mismatch += logprob_gap(objective.logp.cpu(), these, completions)
@@ -266,12 +311,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         mean_reward = total(float(reward.sum())) / n
         std_reward = math.sqrt(max(total(float((reward ** 2).sum())) / n - mean_reward ** 2, 0.0))
         trained_tokens = total(totals["tokens"])
-        state["sample"] += gc.prompts_per_step
+        state["epoch"], state["sample"] = advance(state["epoch"], state["sample"], gc.prompts_per_step, len(prompts))
         state["step"] += 1
         state["tokens"] += int(tokens_trained)
-        if state["sample"] + gc.prompts_per_step > len(order):
-            state["epoch"] += 1
-            state["sample"] = 0
         step = state["step"]
         record = {
             "step": step, "epoch": state["epoch"], "reward_mean": mean_reward, "reward_std": std_reward,
@@ -284,7 +326,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "clip_high_frac": total(totals["clipped_high"]) / max(trained_tokens, 1.0),
             "loss": total(totals["loss"]) / updates_per_step, "lr": lr, "grad_norm": float(full_tensor(grad_norm)),
             "tokens_per_s": tokens_trained / max(time.perf_counter() - step_start, 1e-9),
-            "rollout_s": rollout_s, "step_s": time.perf_counter() - step_start,
+            "rollout_s": rollout_s, "step_s": time.perf_counter() - step_start, "sync_s": sync_s,
+            "policy_version": rollout.version, "staleness": staleness,
         }
         if scored.correct is not None:
             record["accuracy"] = total(float(sum(scored.correct))) / n
@@ -293,6 +336,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         gap_n = total(float(mismatch_n))
         if gap_n:
             record["logprob_gap"] = total(mismatch) / gap_n
+            if staleness == 0 and record["logprob_gap"] > max_gap:
+                stale(f"step {step}: the trainer's and the {rc.engine} engine's log-probs of the sampled tokens differ "
+                      f"by {record['logprob_gap']:.2e} per token (over max_logprob_gap {max_gap:g}) right after the "
+                      f"adapter sync for version {rollout.version}: the engine is not sampling the current adapter "
+                      "(a stale adapter, or the bare base)")
         if step % tc.logging_steps == 0 or step == total_steps:
             log_metrics(record)
         if progress is not None:
@@ -310,6 +358,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             last_saved = step
     if progress is not None:
         progress.close()
+    if background is not None:
+        background.shutdown(wait=True)
     runtime = time.perf_counter() - loop_start
     log(f"Trained {state['step'] - steps_before} GRPO steps in {runtime:.1f}s")
 
@@ -395,18 +445,61 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
     ranks sample different lengths) into which the adapter alone is copied after each update.
     """
     rc, out = cfg.rollout, Path(cfg.output_dir)
+    eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
     if rc.engine == "server":
-        eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
         api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
-                               rc.timeout_s, rc.concurrency)
         run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
-        return PolicySampler(server, model, ADAPTER, info, name=run_name)
+        server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
+                               rc.timeout_s, rc.concurrency, name=run_name, main=info.main)
+        return PolicySampler(server, model, ADAPTER, info)
+    if rc.engine == "vllm":
+        config, vc = adapter_configs(model)[ADAPTER], rc.vllm
+        if rc.sync == "lora" and (config.use_dora or config.modules_to_save):
+            raise ValueError("rollout.engine: vllm with rollout.sync: lora cannot serve "
+                             + ("DoRA (lora.use_dora)" if config.use_dora else "lora.modules_to_save")
+                             + "; use rollout.sync: merged" + ("" if config.use_dora else " (without modules_to_save)"))
+        if config.modules_to_save:
+            raise ValueError("rollout.sync: merged loads the adapted layers' merged weights only, not "
+                             "lora.modules_to_save; train without it to sample with vLLM")
+        longest = cfg.grpo.max_prompt_len + max(rc.max_new_tokens, cfg.grpo.eval_max_new_tokens or 0)
+        engine = VllmRollout(resolve_model(cfg.model), eos, config.r if rc.sync == "lora" else None,
+                             dtype=vllm_dtype_name(sampler_dtype(cfg, dtype)), max_model_len=vc.max_model_len or longest,
+                             gpu_memory_utilization=vc.gpu_memory_utilization, enforce_eager=vc.enforce_eager,
+                             tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,
+                             external_launcher=info.world > 1, cpu_kvcache_gib=vc.cpu_kvcache_gib)
+        return PolicySampler(engine, model, ADAPTER, info)
     if info.mode == "fsdp2":
         copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
         inject_lora(copy, adapter_configs(model)[ADAPTER], adapter_name=ADAPTER, trainable=False)
         return PolicySampler(LocalRollout(copy, tokenizer, ADAPTER, rc.max_batch), model, ADAPTER, info)
-    return PolicySampler(LocalRollout(model, tokenizer, ADAPTER, rc.max_batch), model, ADAPTER, info)
+    return PolicySampler(LocalRollout(model, tokenizer, ADAPTER, rc.max_batch, shares_policy=True), model, ADAPTER, info)
+
+
+def sampler_dtype(cfg: RunConfig, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rollout engine computes in: rollout.vllm.dtype for vLLM (auto: the trainer's), else the trainer's."""
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.dtype != "auto":
+        return names[cfg.rollout.vllm.dtype]
+    return dtype
+
+
+def vllm_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sampler_logprobs(completions, engine: str) -> torch.Tensor:
+    """The sampler's log-probs of every completion token, flat in sequence order (async's old log-probs)."""
+    missing = sum(1 for c in completions if c.logprobs is None)
+    if missing:
+        raise ValueError(f"rollout.async: the {engine} engine reported no log-probs for {missing} of {len(completions)} "
+                         "completions; the importance ratio needs the sampler's log-prob of every sampled token")
+    return torch.tensor([lp for c in completions for lp in c.logprobs], dtype=torch.float32)
+
+
+def advance(epoch: int, sample: int, prompts_per_step: int, num_prompts: int) -> tuple[int, int]:
+    """The (epoch, first prompt of the order) after a step: a new epoch when the next step's prompts do not fit."""
+    sample += prompts_per_step
+    return (epoch + 1, 0) if sample + prompts_per_step > num_prompts else (epoch, sample)
 
 
 def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:

@@ -7,11 +7,13 @@ from .grpo import LossStats, group_advantages, grpo_loss, kl_k3, token_weights
 from .policy import GRPOObjective, completion_logprobs, reference_policy
 from .rewards import (BUILTIN_REWARDS, RewardScore, RewardSet, answer_format, countdown, extract_number,
                       numeric_match, resolve_reward)
-from .rollout import LocalRollout, PolicySampler, RolloutCompletion, RolloutServerError, ServerRollout
+from .rollout import (LocalRollout, PolicySampler, PolicyUpdate, RolloutBatch, RolloutCompletion, RolloutEngine,
+                      RolloutServerError, ServerRollout, StaleRolloutError, adapter_fingerprint)
 
 __all__ = [
     "CompletionBatches", "completion_rows", "logprob_gap", "HeldOutEval", "LossStats", "group_advantages", "grpo_loss",
     "kl_k3", "token_weights", "GRPOObjective", "completion_logprobs", "reference_policy", "BUILTIN_REWARDS",
     "RewardScore", "RewardSet", "answer_format", "countdown", "extract_number", "numeric_match", "resolve_reward",
-    "LocalRollout", "PolicySampler", "RolloutCompletion", "RolloutServerError", "ServerRollout",
+    "LocalRollout", "PolicySampler", "PolicyUpdate", "RolloutBatch", "RolloutCompletion", "RolloutEngine",
+    "RolloutServerError", "ServerRollout", "StaleRolloutError", "adapter_fingerprint",
 ]

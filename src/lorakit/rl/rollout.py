@@ -1,29 +1,40 @@
 """Rollout engines for RL: sample completions from the current policy, given only adapter weights.
 
-``LocalRollout`` drives lorakit's generation engine in the training process; ``ServerRollout``
-talks to any OpenAI-compatible server that can load LoRA adapters at run time
-(``/v1/load_lora_adapter``: ``lorakit serve``, vLLM with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``). Either
-way the base model never travels: after an update the engine receives the adapter alone.
+Every engine has the same two calls, so the GRPO recipe never asks which one it drives:
+``sync(update)`` hands it a ``PolicyUpdate`` (the policy version, i.e. the training step, the
+adapter's tensors and their fingerprint) and ``generate(prompts, params)`` samples token ids with
+their log-probs. ``LocalRollout`` drives lorakit's generation engine in the training process;
+``ServerRollout`` talks to any OpenAI-compatible server that can load LoRA adapters at run time
+(``/v1/load_lora_adapter``: ``lorakit serve``, vLLM with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``);
+``lorakit.rl.vllm_rollout.VllmRollout`` runs vLLM in this process. Whichever it is, the base never
+travels: after an update the engine receives the adapter alone (or, for vLLM's merged sync, the
+merged weights of the adapted layers).
+
+``PolicySampler`` sits in front of the engine: it gathers the adapter once per step, and stamps
+each batch it returns with the version and fingerprint the engine says it holds, so a stale engine
+is caught (``check_batch``) rather than trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ..distributed import DistInfo, barrier
 from ..generation import Engine, Request, SamplingParams
-from ..lora import LoraConfig, adapter_state_dict, final_adapter, write_adapter
-
+from ..lora import LoraConfig, adapter_configs, adapter_state_dict, final_adapter, write_adapter
 
 @dataclass
 class RolloutCompletion:
@@ -43,6 +54,60 @@ class RolloutCompletion:
     """'stop' (the model ended it) or 'length' (cut at max_new_tokens)."""
 
 
+class StaleRolloutError(RuntimeError):
+    """A rollout batch did not come from the policy the trainer holds (a skipped or failed adapter sync)."""
+
+
+def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of an adapter's tensors (names, shapes, fp32 values): equal iff the weights are.
+
+    Args:
+        tensors: PEFT-keyed tensors, any device or dtype (hashed as fp32 on the CPU).
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class PolicyUpdate:
+    """What a sync hands an engine: one version of the policy."""
+
+    version: int
+    """The policy version: training steps done when the adapter was taken."""
+    fingerprint: str
+    """``adapter_fingerprint`` of the trained adapter's tensors at that version."""
+    config: Optional[LoraConfig] = None
+    """The adapter's config (plain LoRA relative to the untouched base for 'lora' payloads)."""
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), the base
+    weights with the adapter merged in fp32 keyed like the base model's state dict ('merged'), or
+    nothing ('none': the engine reads the policy's own weights)."""
+
+
+class RolloutEngine(Protocol):
+    """The interface every rollout engine has (local, server, vllm)."""
+
+    payload: Literal["none", "live", "lora", "merged"]
+    """What ``sync`` needs in ``PolicyUpdate.tensors``."""
+    version: Optional[int]
+    """The version of the last update the engine applied (None before the first)."""
+    fingerprint: Optional[str]
+    """That update's fingerprint."""
+
+    def sync(self, update: PolicyUpdate) -> None:
+        """Make ``update`` the policy that ``generate`` samples."""
+
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list["RolloutCompletion"]:
+        """Complete ``prompts[i]`` with ``params[i]`` (token ids with their log-probs)."""
+
+    def close(self) -> None:
+        """Free what the engine holds for this run."""
+
+
 class LocalRollout:
     """Generate with lorakit's engine on a model in this process.
 
@@ -51,15 +116,20 @@ class LocalRollout:
     weights are sharded and every forward is a collective).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, adapter: str, max_batch: int = 64) -> None:
+    def __init__(self, model: Any, tokenizer: Any, adapter: str, max_batch: int = 64,
+                 shares_policy: bool = False) -> None:
         self.engine = Engine(model, tokenizer)
         self.adapter = adapter
         self.max_batch = max_batch
+        self.payload: Literal["none", "live"] = "none" if shares_policy else "live"
+        self.version: Optional[int] = None
+        self.fingerprint: Optional[str] = None
 
-    def sync(self, tensors: Optional[dict[str, torch.Tensor]]) -> None:
-        """Copy new adapter weights in (None: the engine shares the policy's weights)."""
-        if tensors is not None:
-            self.engine.update_adapter(self.adapter, tensors)
+    def sync(self, update: PolicyUpdate) -> None:
+        """Copy the new adapter weights in (none to copy when the engine shares the policy's weights)."""
+        if self.payload == "live":
+            self.engine.update_adapter(self.adapter, update.tensors)
+        self.version, self.fingerprint = update.version, update.fingerprint
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
                  adapter: Optional[str] = "") -> list[RolloutCompletion]:
@@ -77,6 +147,9 @@ class LocalRollout:
                 out.append(RolloutCompletion(ids, done.text, logprobs, done.finish_reason))
         return out
 
+    def close(self) -> None:
+        """Nothing to free: the engine lives and dies with the run."""
+
 
 class RolloutServerError(ConnectionError):
     """The rollout server refused a request or could not be reached; the message says which and why."""
@@ -85,22 +158,31 @@ class RolloutServerError(ConnectionError):
 class ServerRollout:
     """Generate through an OpenAI-compatible server that hot-loads LoRA adapters.
 
-    ``sync`` writes the adapter to ``adapter_dir/<name>`` (the server must see that filesystem),
-    loads it as ``<name>`` and unloads the previous one, so the server holds one policy version at
-    a time. Requests send prompts as token ids and ask for token-id logprobs (vLLM's
-    ``return_tokens_as_token_ids``), so the trainer sees exactly the sampled tokens.
+    ``sync`` writes the adapter to ``adapter_dir/<name>-step<version>`` (the server must see that
+    filesystem), loads it under that name and unloads the previous one, so the server holds one
+    policy version at a time. Requests send prompts as token ids and ask for token-id logprobs
+    (vLLM's ``return_tokens_as_token_ids``), so the trainer sees exactly the sampled tokens. Under
+    torchrun every rank has one; only the one with ``main`` writes and loads (the sampler puts a
+    barrier after the sync, so no rank samples before the server holds the adapter).
     """
 
+    payload: Literal["lora"] = "lora"
+
     def __init__(self, base_url: str, adapter_dir: Path, eos_token_ids: Sequence[int], api_key: Optional[str] = None,
-                 timeout_s: float = 600.0, concurrency: int = 16) -> None:
+                 timeout_s: float = 600.0, concurrency: int = 16, name: str = "policy", main: bool = True) -> None:
         self.base_url = base_url.rstrip("/")
         self.adapter_dir = Path(adapter_dir)
-        self.eos = set(eos_token_ids)
-        self.default_eos = eos_token_ids[0]  # appended when a server leaves the stop token out
+        self.eos = {int(i) for i in eos_token_ids}
+        self.default_eos = int(eos_token_ids[0])  # appended when a server leaves the stop token out
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.concurrency = concurrency
+        self.name = name
+        self.main = main
         self.current: Optional[str] = None
+        """The server's name for the adapter this engine samples with."""
+        self.version: Optional[int] = None
+        self.fingerprint: Optional[str] = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
@@ -126,8 +208,8 @@ class ServerRollout:
         except ValueError:
             return {"text": text}  # vLLM answers load/unload with plain text
 
-    def sync(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> str:
-        """Write adapter ``name`` and make the server load it; returns the name to sample with."""
+    def load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> str:
+        """Write adapter ``name`` and make the server load it in place of the previous one; returns the name."""
         path = write_adapter(self.adapter_dir / name, config, tensors)
         body = {"lora_name": name, "lora_path": str(path.resolve())}
         try:
@@ -142,6 +224,16 @@ class ServerRollout:
         if previous is not None and previous != name:
             self.unload(previous)
         return name
+
+    def sync(self, update: PolicyUpdate) -> None:
+        """Load ``update``'s adapter as ``<name>-step<version>`` (on the main rank; the others only record it)."""
+        name = f"{self.name}-step{update.version}"
+        if self.main:
+            if update.config is None:
+                raise ValueError("ServerRollout.sync: the update carries no adapter config")
+            self.load(name, update.config, update.tensors)
+        self.current = name
+        self.version, self.fingerprint = update.version, update.fingerprint
 
     def unload(self, name: str) -> None:
         try:
@@ -180,58 +272,119 @@ class ServerRollout:
             lps = None
         return RolloutCompletion(ids, text, lps, finish)
 
-    def generate(self, model: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
-        """Sample ``prompts[i]`` with ``params[i]`` from server model ``model``, many requests at once."""
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+                 model: Optional[str] = None) -> list[RolloutCompletion]:
+        """Sample ``prompts[i]`` with ``params[i]``, many requests at once, from server model ``model``
+        (default: the adapter of the last sync)."""
+        model = model or self.current
+        if model is None:
+            raise RuntimeError("ServerRollout.generate before sync: the server holds no adapter of this run")
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda pq: self._one(model, *pq), zip(prompts, params)))
 
+    def close(self) -> None:
+        """Unload this run's adapter from the server (the main rank does)."""
+        if self.main and self.current is not None:
+            self.unload(self.current)
+        self.current = None
+
 
 class PolicySampler:
-    """Sample from the policy as it is after a given training step, through either rollout engine.
+    """Sample from the policy as it is after a given training step, through any rollout engine.
 
-    ``sync(step)`` hands the engine the policy adapter's current weights, at most once per step:
-    nothing for a ``LocalRollout`` on the policy's own model (it reads the same weights), a copy
-    into a ``LocalRollout`` on a separate model, or, for a ``ServerRollout``, a new adapter
-    ``<name>-step<step>`` that the server loads in place of the previous one. Every rank calls
-    ``sync``: gathering a sharded adapter is a collective, and no rank may sample before the server
-    holds the new adapter; rank 0 alone talks to the server.
+    ``sync(step)`` hands the engine the policy adapter's current weights, at most once per step, as
+    the engine's ``payload`` asks: nothing for a local engine on the policy's own weights, the live
+    tensors for a local copy, plain LoRA (PiSSA/OLoRA converted) for a server or vLLM, or merged
+    weights. Every rank calls ``sync`` (gathering a sharded adapter is a collective) and a barrier
+    follows it, so no rank samples before a shared server holds the new adapter.
+
+    ``generate`` returns a ``RolloutBatch`` stamped with the version and fingerprint the engine says
+    it sampled with; ``check_batch`` compares them with what the trainer synced. Calls are serialised
+    by a lock, so ``generate`` may run in a background thread (async rollouts) while the main thread
+    trains and evaluates.
     """
 
-    def __init__(self, engine: Union[LocalRollout, ServerRollout], policy: nn.Module, adapter: str,
-                 info: Optional[DistInfo] = None, name: str = "policy") -> None:
+    def __init__(self, engine: RolloutEngine, policy: nn.Module, adapter: str, info: Optional[DistInfo] = None) -> None:
         self.engine = engine
         self.policy = policy
         self.adapter = adapter
         self.info = info or DistInfo()
-        self.name = name
         self.synced_step: Optional[int] = None
-        self.serving: Optional[str] = None
-        """The server's name for the adapter it samples with (server engine only)."""
+        self.fingerprints: dict[int, str] = {}
+        """Version -> fingerprint of every adapter this sampler synced."""
+        self.lock = threading.Lock()
+        self.sync_s = 0.0
+        """Seconds the last sync took (gather, fingerprint, transfer, load)."""
 
     def sync(self, step: int) -> None:
         """Give the engine the adapter as it is after ``step`` steps (a repeated step is a no-op)."""
         if self.synced_step == step:
             return
-        self.synced_step = step
-        if isinstance(self.engine, ServerRollout):
-            config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the server's base
-            name = f"{self.name}-step{step}"
-            if self.info.main:
-                self.engine.sync(name, config, tensors)
-            barrier(self.info)
-            self.serving = name
-        elif self.engine.engine.model is not self.policy:
-            self.engine.sync(adapter_state_dict(self.policy, self.adapter))
+        start = time.perf_counter()
+        payload = self.engine.payload
+        if payload == "lora":
+            config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
+            fingerprint = adapter_fingerprint(tensors)
+        else:
+            config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
+            fingerprint = adapter_fingerprint(tensors)
+            if payload == "merged":
+                from ..lora import merged_weights
 
-    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
+                tensors = merged_weights(self.policy, self.adapter)
+            elif payload == "none":
+                tensors = {}
+        with self.lock:
+            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors))
+        barrier(self.info)
+        self.synced_step = step
+        self.fingerprints[step] = fingerprint
+        self.sync_s = time.perf_counter() - start
+
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> "RolloutBatch":
         """Complete ``prompts[i]`` with ``params[i]`` using the adapter of the last ``sync``."""
-        if isinstance(self.engine, ServerRollout):
-            if self.serving is None:
-                raise RuntimeError("PolicySampler.generate before sync: the server holds no adapter of this run")
-            return self.engine.generate(self.serving, prompts, params)
-        return self.engine.generate(prompts, params)
+        with self.lock:
+            if self.engine.version is None:
+                raise RuntimeError("PolicySampler.generate before sync: the engine holds no adapter of this run")
+            version, fingerprint = self.engine.version, self.engine.fingerprint
+            completions = self.engine.generate(prompts, params)
+        return RolloutBatch(completions, version, fingerprint or "")
+
+    def check_batch(self, batch: "RolloutBatch", version: int) -> Optional[str]:
+        """Why ``batch`` is not from policy ``version`` as this sampler synced it (None: it is)."""
+        if batch.version != version:
+            return (f"the rollout batch was sampled by policy version {batch.version}, but the trainer expected "
+                    f"version {version}: the adapter sync for step {version} did not reach the "
+                    f"{type(self.engine).__name__} engine")
+        if batch.fingerprint != self.fingerprints.get(version):
+            return (f"the rollout engine's adapter fingerprint {batch.fingerprint} is not the trainer's "
+                    f"{self.fingerprints.get(version)} for version {version}")
+        return None
 
     def close(self) -> None:
-        """Free what the engine holds for this run (the server's adapter; rank 0 unloads it)."""
-        if isinstance(self.engine, ServerRollout) and self.info.main and self.engine.current is not None:
-            self.engine.unload(self.engine.current)
+        """Free what the engine holds for this run (a server's adapter; a vLLM engine)."""
+        with self.lock:
+            self.engine.close()
+
+
+@dataclass
+class RolloutBatch:
+    """Completions from one ``PolicySampler.generate`` call, and which policy sampled them.
+
+    Iterates, indexes and has a length like the list of completions it holds.
+    """
+
+    completions: list[RolloutCompletion]
+    version: int
+    """The policy version (training steps) of the adapter the engine held."""
+    fingerprint: str
+    """That adapter's fingerprint as the engine recorded it at its sync."""
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def __iter__(self) -> Iterator[RolloutCompletion]:
+        return iter(self.completions)
+
+    def __getitem__(self, index: int) -> RolloutCompletion:
+        return self.completions[index]
