@@ -234,6 +234,12 @@ class LoraLayer(nn.Module):
         merged = [name for name, _ in groups if name in self.merged_adapters]
         if merged:
             raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
+        if len(groups) == 1 and len(groups[0][1]) == x.shape[0]:
+            # The whole batch uses one adapter: the plain LoRA pass, no row gathers.
+            name = groups[0][0]
+            if self.use_dora.get(name):
+                return result + dora.dora_delta(self, x, result, name).to(result.dtype)
+            return self._add_delta(result, x, name)
         gather = routes is self.row_routes and self._can_gather()
         if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and gather:
             return self._routed_gathered(x, result)
