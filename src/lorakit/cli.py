@@ -122,12 +122,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_generation(args: argparse.Namespace):
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     _quiet_transformers()
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device).eval()
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
         load_adapter(model, args.adapter)
     return model, tokenizer
@@ -212,13 +212,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from .serve import LoraServer, ServerConfig, make_http_server
 
     _quiet_transformers()
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device).eval()
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -229,8 +232,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(base_name=base_name, api_key=args.api_key,
                           adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
                           max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                          default_max_tokens=min(256, args.max_tokens_limit), context_length=context)
-    server = LoraServer(model, tokenizer, config, max_batch=args.max_batch_size)
+                          default_max_tokens=min(256, args.max_tokens_limit), context_length=context,
+                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+    server = LoraServer(model, tokenizer, config)
     httpd = make_http_server(server, args.host, args.port)
     names = ", ".join(server.engine.adapters()) or "none"
     print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}",
@@ -252,6 +256,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
+    _add_dtype_arg(p)
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the directory name)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests run together in one batch")
+    p.add_argument("--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=64,
+                   help="requests decoded together in one batch at most (vLLM's name; --max-batch-size is an alias)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After")
     p.add_argument("--device", default="auto")
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")
