@@ -224,8 +224,9 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Delta]:
         """Admit waiting requests, prefill (a chunk of) their prompts, then decode one token for every
-        running row. Returns the new output of the rows that produced some (``Delta.row`` = request
-        id; a finished request's last Delta carries its Completion)."""
+        running row. Returns one Delta per token produced (``Delta.row`` = request id; its text may be
+        empty while a character or a possible stop string is incomplete; a finished request's last
+        Delta carries its Completion)."""
         has_rows = self.has_unfinished()
         if self.lockstep is not None:
             self._others_busy = bool(self.lockstep(has_rows))
@@ -279,7 +280,7 @@ class Engine:
         try:
             while self.has_unfinished() or (self.lockstep is not None and self._others_busy) or (
                     self.lockstep is not None and self.steps == 0 and not requests):
-                deltas = [d for d in self.step() if d.row in index]
+                deltas = [d for d in self.step() if d.row in index and (d.text or d.finish_reason)]
                 for delta in deltas:
                     delta.row = index[delta.row]
                 if deltas:
@@ -410,8 +411,7 @@ class Engine:
             if row.finish is not None:
                 delta.completion = row.completion()
                 finished.append(offset + i)
-            if delta.text or delta.finish_reason:
-                deltas.append(delta)
+            deltas.append(delta)
         if finished:
             gone = set(finished)
             self._leave([i for i in range(len(self._running)) if i not in gone])
