@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _human_bytes(n: int) -> str:
@@ -19,9 +19,27 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .lora.describe import vllm_max_lora_rank, vllm_rank
+
+    status, ranks = 0, []
+    for path in args.adapter:
+        failed, desc = _inspect_one(args, path)
+        status = max(status, failed)
+        ranks.append(vllm_rank(desc))
+    if args.check == "vllm":
+        needed = vllm_max_lora_rank(max(ranks))
+        if needed is not None and status == 0:
+            # max_loras: adapters that may share one batch; a smaller value makes the others' requests wait.
+            print(f"vLLM server flags for {'this adapter' if len(ranks) == 1 else f'these {len(ranks)} adapters'}: "
+                  f"--enable-lora --max-lora-rank {needed} --max-loras {len(ranks)}")
+    return status
+
+
+def _inspect_one(args: argparse.Namespace, path: str) -> tuple[int, Any]:
+    """Print one adapter's description (and vLLM check); returns (exit status, its description)."""
     from .lora.describe import describe_adapter, variant_name, vllm_notes, vllm_problems
 
-    desc = describe_adapter(args.adapter)
+    desc = describe_adapter(path)
     cfg = desc.config
     scale = cfg.alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules or [])
@@ -63,9 +81,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("vLLM check: FAILED")
             for problem in problems:
                 print(f"  - {problem}")
-            return 1
+            return 1, desc
         print("vLLM check: OK")
-    return 0
+    return 0, desc
 
 
 def _quiet_transformers() -> None:
@@ -268,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for large language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter directory (config, modules, ranks, size)")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--check", choices=["vllm"], help="list what the named server would refuse; exit 1 if anything")
+    p.add_argument("adapter", nargs="+", help="adapter directory (adapter_config.json + adapter_model.safetensors); "
+                   "several: each is described, and --check vllm prints the server flags that serve them all")
+    p.add_argument("--check", choices=["vllm"], help="list what the named server would refuse (exit 1 if anything) "
+                   "and the flags it needs (vLLM: --max-lora-rank, --max-loras)")
     p.add_argument("--all", action="store_true", help="list every wrapped module")
     p.set_defaults(func=cmd_inspect)
 
