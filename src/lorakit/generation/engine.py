@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from ..data.tokenize import collect_eos_ids
-from ..lora import adapter_names, route_adapters, set_adapter_weights
+from ..lora import RowRouting, adapter_names, route_adapters, set_adapter_weights
 from .cache import RowCache, new_cache
 from .detok import TextState
 from .sampling import BatchParams, choose
@@ -161,6 +161,7 @@ class Engine:
         self._running: list[_Row] = []  # rows of ``_batch``, in its order
         self._batch = RowCache()
         self._params: Optional[BatchParams] = None  # the running rows' sampling tensors (None: rebuild)
+        self._routing: Optional[RowRouting] = None  # the running rows' adapter routes (None: rebuild)
         self._next_id = 0
         self._others_busy = False  # what ``lockstep`` last answered
         self.steps = 0
@@ -178,6 +179,11 @@ class Engine:
     def update_adapter(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace adapter ``name``'s weights in place (keys as ``adapter_state_dict`` gives them)."""
         set_adapter_weights(self.model, tensors, name)
+
+    def adapters_changed(self) -> None:
+        """Call after loading or deleting adapters while requests are in flight (between steps):
+        the running batch's adapter routes are rebuilt for the model's new LoRA modules."""
+        self._routing = None
 
     # --- step-wise API ------------------------------------------------------------------------------
     @property
@@ -390,9 +396,14 @@ class Engine:
         rows = self._running
         if self._params is None:
             self._params = _batch_params(rows, self.device)
+            self._routing = None
+        # Routes are reused while the rows and the loaded adapters stay the same (the LoRA layers
+        # cache their per-batch tensors on them).
+        if self._routing is None:
+            self._routing = RowRouting(self.model, [r.request.adapter for r in rows])
         ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
         mask, positions = self._batch.step_inputs()
-        with route_adapters(self.model, [r.request.adapter for r in rows]):
+        with self._routing.apply():
             logits = self._forward(ids, mask, positions, self._batch.cache)
         self._batch.advance(mask)
         self.steps += 1

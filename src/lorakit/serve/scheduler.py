@@ -89,6 +89,7 @@ class Scheduler:
                 result["value"] = fn()
             except BaseException as err:  # handed back to the caller's thread
                 result["error"] = err
+            self.engine.adapters_changed()
             finished.set()
 
         with self._cond:
