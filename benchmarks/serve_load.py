@@ -12,8 +12,9 @@ lorakit/vLLM of the throughput.
 
     python benchmarks/serve_load.py [--clients 1 4 16] [--per-client 4] [--new 64] [--repeats 3]
 
-vLLM runs as ``vllm serve <demo> --enable-lora --lora-modules ... --max-lora-rank 16`` from
---vllm (default /work/venv-vllm/bin/vllm) with VLLM_CPU_KVCACHE_SPACE=1.
+vLLM runs as ``vllm serve <demo> --enable-lora --lora-modules ... --max-lora-rank 16 --max-loras 4``
+(its module ``vllm.entrypoints.openai.api_server``, under --vllm-python, default
+/work/venv-vllm/bin/python) with VLLM_CPU_KVCACHE_SPACE=1.
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def start_lorakit(demo: str, adapters: dict[str, Path], max_tokens: int) -> tupl
     return proc, int(found.group(1))
 
 
-def start_vllm(vllm: str, demo: str, adapters: dict[str, Path]) -> tuple[subprocess.Popen, int]:
+def start_vllm(vllm_python: str, demo: str, adapters: dict[str, Path]) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [vllm, "serve", demo, "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "demo",
+    # `vllm serve` is this module's entry point (called directly: the CPU build lacks the package
+    # metadata the `vllm` CLI reads for --version).
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", demo, "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "demo",
            "--enable-lora", "--max-lora-rank", "16", "--max-loras", str(len(adapters)), "--dtype", "float32",
            "--max-model-len", "512", "--disable-log-stats",
            "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
@@ -185,7 +188,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vllm", default="/work/venv-vllm/bin/vllm")
+    parser.add_argument("--vllm-python", default="/work/venv-vllm/bin/python", help="python of the vLLM CPU build")
     parser.add_argument("--only", choices=["lorakit", "vllm"], help="run one server (no comparison)")
     args = parser.parse_args()
 
@@ -197,7 +200,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for side in (sides if repeat % 2 == 0 else sides[::-1]):
             proc, port = (start_lorakit(demo, adapters, args.new) if side == "lorakit"
-                          else start_vllm(args.vllm, demo, adapters))
+                          else start_vllm(args.vllm_python, demo, adapters))
             try:
                 run_load(port, 2, 2, 8)  # warm-up: every code path once
                 for n in args.clients:

@@ -229,15 +229,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from .lora import load_adapter
     from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from .serve import LoraServer, ServerConfig, make_http_server
 
     _quiet_transformers()
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
+                        ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        # Compute threads; one core is left to the HTTP thread (tokenising, streaming), as vLLM's CPU
+        # build reserves one. Oversubscribed OpenMP threads make every step wait on the slowest.
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    # The engine thread and the HTTP thread share the GIL: a short switch interval keeps a step's
+    # Python work from waiting 5 ms (the default) for the other thread to yield it.
+    sys.setswitchinterval(0.0005)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     for spec in args.adapter or []:
@@ -344,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU compute threads (default: the cores less one, left to the HTTP thread)")
     _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 

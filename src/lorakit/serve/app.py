@@ -19,7 +19,7 @@ from ..generation.simple import format_prompt
 from ..lora import delete_adapter, load_adapter
 from ..lora.layer import check_adapter_name
 from .metrics import ServerMetrics
-from .scheduler import QueueFull, Scheduler
+from .scheduler import LoopSink, QueueFull, Scheduler
 
 
 class ApiError(Exception):
@@ -195,7 +195,7 @@ class LoraServer:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
         try:
-            ticket = self.scheduler.submit(request, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+            ticket = self.scheduler.submit(request, LoopSink(loop, items))
         except QueueFull as err:
             self.metrics.rejected.inc()
             raise ApiError(429, f"the server is busy: {err}; retry later", code="rate_limit_exceeded",

@@ -7,8 +7,9 @@ boundary. Model changes (loading, unloading adapters) run on the worker thread b
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TypeVar
 
@@ -19,6 +20,23 @@ T = TypeVar("T")
 
 class QueueFull(RuntimeError):
     """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass
+class LoopSink:
+    """A sink that puts items on an asyncio queue of ``loop``. The scheduler hands a step's items
+    for one loop over in a single thread-safe call (one wake-up per step, not one per token)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: "asyncio.Queue[Any]"
+
+    def __call__(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple["asyncio.Queue[Any]", Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 @dataclass
@@ -148,11 +166,25 @@ class Scheduler:
                     self._end(ticket, err)
                 self._live.clear()
                 continue
+            out: list[tuple[Ticket, Any]] = []
             for delta in deltas:
                 ticket = self._live.get(delta.row)
                 if ticket is None:
                     continue
-                ticket.sink(delta)
+                out.append((ticket, delta))
                 if delta.completion is not None:
                     del self._live[delta.row]
-                    self._end(ticket, delta.completion)
+                    ticket.done = True
+                    out.append((ticket, delta.completion))
+            self._deliver(out)
+
+    @staticmethod
+    def _deliver(items: list[tuple[Ticket, Any]]) -> None:
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = defaultdict(list)
+        for ticket, item in items:
+            if isinstance(ticket.sink, LoopSink):
+                per_loop[ticket.sink.loop].append((ticket.sink.queue, item))
+            else:
+                ticket.sink(item)
+        for loop, batch in per_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
