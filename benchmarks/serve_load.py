@@ -4,7 +4,7 @@ same adapters, same requests.
 Model: lorakit's demo model (tiny Qwen3, 4 layers, hidden 256, byte-level vocabulary); adapters:
 4 random LoRA adapters, r=16 on q/k/v/o/gate/up/down. Load: N concurrent clients (1, 4, 16), each
 sending --per-client streamed completions back to back, cycling over the 4 adapters and the base
-(prompts of ~40 tokens, --new tokens each, greedy, end-of-sequence ignored so every request
+(unique prompts of ~45 tokens, --new tokens each, greedy, end-of-sequence ignored so every request
 decodes the same number of tokens). Measured per N: requests/s, generated tokens/s, p50/p99
 time to first token and latency. The servers run one at a time, alternating order in each repeat
 (after a warm-up); printed: each side's median and min-max over repeats, and the per-repeat ratio
@@ -148,7 +148,9 @@ def run_load(port: int, clients: int, per_client: int, new: int) -> dict[str, fl
     def requests(c: int) -> None:
         for k in range(per_client):
             i = c * per_client + k
-            prompt = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(8))  # ~40 byte-level tokens
+            # ~45 byte-level tokens, different from the first one on: neither server can reuse a
+            # cached prefix (vLLM's prefix caching is on by default), both prefill every prompt.
+            prompt = f"{clients}.{i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(8))
             out = one_request(port, models[i % len(models)], prompt, new)
             with lock:
                 results.append(out)

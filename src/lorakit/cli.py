@@ -227,6 +227,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import gc
     from pathlib import Path
 
     import torch
@@ -263,6 +264,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           default_max_tokens=min(256, args.max_tokens_limit), context_length=context,
                           max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
     server = LoraServer(model, tokenizer, config)
+    # What exists now (model, tokenizer) lives as long as the server: keep the garbage collector's
+    # full passes, which would stall a decode step, off those objects.
+    gc.collect()
+    gc.freeze()
     httpd = make_http_server(server, args.host, args.port)
     names = ", ".join(server.engine.adapters()) or "none"
     print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}",
