@@ -122,9 +122,10 @@ def test_prefill_computes_logits_for_the_last_position_only(tok):
 
 
 def test_lockstep_ranks_make_the_same_number_of_forwards(tok):
-    """Two 'ranks' (threads) with different amounts of work; the lockstep callback is an OR-reduce."""
-    barrier = threading.Barrier(2)
-    flags = [False, False]
+    """Three 'ranks' (threads) with different amounts of work, one with none; the lockstep callback
+    is an OR-reduce over them."""
+    barrier = threading.Barrier(3)
+    flags = [False, False, False]
 
     def make_lockstep(rank):
         def lockstep(mine: bool) -> bool:
@@ -136,10 +137,10 @@ def test_lockstep_ranks_make_the_same_number_of_forwards(tok):
         return lockstep
 
     model = _with_adapters("qwen3")
-    counts, results = [0, 0], [None, None]
+    counts, results = [0, 0, 0], [None, None, None]
     work = [[Request(tok("a long one")["input_ids"], "math", SamplingParams(15, ignore_eos=True)),
              Request(tok("b")["input_ids"], "code", SamplingParams(4, ignore_eos=True))],
-            [Request(tok("short")["input_ids"], None, SamplingParams(2, ignore_eos=True))]]
+            [Request(tok("short")["input_ids"], None, SamplingParams(2, ignore_eos=True))], []]
 
     def rank(r):
         local = _with_adapters("qwen3")  # each rank its own model, so forwards are counted per rank
@@ -150,12 +151,13 @@ def test_lockstep_ranks_make_the_same_number_of_forwards(tok):
         local.model.register_forward_hook(count)
         results[r] = Engine(local, tok, lockstep=make_lockstep(r)).generate(work[r])
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert counts[0] == counts[1] > 3
+    assert counts[0] == counts[1] == counts[2] > 3
+    assert results[2] == []
     alone = Engine(model, tok).generate(work[0] + work[1])
     assert [c.token_ids for c in results[0] + results[1]] == [c.token_ids for c in alone]
 

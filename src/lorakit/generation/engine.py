@@ -284,8 +284,7 @@ class Engine:
             self._check(request)
         index = {self.add_request(request): i for i, request in enumerate(requests)}
         try:
-            while self.has_unfinished() or (self.lockstep is not None and self._others_busy) or (
-                    self.lockstep is not None and self.steps == 0 and not requests):
+            while self.lockstep is not None or self.has_unfinished():  # under lockstep: until no rank has rows
                 deltas = [d for d in self.step() if d.row in index and (d.text or d.finish_reason)]
                 for delta in deltas:
                     delta.row = index[delta.row]

@@ -2,7 +2,7 @@
 
 ``LoraServer`` turns request bodies into engine requests, routes them by model name to an adapter
 (or the base), loads and unloads adapters, and hands each request's output back as it comes. The
-HTTP layer (``http.py``) sits on top. Errors are ``ApiError``: OpenAI's shape ``{"error":
+HTTP layer (``asgi.py``) sits on top. Errors are ``ApiError``: OpenAI's shape ``{"error":
 {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
 """
 
@@ -236,12 +236,12 @@ def _number(body: dict, key: str, default: float, low: float, high: float, exclu
     return float(value)
 
 
-def _usage(done: Completion) -> dict:
+def usage_of(done: Completion) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids),
             "total_tokens": done.prompt_tokens + len(done.token_ids)}
 
 
-def _completion_logprobs(server: LoraServer, done: Completion, chat: bool, token_ids: bool = False) -> dict:
+def completion_logprobs(server: LoraServer, done: Completion, chat: bool, token_ids: bool = False) -> dict:
     """OpenAI's logprobs object. ``token_ids`` (vLLM's return_tokens_as_token_ids) names each token
     ``token_id:N`` and, as vLLM does, includes the end-of-sequence token the model stopped on."""
     if token_ids:

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..generation import Completion, Delta
-from .app import ApiError, LoraServer, _completion_logprobs, _usage
+from .app import ApiError, LoraServer, completion_logprobs, usage_of
 
 _POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -100,13 +100,13 @@ def make_app(server: LoraServer) -> Starlette:
                 return Response(status_code=499)
             choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
             if meta["logprobs"]:
-                choice["logprobs"] = _completion_logprobs(server, done, chat, meta["token_ids"])
+                choice["logprobs"] = completion_logprobs(server, done, chat, meta["token_ids"])
             if chat:
                 choice["message"] = {"role": "assistant", "content": done.text}
             else:
                 choice["text"] = done.text
             return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": meta["model"], "choices": [choice], "usage": _usage(done)})
+                                 "created": created, "model": meta["model"], "choices": [choice], "usage": usage_of(done)})
         first = await events.__anext__()  # errors before the first token still get a proper status code
         chunks = _sse(events, first, ident, created, meta["model"], chat,
                       bool((body.get("stream_options") or {}).get("include_usage")))
@@ -164,7 +164,7 @@ async def _sse(events: Any, first: Any, ident: str, created: int, model: str, ch
                 yield event({"index": 0, **content, "finish_reason": item.finish_reason, "logprobs": None})
             elif isinstance(item, Completion):
                 if include_usage:
-                    yield event({}, usage=_usage(item))
+                    yield event({}, usage=usage_of(item))
                 break
             try:
                 item = await events.__anext__()
