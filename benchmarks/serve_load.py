@@ -3,7 +3,8 @@ same adapters, same requests.
 
 Model: lorakit's demo model (tiny Qwen3, 4 layers, hidden 256, byte-level vocabulary); adapters:
 4 random LoRA adapters, r=16 on q/k/v/o/gate/up/down. Load: N concurrent clients (1, 4, 16), each
-sending --per-client streamed completions back to back, cycling over the 4 adapters and the base
+sending --per-client streamed completions back to back (at least --min-requests per level),
+cycling over the 4 adapters and the base
 (unique prompts of ~45 tokens, --new tokens each, greedy, end-of-sequence ignored so every request
 decodes the same number of tokens). Measured per N: requests/s, generated tokens/s, p50/p99
 time to first token and latency. The servers run one at a time, alternating order in each repeat
@@ -188,6 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--min-requests", type=int, default=16,
+                        help="at least this many requests per load level (1 client: 16 back to back)")
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-python", default="/work/venv-vllm/bin/python", help="python of the vLLM CPU build")
@@ -206,14 +209,15 @@ def main() -> None:
             try:
                 run_load(port, 2, 2, 8)  # warm-up: every code path once
                 for n in args.clients:
-                    result = run_load(port, n, args.per_client, args.new)
+                    result = run_load(port, n, max(args.per_client, -(-args.min_requests // n)), args.new)
                     measured[side][n].append(result)
                     print(f"repeat {repeat} {side:8s} N={n:2d}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()),
                           flush=True)
             finally:
                 stop(proc)
 
-    print(f"\n{load()}; {args.per_client} requests per client, {args.new} new tokens each, "
+    print(f"\n{load()}; {args.per_client} requests per client (at least {args.min_requests} per level), "
+          f"{args.new} new tokens each, "
           f"{args.repeats} repeats (median (min-max))")
     for n in args.clients:
         for side in sides:
