@@ -228,6 +228,9 @@ def main() -> None:
                   f"p99 {statistics.median(r['ttft_p99'] for r in rows):.3f}s  "
                   f"latency p50 {statistics.median(r['lat_p50'] for r in rows):.3f}s "
                   f"p99 {statistics.median(r['lat_p99'] for r in rows):.3f}s")
+        for side in sides:
+            tail = [r["ttft_p99"] / r["ttft_p50"] for r in measured[side][n]]
+            print(f"N={n:2d} {side:8s} TTFT p99/p50 per repeat: {spread(tail, '.2f')}")
         if len(sides) == 2:
             tput = ratios([r["tok/s"] for r in measured["lorakit"][n]], [r["tok/s"] for r in measured["vllm"][n]])
             print(f"N={n:2d} throughput lorakit/vLLM: {spread(tput, '.2f')}")

@@ -238,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
@@ -262,7 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
                           max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
                           default_max_tokens=min(256, args.max_tokens_limit), context_length=context,
-                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     server = LoraServer(model, tokenizer, config)
     # What exists now (model, tokenizer) lives as long as the server: keep the garbage collector's
     # full passes, which would stall a decode step, off those objects.
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together in one batch at most (vLLM's name; --max-batch-size is an alias)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step at most; longer prompts are prefilled in chunks "
+                        "between the decode steps of the running requests")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU compute threads (default: the cores less one, left to the HTTP thread)")

@@ -325,6 +325,8 @@ class Engine:
         while budget > 0 and self._prefilling:
             head = self._prefilling[0]
             left = len(head.request.prompt_ids) - head.prefilled
+            if not head.prefilled and budget < left <= self.prefill_chunk:
+                break  # fits a whole step's budget: wait for the next step rather than split it
             if head.prefilled or left > budget:
                 group, used = [head], min(left, budget)
                 self._prefill_chunk(head, used, deltas)

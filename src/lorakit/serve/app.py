@@ -56,9 +56,9 @@ class ServerConfig:
     """Requests decoded together in one batch at most; more wait in the queue."""
     max_queue: int = 256
     """Requests that may wait for a batch slot; more are refused with 429 and Retry-After."""
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
     """Prompt tokens prefilled per engine step at most (longer prompts take several steps, so they do
-    not stall the requests that are decoding)."""
+    not stall the requests that are decoding; a burst of short prompts is prefilled in one forward)."""
 
 
 class LoraServer:
