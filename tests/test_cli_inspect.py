@@ -1,6 +1,9 @@
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +45,49 @@ def test_check_vllm_ok_and_refusals(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "variant: DoRA" in out
     assert "vLLM check: FAILED" in out
-    assert "modules_to_save=['lm_head']" in out and "rank(s) [4]" in out and "DoRA" in out
+    assert "modules_to_save=['lm_head']" in out and "DoRA" in out
+    assert "rank" not in out.split("vLLM check: FAILED")[1]  # rank 4 is fine: --max-lora-rank is an upper bound
+    big = _save(tmp_path / "c", r=640, target_modules=["q_proj"])
+    assert main(["inspect", str(big), "--check", "vllm"]) == 1
+    assert "rank 640 exceeds 512, the largest --max-lora-rank vLLM accepts" in capsys.readouterr().out
+
+
+VLLM_PYTHON = Path("/work/venv-vllm/bin/python")
+_VLLM_VALIDATE = """
+import sys
+from vllm.config.lora import LoRAConfig
+from vllm.lora.peft_helper import PEFTHelper
+for path, rank in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        PEFTHelper.from_local_dir(path, None).validate_legal(LoRAConfig(max_lora_rank=int(rank)))
+        print("accepted")
+    except ValueError:
+        print("refused")
+"""
+
+
+def test_check_vllm_prints_the_max_lora_rank_vllm_itself_accepts(tmp_path, capsys):
+    """Oracle: vLLM's own adapter validation (PEFTHelper.validate_legal), in the vLLM CPU build's venv."""
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("no vLLM venv")
+    adapters = {r: _save(tmp_path / f"r{r}", r=r, target_modules=["q_proj"]) for r in (4, 12, 16)}
+    patterned = _save(tmp_path / "pattern", r=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 40})
+    flags = {}
+    for name, path in [*adapters.items(), ("pattern", patterned)]:
+        assert main(["inspect", str(path), "--check", "vllm"]) == 0
+        flags[name] = int(re.search(r"--max-lora-rank (\d+) --max-loras 1", capsys.readouterr().out).group(1))
+    assert flags == {4: 8, 12: 16, 16: 16, "pattern": 64}
+    assert main(["inspect", *map(str, adapters.values()), "--check", "vllm"]) == 0
+    assert "--max-lora-rank 16 --max-loras 3" in capsys.readouterr().out
+    # vLLM accepts each adapter at the printed value and refuses it at the next smaller allowed one
+    smaller = {8: 1, 16: 8, 64: 32}
+    args = []
+    for name, path in [*adapters.items(), ("pattern", patterned)]:
+        args += [str(path), str(flags[name]), str(path), str(smaller[flags[name]])]
+    proc = subprocess.run([str(VLLM_PYTHON), "-c", _VLLM_VALIDATE, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["accepted", "refused"] * 4
 
 
 def test_inspect_bad_path_is_one_line_error():

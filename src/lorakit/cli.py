@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _human_bytes(n: int) -> str:
@@ -19,9 +19,27 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .lora.describe import vllm_max_lora_rank, vllm_rank
+
+    status, ranks = 0, []
+    for path in args.adapter:
+        failed, desc = _inspect_one(args, path)
+        status = max(status, failed)
+        ranks.append(vllm_rank(desc))
+    if args.check == "vllm":
+        needed = vllm_max_lora_rank(max(ranks))
+        if needed is not None and status == 0:
+            # max_loras: adapters that may share one batch; a smaller value makes the others' requests wait.
+            print(f"vLLM server flags for {'this adapter' if len(ranks) == 1 else f'these {len(ranks)} adapters'}: "
+                  f"--enable-lora --max-lora-rank {needed} --max-loras {len(ranks)}")
+    return status
+
+
+def _inspect_one(args: argparse.Namespace, path: str) -> tuple[int, Any]:
+    """Print one adapter's description (and vLLM check); returns (exit status, its description)."""
     from .lora.describe import describe_adapter, variant_name, vllm_notes, vllm_problems
 
-    desc = describe_adapter(args.adapter)
+    desc = describe_adapter(path)
     cfg = desc.config
     scale = cfg.alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules or [])
@@ -63,9 +81,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("vLLM check: FAILED")
             for problem in problems:
                 print(f"  - {problem}")
-            return 1
+            return 1, desc
         print("vLLM check: OK")
-    return 0
+    return 0, desc
 
 
 def _quiet_transformers() -> None:
@@ -122,12 +140,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_generation(args: argparse.Namespace):
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     _quiet_transformers()
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device).eval()
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
         load_adapter(model, args.adapter)
     return model, tokenizer
@@ -213,16 +231,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import gc
     from pathlib import Path
 
+    import torch
+
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from .serve import LoraServer, ServerConfig, make_http_server
 
     _quiet_transformers()
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
+                        ("--threads", args.threads), ("--prefill-chunk", args.prefill_chunk)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        # Compute threads; one core is left to the HTTP thread (tokenising, streaming), as vLLM's CPU
+        # build reserves one. Oversubscribed OpenMP threads make every step wait on the slowest.
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    # The engine thread and the HTTP thread share the GIL: a short switch interval keeps a step's
+    # Python work from waiting 5 ms (the default) for the other thread to yield it.
+    sys.setswitchinterval(0.0005)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device).eval()
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -233,8 +265,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(base_name=base_name, api_key=args.api_key,
                           adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
                           max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                          default_max_tokens=min(256, args.max_tokens_limit), context_length=context)
-    server = LoraServer(model, tokenizer, config, max_batch=args.max_batch_size)
+                          default_max_tokens=min(256, args.max_tokens_limit), context_length=context,
+                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    server = LoraServer(model, tokenizer, config)
+    # What exists now (model, tokenizer) lives as long as the server: keep the garbage collector's
+    # full passes, which would stall a decode step, off those objects.
+    gc.collect()
+    gc.freeze()
     httpd = make_http_server(server, args.host, args.port)
     names = ", ".join(server.engine.adapters()) or "none"
     print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}",
@@ -256,14 +293,22 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
+    _add_dtype_arg(p)
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for large language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter directory (config, modules, ranks, size)")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--check", choices=["vllm"], help="list what the named server would refuse; exit 1 if anything")
+    p.add_argument("adapter", nargs="+", help="adapter directory (adapter_config.json + adapter_model.safetensors); "
+                   "several: each is described, and --check vllm prints the server flags that serve them all")
+    p.add_argument("--check", choices=["vllm"], help="list what the named server would refuse (exit 1 if anything) "
+                   "and the flags it needs (vLLM: --max-lora-rank, --max-loras)")
     p.add_argument("--all", action="store_true", help="list every wrapped module")
     p.set_defaults(func=cmd_inspect)
 
@@ -313,8 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the directory name)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests run together in one batch")
+    p.add_argument("--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=64,
+                   help="requests decoded together in one batch at most (vLLM's name; --max-batch-size is an alias)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a batch slot; more get HTTP 429 with Retry-After")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step at most; longer prompts are prefilled in chunks "
+                        "between the decode steps of the running requests")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU compute threads (default: the cores less one, left to the HTTP thread)")
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")

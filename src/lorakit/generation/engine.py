@@ -1,20 +1,30 @@
-"""Batched sampling with a KV cache, where every row may use its own adapter (or the base).
+"""Step-level (continuous) batching, where every row may use its own adapter (or the base).
 
-One prefill and one decode step per token for the whole batch, whatever mix of adapters it holds:
-the LoRA layers route rows to their adapters (``route_adapters``). The engine knows nothing of
-HTTP; the server and the RL recipe both drive it. Adapter weights can be replaced in place between
-calls (``update_adapter``): no reload from disk, no new modules.
+The engine holds a running batch whose rows join and leave between decode steps: ``add_request``
+queues a request, each ``step`` prefills what it can of the queued prompts (long ones in chunks,
+so a long prompt never stalls the rows that are decoding) and then runs one decode step for every
+running row; a finished or aborted row leaves the batch at once. Whatever mix of adapters the rows
+use, a step is one forward pass: the LoRA layers route rows to their adapters (``route_adapters``).
+``generate`` and ``stream`` run a list of requests to completion on top of the same steps. The
+engine knows nothing of HTTP; the server and the RL recipe both drive it. Adapter weights can be
+replaced in place between steps (``update_adapter``): no reload from disk, no new modules. One
+thread drives an engine at a time.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ..data.tokenize import collect_eos_ids
-from ..lora import adapter_names, route_adapters, set_adapter_weights
+from ..lora import RowRouting, adapter_names, route_adapters, set_adapter_weights
+from .cache import RowCache, new_cache
+from .detok import TextState
+from .sampling import BatchParams, choose
 
 
 @dataclass
@@ -69,88 +79,95 @@ class Delta:
     """A step's new output for one row, as streamed."""
 
     row: int
+    """The request's index in ``generate``/``stream``'s list; its id (from ``add_request``) in ``step``'s output."""
     text: str
     token_id: Optional[int]
     logprob: Optional[float]
     finish_reason: Optional[str] = None
+    completion: Optional[Completion] = None
+    """The request's whole result, on its last Delta."""
+
+
 
 
 class _Row:
-    """Decoding state of one request."""
+    """Decoding state of one request: its prefill progress, output text, stop state and generator."""
 
-    def __init__(self, request: Request, tokenizer: Any, eos: set[int], device: torch.device) -> None:
-        self.request, self.tokenizer, self.eos = request, tokenizer, eos
-        self.tokens: list[int] = []
+    def __init__(self, ident: int, request: Request, tokenizer: Any, eos: set[int], device: torch.device) -> None:
+        self.id, self.request, self.eos = ident, request, eos
+        self.out = TextState(tokenizer, tuple(request.params.stop))
         self.logprobs: list[float] = []
-        self.emitted = 0  # characters of text already streamed
-        self.text = ""
         self.finish: Optional[str] = None
         self.stop_token: Optional[int] = None
         self.stop_logprob: Optional[float] = None
         seed = request.params.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        # Held back while streaming: a stop string may still be completing.
-        self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        self.prefilled = 0  # prompt tokens already in ``cache`` (chunked prefill)
+        self.cache: Any = None  # this row's own cache until its prefill is done and it joins the batch
+        self.next_token = 0  # fed to the model at the next decode step
 
     def push(self, token: int, logprob: float) -> Delta:
         params = self.request.params
         if token in self.eos and not params.ignore_eos:
             self.finish = "stop"
             self.stop_token, self.stop_logprob = token, logprob
-            return Delta(0, self._flush(), None, None, self.finish)
-        self.tokens.append(token)
+            self.out.finish()
+            return Delta(self.id, self.out.flush(), None, None, self.finish)
+        self.next_token = token
         self.logprobs.append(logprob)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish = "stop"
-        if self.finish is None and len(self.tokens) >= params.max_new_tokens:
+        if self.out.append(token):
+            self.finish = "stop"
+        elif len(self.out.tokens) >= params.max_new_tokens:
             self.finish = "length"
         if self.finish is not None:
-            return Delta(0, self._flush(), token, logprob, self.finish)
-        # A byte-level token may end mid-character ("\ufffd"): wait for the rest of it.
-        safe = len(self.text) - self.holdback
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1
-        delta = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted += len(delta)
-        return Delta(0, delta, token, logprob)
+            self.out.finish()
+            return Delta(self.id, self.out.flush(), token, logprob, self.finish)
+        return Delta(self.id, self.out.stream_delta(), token, logprob)
 
-    def _flush(self) -> str:
-        rest = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return rest
-
-
-def _choose(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """Pick the next token from one row's fp32 logits (vocab,)."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    scores = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(scores, min(params.top_k, scores.shape[-1])).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep a token while the mass before it is below top_p (the first token always stays).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def completion(self) -> Completion:
+        return Completion(list(self.out.tokens), self.out.text, list(self.logprobs), self.finish or "length",
+                          len(self.request.prompt_ids), self.stop_token, self.stop_logprob)
 
 
 class Engine:
-    """Generate for a batch of requests, each with its own adapter and sampling parameters."""
+    """Continuous batching over requests that each have their own adapter and sampling parameters.
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    Args:
+        model: a transformers causal LM (LoRA adapters injected or not).
+        tokenizer: its tokenizer (decodes the output; its end-of-sequence ids stop a row).
+        lockstep: for data-parallel sampling where every forward is a collective (FSDP2). Called
+            once per step with "this rank still has rows"; returns "some rank still has rows"
+            (an all-reduce). While it returns True and this rank has no rows, the step runs a
+            dummy one-token forward, and every step runs exactly one forward, so all ranks make
+            the same number of model calls.
+        max_num_seqs: rows decoded together at most; further requests wait.
+        prefill_chunk: prompt tokens prefilled per step at most (prompts longer than that are
+            prefilled over several steps, between the decode steps of the other rows).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, lockstep: Optional[Callable[[bool], bool]] = None,
+                 max_num_seqs: int = 256, prefill_chunk: int = 2048) -> None:
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
-        eos = set(collect_eos_ids(tokenizer, getattr(model, "generation_config", None)))
-        self.eos = eos
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+        self.lockstep = lockstep
+        self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+        self.eos = set(collect_eos_ids(tokenizer, getattr(model, "generation_config", None)))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._waiting: deque[_Row] = deque()  # not started
+        self._prefilling: list[_Row] = []  # admitted; prompt partly prefilled into the row's own cache
+        self._running: list[_Row] = []  # rows of ``_batch``, in its order
+        self._batch = RowCache()
+        self._params: Optional[BatchParams] = None  # the running rows' sampling tensors (None: rebuild)
+        self._routing: Optional[RowRouting] = None  # the running rows' adapter routes (None: rebuild)
+        self._next_id = 0
+        self._others_busy = False  # what ``lockstep`` last answered
+        self.steps = 0
+        """Decode steps run so far."""
+        self.largest_batch = 0
+        """Most rows decoded together in one step so far."""
 
     @property
     def device(self) -> torch.device:
@@ -163,73 +180,261 @@ class Engine:
         """Replace adapter ``name``'s weights in place (keys as ``adapter_state_dict`` gives them)."""
         set_adapter_weights(self.model, tensors, name)
 
-    def generate(self, requests: Sequence[Request], on_delta: Optional[Callable[[list[Delta]], None]] = None) -> list[Completion]:
-        """Run ``requests`` to completion as one batch; ``on_delta`` sees each step's new text."""
-        rows: list[Optional[_Row]] = [None] * len(requests)
-        for deltas in self._run(requests, rows):
-            if on_delta is not None:
-                on_delta(deltas)
-        return [Completion(r.tokens, r.text, r.logprobs, r.finish or "length", len(q.prompt_ids), r.stop_token,
-                           r.stop_logprob) for r, q in zip(rows, requests)]
+    def adapters_changed(self) -> None:
+        """Call after loading or deleting adapters while requests are in flight (between steps):
+        the running batch's adapter routes are rebuilt for the model's new LoRA modules."""
+        self._routing = None
 
-    def stream(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:
-        """Yield, after each decode step, the new text of every row that produced some."""
-        rows: list[Optional[_Row]] = [None] * len(requests)
-        yield from self._run(requests, rows)
+    # --- step-wise API ------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        """Requests admitted to the batch (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued behind ``max_num_seqs``."""
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def add_request(self, request: Request) -> int:
+        """Queue ``request``; it joins the batch at a coming step. Returns its id (Delta.row in ``step``)."""
+        self._check(request)
+        ident = self._next_id
+        self._next_id += 1
+        self._waiting.append(_Row(ident, request, self.tokenizer, self.eos, self.device))
+        return ident
+
+    def abort(self, ident: int) -> bool:
+        """Drop request ``ident`` wherever it is (its batch slot is freed now); False if unknown or done."""
+        for i, row in enumerate(self._waiting):
+            if row.id == ident:
+                del self._waiting[i]
+                return True
+        for i, row in enumerate(self._prefilling):
+            if row.id == ident:
+                del self._prefilling[i]
+                return True
+        keep = [i for i, row in enumerate(self._running) if row.id != ident]
+        if len(keep) == len(self._running):
+            return False
+        self._leave(keep)
+        return True
+
+    def requests_using(self, adapter: str) -> list[int]:
+        """Ids of the unfinished requests that name ``adapter``."""
+        return [r.id for r in (*self._waiting, *self._prefilling, *self._running) if r.request.adapter == adapter]
 
     @torch.no_grad()
-    def _run(self, requests: Sequence[Request], rows: list[Optional[_Row]]) -> Iterator[list[Delta]]:
-        if not requests:
-            return
-        known = set(self.adapters())
-        for req in requests:
-            if req.adapter is not None and req.adapter not in known:
-                raise ValueError(f"unknown adapter '{req.adapter}'; loaded: {sorted(known)}")
-            if not req.prompt_ids:
-                raise ValueError("empty prompt")
+    def step(self) -> list[Delta]:
+        """Admit waiting requests, prefill (a chunk of) their prompts, then decode one token for every
+        running row. Returns one Delta per token produced (``Delta.row`` = request id; its text may be
+        empty while a character or a possible stop string is incomplete; a finished request's last
+        Delta carries its Completion)."""
+        has_rows = self.has_unfinished()
+        if self.lockstep is not None:
+            self._others_busy = bool(self.lockstep(has_rows))
+            if not self._others_busy:
+                return []
+        elif not has_rows:
+            return []
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            if not has_rows:
+                self._dummy_forward()
+                return []
+            self._admit()
+            deltas: list[Delta] = []
+            if self.lockstep is not None and self._prefilling:
+                self._prefill(deltas, self.prefill_chunk, one_forward=True)
+                return deltas
+            self._prefill(deltas, self.prefill_chunk)
+            if self._running:
+                self._decode(deltas)
+            return deltas
+        finally:
+            if was_training:
+                self.model.train()
+
+    # --- whole-request API -------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], on_delta: Optional[Callable[[list[Delta]], None]] = None) -> list[Completion]:
+        """Run ``requests`` to completion; ``on_delta`` sees each step's new text (Delta.row = list index)."""
+        results: list[Optional[Completion]] = [None] * len(requests)
+        for deltas in self._run(requests):
+            for delta in deltas:
+                if delta.completion is not None:
+                    results[delta.row] = delta.completion
+            if on_delta is not None:
+                on_delta(deltas)
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:
+        """Yield, after each step, the new text of every row that produced some (Delta.row = list index)."""
+        yield from self._run(requests)
+
+    def _run(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:
+        if self.has_unfinished():
+            raise RuntimeError("generate()/stream() need an idle engine; this one has requests added with "
+                               "add_request() in flight (drive those with step())")
+        for request in requests:  # every request checked before any starts
+            self._check(request)
+        index = {self.add_request(request): i for i, request in enumerate(requests)}
+        try:
+            while self.lockstep is not None or self.has_unfinished():  # under lockstep: until no rank has rows
+                deltas = [d for d in self.step() if d.row in index and (d.text or d.finish_reason)]
+                for delta in deltas:
+                    delta.row = index[delta.row]
+                if deltas:
+                    yield deltas
+                if self.lockstep is not None and not self._others_busy:
+                    break
+        finally:  # a consumer that stops early frees the rows
+            for ident in index:
+                self.abort(ident)
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _check(self, request: Request) -> None:
+        if request.adapter is not None and request.adapter not in self.adapters():
+            raise ValueError(f"unknown adapter '{request.adapter}'; loaded: {sorted(self.adapters())}")
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+
+    def _admit(self) -> None:
+        while self._waiting and self.num_running < self.max_num_seqs:
+            self._prefilling.append(self._waiting.popleft())
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Next-token logits (rows, vocab) at each row's last column."""
+        extra = {"logits_to_keep": 1} if self._keeps_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **extra)
+        return out.logits[:, -1]
+
+    def _dummy_forward(self) -> None:
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        extra = {"logits_to_keep": 1} if self._keeps_logits else {}
+        self.model(input_ids=ids, use_cache=False, **extra)
+
+    def _prefill(self, deltas: list[Delta], budget: int, one_forward: bool = False) -> None:
+        """Prefill within ``budget`` prompt tokens: whole short prompts together in one left-padded
+        forward, a prompt longer than what is left of the budget alone, a chunk per step."""
+        while budget > 0 and self._prefilling:
+            head = self._prefilling[0]
+            left = len(head.request.prompt_ids) - head.prefilled
+            if not head.prefilled and budget < left <= self.prefill_chunk:
+                break  # fits a whole step's budget: wait for the next step rather than split it
+            if head.prefilled or left > budget:
+                group, used = [head], min(left, budget)
+                self._prefill_chunk(head, used, deltas)
+            else:
+                group, width = [], 0
+                for row in self._prefilling:
+                    w = max(width, len(row.request.prompt_ids))
+                    if row.prefilled or w * (len(group) + 1) > budget:
+                        break
+                    group.append(row)
+                    width = w
+                used = width * len(group)
+                self._prefill_whole(group, deltas)
+            budget -= used
+            for row in group:
+                if row.prefilled == len(row.request.prompt_ids):
+                    self._prefilling.remove(row)
+            if one_forward:
+                break
+
+    def _prefill_chunk(self, row: _Row, n: int, deltas: list[Delta]) -> None:
+        """The next ``n`` prompt tokens of ``row``, alone, into its own cache."""
         device = self.device
-        for i, req in enumerate(requests):
-            rows[i] = _Row(req, self.tokenizer, self.eos, device)
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, req in enumerate(requests):  # left padding: every row's next token sits in the last column
-            ids[i, width - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
-            mask[i, width - len(req.prompt_ids):] = 1
+        start = row.prefilled
+        ids = torch.tensor([row.request.prompt_ids[start:start + n]], device=device)
+        if row.cache is None:
+            row.cache = new_cache()
+        mask = torch.ones(1, start + n, dtype=torch.long, device=device)
+        positions = torch.arange(start, start + n, device=device)[None]
+        with route_adapters(self.model, [row.request.adapter]):
+            logits = self._forward(ids, mask, positions, row.cache)
+        row.prefilled += n
+        if row.prefilled == len(row.request.prompt_ids):
+            self._first_tokens([row], logits, mask, deltas)
+
+    def _prefill_whole(self, rows: list[_Row], deltas: list[Delta]) -> None:
+        """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column."""
+        device = self.device
+        width = max(len(r.request.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.request.prompt_ids
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
+        cache = new_cache()
+        with route_adapters(self.model, [r.request.adapter for r in rows]):
+            logits = self._forward(ids, mask, positions, cache)
+        for row in rows:
+            row.prefilled = len(row.request.prompt_ids)
+            row.cache = cache
+        self._first_tokens(rows, logits, mask, deltas)
 
-        cache = DynamicCache()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with route_adapters(self.model, [r.adapter for r in requests]):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True).logits[:, -1]
-                budget = max(r.params.max_new_tokens for r in requests)
-                for _ in range(budget):
-                    logprobs = torch.log_softmax(logits.float(), dim=-1)
-                    next_ids = []
-                    deltas = []
-                    for i, row in enumerate(rows):
-                        if row.finish is not None:
-                            next_ids.append(self.pad_id)
-                            continue
-                        token = _choose(logits[i].float(), row.request.params, row.generator)
-                        delta = row.push(token, float(logprobs[i, token]))
-                        delta.row = i
-                        if delta.text or delta.finish_reason:
-                            deltas.append(delta)
-                        next_ids.append(token)
-                    if deltas:
-                        yield deltas
-                    if all(r.finish is not None for r in rows):
-                        return
-                    step = torch.tensor(next_ids, device=device)[:, None]
-                    mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-                    positions = positions[:, -1:] + 1
-                    logits = self.model(input_ids=step, attention_mask=mask, position_ids=positions,
-                                        past_key_values=cache, use_cache=True).logits[:, -1]
-        finally:
-            self.model.train(was_training)
+    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, mask: torch.Tensor, deltas: list[Delta]) -> None:
+        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, ``mask`` (rows,
+        width)); they join the batch, and those already finished leave it at once."""
+        cache = rows[0].cache
+        for row in rows:
+            row.cache = None
+        self._batch.add(cache, mask)
+        self._running.extend(rows)
+        self._params = None
+        self._sample(rows, logits, _batch_params(rows, logits.device), deltas, offset=len(self._running) - len(rows))
+
+    def _decode(self, deltas: list[Delta]) -> None:
+        rows = self._running
+        if self._params is None:
+            self._params = _batch_params(rows, self.device)
+            self._routing = None
+        # Routes are reused while the rows and the loaded adapters stay the same (the LoRA layers
+        # cache their per-batch tensors on them).
+        if self._routing is None:
+            self._routing = RowRouting(self.model, [r.request.adapter for r in rows])
+        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        mask, positions = self._batch.step_inputs()
+        with self._routing.apply():
+            logits = self._forward(ids, mask, positions, self._batch.cache)
+        self._batch.advance(mask)
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(rows))
+        self._sample(rows, logits, self._params, deltas, offset=0)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, params: BatchParams, deltas: list[Delta],
+                offset: int) -> None:
+        """Choose and record the next token of ``rows`` (``_running[offset:offset + len(rows)]``) with one
+        host synchronisation; finished rows leave the batch."""
+        tokens, logprobs = choose(logits, params)
+        finished = []
+        for i, (token, logprob) in enumerate(zip(*torch.stack([tokens.double(), logprobs.double()]).tolist())):
+            row = rows[i]
+            delta = row.push(int(token), logprob)
+            if row.finish is not None:
+                delta.completion = row.completion()
+                finished.append(offset + i)
+            deltas.append(delta)
+        if finished:
+            gone = set(finished)
+            self._leave([i for i in range(len(self._running)) if i not in gone])
+
+    def _leave(self, keep: list[int]) -> None:
+        self._batch.keep(keep)
+        self._running = [self._running[i] for i in keep]
+        self._params = None
+
+
+def _batch_params(rows: Sequence[_Row], device: torch.device) -> BatchParams:
+    params = [r.request.params for r in rows]
+    return BatchParams([p.temperature for p in params], [p.top_p for p in params], [p.top_k for p in params],
+                       [r.generator for r in rows], device)

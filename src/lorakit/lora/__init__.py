@@ -10,6 +10,7 @@ from .inject import (
     disable_adapters,
     inject_lora,
     lora_modules,
+    RowRouting,
     mark_trainable,
     route_adapters,
     set_active_adapters,
@@ -26,6 +27,6 @@ __all__ = [
     "LoraConfig", "inject_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
     "unload_lora", "merged_weights", "set_active_adapters", "disable_adapters", "trainable_report",
     "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict", "final_adapter", "initial_adapter",
-    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "set_adapter_trainable", "set_adapter_weights", "write_adapter",
+    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "RowRouting", "set_adapter_trainable", "set_adapter_weights", "write_adapter",
     "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter", "ModulesToSave",
 ]

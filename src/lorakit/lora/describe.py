@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from safetensors import safe_open
 
 from .config import CONFIG_NAME, LoraConfig, is_residual_init, read_json_object, split_variants
 from .io import PEFT_PREFIX, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, _load_pickle
 
-# Ranks vLLM's LoRA kernels accept (its `max_lora_rank` choices).
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The values vLLM's `--max-lora-rank` may take (vllm/config/lora.py, MaxLoRARanks). It is an upper
+# bound: vLLM serves any adapter whose rank is at most the server's max_lora_rank (peft_helper.py,
+# validate_legal), whatever the rank itself is.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
 
@@ -105,9 +107,9 @@ def vllm_problems(desc: AdapterDescription) -> list[str]:
                         "base it was trained on; save it converted to plain LoRA (save_adapter's default) or merge it")
     if raw.get("bias", "none") != "none" or desc.variants.get("lora_bias"):
         problems.append("trained biases (bias/lora_bias): vLLM does not serve LoRA biases")
-    odd = sorted({r for r in desc.ranks.values() if r not in VLLM_RANKS})
-    if odd:
-        problems.append(f"rank(s) {odd} not in vLLM's supported ranks {list(VLLM_RANKS)}")
+    rank = vllm_rank(desc)
+    if vllm_max_lora_rank(rank) is None:
+        problems.append(f"rank {rank} exceeds {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM accepts")
     fused = {param.rsplit(".", 1)[-1] for param, n in desc.experts.values() if n > 1}
     routers = sorted({p for p, n in desc.experts.values() if n == 1})
     if routers:
@@ -126,6 +128,17 @@ VLLM_MOE_VERIFIED = (
     "model with LoRA enabled (its MoE LoRA layer needs Triton's fused-MoE kernel, which has no CPU backend); the "
     "GPU comparison (tests/test_vllm_moe.py) has not run yet"
 )
+
+
+def vllm_rank(desc: AdapterDescription) -> int:
+    """The rank vLLM compares with its ``--max-lora-rank``: the largest of the config's ``r``, its
+    ``rank_pattern`` values (what vLLM reads) and the ranks of the saved tensors."""
+    return max([desc.config.r, *desc.config.rank_pattern.values(), *desc.ranks.values()])
+
+
+def vllm_max_lora_rank(rank: int) -> Optional[int]:
+    """The smallest ``--max-lora-rank`` that lets vLLM serve a rank-``rank`` adapter (None: none does)."""
+    return next((value for value in VLLM_MAX_LORA_RANKS if value >= rank), None)
 
 
 def vllm_notes(desc: AdapterDescription) -> list[str]:

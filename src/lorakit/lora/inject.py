@@ -531,20 +531,36 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[Optional[str]]) -> I
     entry per token (``B * T`` entries, row-major): samples of several adapters packed into one row
     with no padding (training several jobs at once); ``modules_to_save`` copies take rows only.
     """
-    known = adapter_names(model)
-    unknown = sorted({n for n in row_adapters if n is not None and n not in known})
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown} in row_adapters; the model has {known}")
-    modules = [m for _, m in lora_modules(model)]
-    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in modules):
-        raise RuntimeError("per-row adapter routing needs unmerged adapters; call unmerge_lora first")
-    device = next((p.device for p in unwrap_model(model).parameters()), torch.device("cpu"))
-    groups: dict[Optional[str], list[int]] = {}
-    for row, name in enumerate(row_adapters):
-        groups.setdefault(name, []).append(row)
-    routes = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items())
-    with _set_on_all(modules, "row_routes", routes):
+    with RowRouting(model, row_adapters).apply():
         yield
+
+
+class RowRouting:
+    """``route_adapters``, built once and applied to many forwards (a decode loop whose batch keeps
+    its rows): the per-row route tensors, and the LoRA layers' caches keyed on them, are reused.
+
+    Build a new one when the rows change or adapters are loaded or deleted.
+    """
+
+    def __init__(self, model: nn.Module, row_adapters: Sequence[Optional[str]]) -> None:
+        known = adapter_names(model)
+        unknown = sorted({n for n in row_adapters if n is not None and n not in known})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in row_adapters; the model has {known}")
+        self.modules = [m for _, m in lora_modules(model)]
+        if any(isinstance(m, LoraLayer) and m.merged_adapters for m in self.modules):
+            raise RuntimeError("per-row adapter routing needs unmerged adapters; call unmerge_lora first")
+        device = next((p.device for p in unwrap_model(model).parameters()), torch.device("cpu"))
+        groups: dict[Optional[str], list[int]] = {}
+        for row, name in enumerate(row_adapters):
+            groups.setdefault(name, []).append(row)
+        self.routes = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items())
+
+    @contextlib.contextmanager
+    def apply(self) -> Iterator[None]:
+        """Inside the block, the model's LoRA layers route rows as built."""
+        with _set_on_all(self.modules, "row_routes", self.routes):
+            yield
 
 
 @contextlib.contextmanager

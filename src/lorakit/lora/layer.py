@@ -234,6 +234,12 @@ class LoraLayer(nn.Module):
         merged = [name for name, _ in groups if name in self.merged_adapters]
         if merged:
             raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
+        if len(groups) == 1 and len(groups[0][1]) == x.shape[0]:
+            # The whole batch uses one adapter: the plain LoRA pass, no row gathers.
+            name = groups[0][0]
+            if self.use_dora.get(name):
+                return result + dora.dora_delta(self, x, result, name).to(result.dtype)
+            return self._add_delta(result, x, name)
         gather = routes is self.row_routes and self._can_gather()
         if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and gather:
             return self._routed_gathered(x, result)
@@ -338,23 +344,28 @@ class LoraLinear(LoraLayer):
         return cached[1], cached[2], cached[3]
 
     def _routed_gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        # Inference with several adapters in the batch: gather each row's A and B and run two batched
-        # matmuls, so the cost per layer does not grow with the number of distinct adapters.
+        # Inference with several adapters in the batch: the A and scaled B of the adapters present
+        # sit side by side in one (k * r, in) and one (out, k * r) matrix, and a row mask keeps each
+        # row's own r columns, so the LoRA update is two plain GEMMs and a multiply, whatever the
+        # mix; nothing is gathered per row or per step (rebuilt when the routes or weights change).
         names, a_all, b_all = self._stacked()
         routes = self.row_routes
-        cached = self.__dict__.get("_slots")
-        if cached is None or cached[0] is not routes or cached[1] != names:
-            slots = torch.zeros(sum(len(rows) for _, rows in routes), dtype=torch.long)
-            for name, rows in routes:
-                if name in names:
-                    slots[rows.cpu()] = names.index(name) + 1
-            cached = (routes, names, slots.to(a_all.device))
-            self.__dict__["_slots"] = cached
-        slots = cached[2]
-        rows = x.shape[0]
-        h = torch.bmm(x.reshape(rows, -1, self.in_features).to(a_all.dtype), a_all.index_select(0, slots).transpose(1, 2))
-        delta = torch.bmm(h, b_all.index_select(0, slots).transpose(1, 2))
-        return result + delta.reshape(result.shape).to(result.dtype)
+        cached = self.__dict__.get("_mix")
+        if cached is None or cached[0] is not routes or cached[1] is not a_all:
+            rows = sum(len(r) for _, r in routes)
+            present = [names.index(name) + 1 for name, _ in routes if name in names]
+            r = a_all.shape[1]
+            a_cat = a_all[present].reshape(len(present) * r, self.in_features)
+            b_cat = b_all[present].permute(1, 0, 2).reshape(self.out_features, len(present) * r)
+            mask = a_all.new_zeros(rows, len(present) * r)
+            for j, (name, members) in enumerate((n, m) for n, m in routes if n in names):
+                mask[members.to(mask.device), j * r:(j + 1) * r] = 1
+            cached = (routes, a_all, a_cat, b_cat, mask)
+            self.__dict__["_mix"] = cached
+        a_cat, b_cat, mask = cached[2], cached[3], cached[4]
+        h = F.linear(x.to(a_cat.dtype), a_cat)  # (rows, ..., k * r)
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return result + F.linear(h, b_cat).to(result.dtype)
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight

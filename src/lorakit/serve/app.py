@@ -1,28 +1,25 @@
-"""An OpenAI-compatible HTTP server: one base model, many LoRA adapters, chosen per request.
+"""The server's state behind the OpenAI-compatible API: one base model, many LoRA adapters.
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-``stream: true`` as server-sent events), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
-(vLLM's names), GET /health. Errors use OpenAI's shape: ``{"error": {"message", "type", "param",
-"code"}}`` with a 4xx status, and the server keeps serving.
+``LoraServer`` turns request bodies into engine requests, routes them by model name to an adapter
+(or the base), loads and unloads adapters, and hands each request's output back as it comes. The
+HTTP layer (``asgi.py``) sits on top. Errors are ``ApiError``: OpenAI's shape ``{"error":
+{"message", "type", "param", "code"}}`` with a 4xx/5xx status.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
-import threading
+import asyncio
 import time
-import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from ..generation import Completion, Delta, Engine, Request, SamplingParams
 from ..generation.simple import format_prompt
 from ..lora import delete_adapter, load_adapter
 from ..lora.layer import check_adapter_name
-from .scheduler import Scheduler
+from .metrics import ServerMetrics
+from .scheduler import LoopSink, QueueFull, Scheduler
 
 
 class ApiError(Exception):
@@ -55,15 +52,24 @@ class ServerConfig:
     """max_tokens when a request gives none."""
     context_length: int = 2048
     """Prompt tokens + max_tokens may not exceed this."""
+    max_num_seqs: int = 64
+    """Requests decoded together in one batch at most; more wait in the queue."""
+    max_queue: int = 256
+    """Requests that may wait for a batch slot; more are refused with 429 and Retry-After."""
+    prefill_chunk: int = 2048
+    """Prompt tokens prefilled per engine step at most (longer prompts take several steps, so they do
+    not stall the requests that are decoding; a burst of short prompts is prefilled in one forward)."""
 
 
 class LoraServer:
-    """The server's state: model, tokenizer, engine, scheduler, limits."""
+    """The server's state: model, tokenizer, engine, scheduler, limits, metrics."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig, max_batch: int = 16) -> None:
+    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig, max_batch: Optional[int] = None) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.engine = Engine(model, tokenizer)
-        self.scheduler = Scheduler(self.engine, max_batch=max_batch)
+        self.engine = Engine(model, tokenizer, max_num_seqs=max_batch or config.max_num_seqs,
+                             prefill_chunk=config.prefill_chunk)
+        self.scheduler = Scheduler(self.engine, max_queue=config.max_queue)
+        self.metrics = ServerMetrics(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
         self.created = int(time.time())
 
     # --- model registry ---------------------------------------------------------------------------
@@ -98,7 +104,7 @@ class LoraServer:
 
         def do_load() -> None:
             # load_adapter checks every key and shape against the base before changing anything,
-            # and the scheduler lock keeps it between batches: it becomes visible whole or not at all.
+            # and it runs between engine steps: it becomes visible whole or not at all.
             load_adapter(self.model, resolved, adapter_name=name, activate=False)
 
         try:
@@ -111,7 +117,11 @@ class LoraServer:
         name = body.get("lora_name")
         if not isinstance(name, str) or name not in self.engine.adapters():
             raise ApiError(404, f"no adapter named {name!r} is loaded", code="model_not_found", param="lora_name")
-        self.scheduler.exclusive(lambda: delete_adapter(self.model, name))
+        def do_unload() -> None:
+            self.scheduler.fail_requests_using(name)  # they end with 404, the others go on
+            delete_adapter(self.model, name)
+
+        self.scheduler.exclusive(do_unload)
         return {"status": "ok", "lora_name": name}
 
     def _resolve(self, path: str) -> Path:
@@ -179,18 +189,41 @@ class LoraServer:
                 "token_ids": bool(body.get("return_tokens_as_token_ids", False))}
         return Request(ids, adapter, params), meta
 
-    def run(self, request: Request):
-        """Submit ``request``; yield its Deltas as they come, then its Completion."""
-        pending = self.scheduler.submit(request)
-        while True:
-            item = pending.out.get()
-            if isinstance(item, LookupError):
-                raise ApiError(404, str(item), code="model_not_found", param="model")
-            if isinstance(item, Exception):
-                raise ApiError(500, f"generation failed: {item}", kind="server_error")
-            yield item
-            if isinstance(item, Completion):
-                return
+    async def events(self, request: Request) -> AsyncIterator[Any]:
+        """Submit ``request``; yield its Deltas as they come, then its Completion. Closing the iterator
+        early (the client went away) cancels the request and frees its batch slot."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        try:
+            ticket = self.scheduler.submit(request, LoopSink(loop, items))
+        except QueueFull as err:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"the server is busy: {err}; retry later", code="rate_limit_exceeded",
+                           kind="rate_limit_error") from None
+        start, first = time.monotonic(), True
+        try:
+            while True:
+                item = await items.get()
+                if isinstance(item, LookupError):
+                    raise ApiError(404, str(item), code="model_not_found", param="model")
+                if isinstance(item, Exception):
+                    raise ApiError(500, f"generation failed: {item}", kind="server_error")
+                if first and isinstance(item, (Delta, Completion)):
+                    self.metrics.ttft.observe(time.monotonic() - start)
+                    first = False
+                if isinstance(item, Completion):
+                    self.metrics.latency.observe(time.monotonic() - start)
+                    self.metrics.prompt_tokens.inc(item.prompt_tokens)
+                    self.metrics.finished.labels(item.finish_reason).inc()
+                if isinstance(item, Delta) and item.token_id is not None:
+                    self.metrics.generation_tokens.inc()
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            if not ticket.done:
+                self.scheduler.cancel(ticket)
+                self.metrics.cancelled.inc()
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float, exclusive_low: bool = False) -> float:
@@ -203,12 +236,12 @@ def _number(body: dict, key: str, default: float, low: float, high: float, exclu
     return float(value)
 
 
-def _usage(done: Completion) -> dict:
+def usage_of(done: Completion) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids),
             "total_tokens": done.prompt_tokens + len(done.token_ids)}
 
 
-def _completion_logprobs(server: LoraServer, done: Completion, chat: bool, token_ids: bool = False) -> dict:
+def completion_logprobs(server: LoraServer, done: Completion, chat: bool, token_ids: bool = False) -> dict:
     """OpenAI's logprobs object. ``token_ids`` (vLLM's return_tokens_as_token_ids) names each token
     ``token_id:N`` and, as vLLM does, includes the end-of-sequence token the model stopped on."""
     if token_ids:
@@ -224,159 +257,3 @@ def _completion_logprobs(server: LoraServer, done: Completion, chat: bool, token
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
                             for t, lp in zip(tokens, done.logprobs)]}
     return {"tokens": tokens, "token_logprobs": done.logprobs, "top_logprobs": None, "text_offset": None}
-
-
-def make_handler(server: LoraServer) -> type:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "lorakit"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            pass  # quiet by default; errors are answered to the client
-
-        # --- plumbing --------------------------------------------------------------------------------
-        def _send_json(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _authorised(self) -> bool:
-            key = server.config.api_key
-            if key is None:
-                return True
-            given = self.headers.get("Authorization", "")
-            return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
-
-        def _body(self) -> dict:
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise ApiError(411, "a Content-Length header is required")
-            if int(length) > server.config.max_body_bytes:
-                self.close_connection = True  # the unread body must not be parsed as a next request
-                raise ApiError(413, f"request body of {length} bytes exceeds the limit of {server.config.max_body_bytes}")
-            raw = self.rfile.read(int(length))
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ApiError(400, f"invalid JSON body: {err}") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "the JSON body must be an object")
-            return body
-
-        def _guard(self, fn) -> None:
-            try:
-                if not self._authorised():
-                    raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
-                fn()
-            except ApiError as err:
-                self._send_json(err.status, err.body())
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away
-            except Exception as err:  # a bug must not take the server down
-                self._send_json(500, ApiError(500, f"internal error: {type(err).__name__}: {err}",
-                                              kind="server_error").body())
-
-        # --- routes ----------------------------------------------------------------------------------
-        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-            def route() -> None:
-                if self.path.rstrip("/") == "/v1/models":
-                    self._send_json(200, server.models())
-                elif self.path.rstrip("/") == "/health":
-                    batches = server.scheduler.batches
-                    self._send_json(200, {"status": "ok", "batches_run": len(batches),
-                                          "largest_batch": max(batches, default=0)})
-                else:
-                    raise ApiError(404, f"no route GET {self.path}", code="not_found")
-
-            self._guard(route)
-
-        def do_POST(self) -> None:  # noqa: N802
-            def route() -> None:
-                path = self.path.rstrip("/")
-                if path not in ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
-                                "/v1/unload_lora_adapter"):
-                    raise ApiError(404, f"no route POST {self.path}", code="not_found")
-                body = self._body()
-                if path == "/v1/load_lora_adapter":
-                    self._send_json(200, server.load(body))
-                elif path == "/v1/unload_lora_adapter":
-                    self._send_json(200, server.unload(body))
-                else:
-                    self._complete(body, chat=path == "/v1/chat/completions")
-
-            self._guard(route)
-
-        def _complete(self, body: dict, chat: bool) -> None:
-            request, meta = server.build_request(body, chat)
-            ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            created = int(time.time())
-            kind = "chat.completion" if chat else "text_completion"
-            if not body.get("stream"):
-                done = [item for item in server.run(request) if isinstance(item, Completion)][0]
-                choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
-                if meta["logprobs"]:
-                    choice["logprobs"] = _completion_logprobs(server, done, chat, meta["token_ids"])
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": done.text}
-                else:
-                    choice["text"] = done.text
-                self._send_json(200, {"id": ident, "object": kind, "created": created, "model": meta["model"],
-                                      "choices": [choice], "usage": _usage(done)})
-                return
-            self._stream(request, meta, ident, created, chat, body)
-
-        def _stream(self, request: Request, meta: dict, ident: str, created: int, chat: bool, body: dict) -> None:
-            events = server.run(request)
-            first = next(events)  # errors before the first token still get a proper status code
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            kind = "chat.completion.chunk" if chat else "text_completion"
-
-            def send(choice: dict, usage: Optional[dict] = None) -> None:
-                chunk = {"id": ident, "object": kind, "created": created, "model": meta["model"], "choices": [choice]}
-                if usage is not None:
-                    chunk = {**chunk, "choices": [], "usage": usage}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-
-            if chat:
-                send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None})
-            item = first
-            while True:
-                if isinstance(item, Delta):
-                    if item.text or item.finish_reason:
-                        content = {"delta": {"content": item.text} if item.text else {}} if chat else {"text": item.text}
-                        send({"index": 0, **content, "finish_reason": item.finish_reason, "logprobs": None})
-                elif isinstance(item, Completion):
-                    if (body.get("stream_options") or {}).get("include_usage"):
-                        send({}, usage=_usage(item))
-                    break
-                try:
-                    item = next(events)
-                except ApiError as err:  # mid-stream failure: report it in-band, then end the stream
-                    self.wfile.write(f"data: {json.dumps(err.body())}\n\n".encode())
-                    break
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-
-    return Handler
-
-
-def make_http_server(server: LoraServer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    httpd = ThreadingHTTPServer((host, port), make_handler(server))
-    httpd.daemon_threads = True
-    return httpd
-
-
-def serve_in_thread(server: LoraServer, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """Start the HTTP server on a background thread; returns it and its base URL (for embedding, tests)."""
-    httpd = make_http_server(server, host, port)
-    threading.Thread(target=httpd.serve_forever, name="lorakit-http", daemon=True).start()
-    return httpd, f"http://{host}:{httpd.server_address[1]}"
