@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -92,24 +92,102 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard with FSDP2")
 
 
-def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    """DDP, or FSDP2 (each block, then the root), around the loss module."""
+@dataclass
+class FsdpOptions:
+    """How FSDP2 shards the model (train.fsdp_replicate, train.cpu_offload) and, when the base was
+    built on meta (``sharded_load``), the checkpoint its shards are read from."""
+
+    replicate: int = 1
+    """Replica groups of a 2-D (HSDP) mesh: shard within each group, all-reduce across groups."""
+    cpu_offload: bool = False
+    """Keep sharded parameters (and their gradients) in host memory; FSDP2 copies them in per block."""
+    checkpoint: Any = None
+    """A ``sharded_load.CheckpointIndex`` when the model's base is on meta: read shards from it."""
+    loaded: Any = None
+    """After ``wrap``: this rank's ``sharded_load.LoadStats``."""
+
+
+def device_mesh(info: DistInfo, device: torch.device, replicate: int = 1) -> Any:
+    """The FSDP2 mesh: 1-D over all ranks, or (replicate, world / replicate) for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicate > 1:
+        return init_device_mesh(device.type, (replicate, info.world // replicate),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (info.world,), mesh_dim_names=("shard",))
+
+
+def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype: torch.dtype,
+         fsdp: Optional[FsdpOptions] = None) -> nn.Module:
+    """DDP, or FSDP2 (each block, then the root), around the loss module.
+
+    Under FSDP2 with ``fsdp.checkpoint`` set, the base is still on meta: it is sharded first, then
+    each rank allocates and reads only its own shards (``sharded_load``).
+    """
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     if info.mode == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        kwargs: dict[str, Any] = {}
+        fsdp = fsdp or FsdpOptions()
+        kwargs: dict[str, Any] = {"mesh": device_mesh(info, device, fsdp.replicate)}
         if device.type == "cuda" and compute_dtype != torch.float32:
             # Compute in bf16/fp16, reduce gradients in fp32; stored LoRA weights stay fp32.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if fsdp.cpu_offload and device.type == "cuda":
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        kept = None
+        if fsdp.checkpoint is not None:
+            from .sharded_load import snapshot_real
+
+            kept = snapshot_real(module)
         for layer in decoder_layers(module.model):
             fully_shard(layer, **kwargs)
         fully_shard(module, **kwargs)
+        if kept is not None:
+            from .sharded_load import load_sharded
+
+            fsdp.loaded = load_sharded(module, fsdp.checkpoint, kept, device)
         return module
     return module
+
+
+def through_root(root: nn.Module, info: DistInfo, fn: Callable[[nn.Module], Any]) -> Any:
+    """``fn(model)`` for the model inside the wrapped ``root``, run where it can run: under FSDP2
+    inside the root's forward (a forward must enter through the root, which gathers the root's own
+    shards; every rank must call this), otherwise directly."""
+    inner = root.module if info.mode == "ddp" else root
+    if info.mode != "fsdp2":
+        return fn(inner.model)
+    result: list[Any] = []
+    loss_fn = inner.loss_fn
+
+    def run(model: nn.Module, _batch: Any) -> tuple[torch.Tensor, int]:
+        result.append(fn(model))
+        return torch.zeros(()), 0
+
+    inner.loss_fn = run
+    try:
+        with torch.no_grad():
+            root({})
+    finally:
+        inner.loss_fn = loss_fn
+    return result[0]
+
+
+def any_rank(info: DistInfo, device: torch.device) -> Callable[[bool], bool]:
+    """``flag -> whether any rank's flag is True``: an all-reduce every rank must call as often as
+    the others (the generation engine's ``lockstep`` under FSDP2)."""
+    def anyone(flag: bool) -> bool:
+        if info.mode == "none":
+            return flag
+        tensor = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    return anyone
 
 
 def all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:

@@ -145,9 +145,30 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: Optional[to
 class Engine:
     """Generate for a batch of requests, each with its own adapter and sampling parameters."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, lockstep: Optional[Callable[[bool], bool]] = None) -> None:
+        """
+        Args:
+            model: a HF causal LM (with LoRA layers for per-row adapters).
+            tokenizer: its tokenizer (eos / pad ids, decoding).
+            lockstep: for a model whose forward is a collective (FSDP2-sharded weights: every
+                forward gathers parameters from all ranks), so every rank must run the same number
+                of forwards. Contract: the engine calls ``lockstep(busy)`` exactly once after each
+                forward's tokens are taken (the prefill, then every decode step), with ``busy`` =
+                "this rank still has unfinished rows", and ``lockstep`` returns "some rank still has
+                unfinished rows" (an all-reduce, so it is itself a collective, called the same number
+                of times on every rank). While it returns True the engine runs another decode forward
+                even when all its own rows are finished (they are fed the pad token and their
+                output is discarded: a dummy forward); when it returns False the batch ends, on all
+                ranks at the same step. A ``generate``/``stream`` call with no requests runs one
+                dummy row (one pad-token prompt) under the same protocol and returns nothing, so a
+                rank with nothing to sample still joins the others' forwards. Callers that split
+                work into several ``generate`` calls must agree on the number of calls across ranks
+                themselves (e.g. with the same ``lockstep`` function). None: no collective, the
+                batch ends when its own rows do.
+        """
         self.model = model
         self.tokenizer = tokenizer
+        self.lockstep = lockstep
         eos = set(collect_eos_ids(tokenizer, getattr(model, "generation_config", None)))
         self.eos = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
@@ -180,6 +201,10 @@ class Engine:
     @torch.no_grad()
     def _run(self, requests: Sequence[Request], rows: list[Optional[_Row]]) -> Iterator[list[Delta]]:
         if not requests:
+            if self.lockstep is not None:  # nothing to sample here, but the others' forwards need this rank
+                dummy = [Request([self.pad_id], None, SamplingParams(max_new_tokens=1))]
+                for _ in self._run(dummy, [None]):
+                    pass
             return
         known = set(self.adapters())
         for req in requests:
@@ -190,6 +215,8 @@ class Engine:
         device = self.device
         for i, req in enumerate(requests):
             rows[i] = _Row(req, self.tokenizer, self.eos, device)
+            if req.params.max_new_tokens <= 0:
+                rows[i].finish = "length"  # nothing to sample
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -207,8 +234,7 @@ class Engine:
             with route_adapters(self.model, [r.adapter for r in requests]):
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True).logits[:, -1]
-                budget = max(r.params.max_new_tokens for r in requests)
-                for _ in range(budget):
+                while True:  # each row finishes by itself ('length' at its max_new_tokens at the latest)
                     logprobs = torch.log_softmax(logits.float(), dim=-1)
                     next_ids = []
                     deltas = []
@@ -224,7 +250,10 @@ class Engine:
                         next_ids.append(token)
                     if deltas:
                         yield deltas
-                    if all(r.finish is not None for r in rows):
+                    busy = any(r.finish is None for r in rows)
+                    if self.lockstep is not None:
+                        busy = self.lockstep(busy)
+                    if not busy:
                         return
                     step = torch.tensor(next_ids, device=device)[:, None]
                     mask = torch.cat([mask, torch.ones_like(step)], dim=1)
