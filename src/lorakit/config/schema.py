@@ -132,8 +132,8 @@ class TrainSection:
     cpu_offload: bool = False
     """FSDP2 only: keep the sharded base parameters (and gradients, optimizer state) in host memory
     and copy each block to the GPU for its forward/backward (FSDP2's CPUOffloadPolicy): for a GPU
-    too small even for the shards. Slower (host-device copies every step). On a CPU run
-    parameters already live in host memory: accepted, nothing changes (logged)."""
+    too small even for the shards. Slower (host-device copies every step). On a CPU run the policy
+    is applied too (same results) but saves nothing: parameters already live in host memory."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """Attention kernel passed to transformers. auto: flash_attention_2 when flash-attn is installed
     and the run is on a CUDA GPU in bf16/fp16, else sdpa. Padding-free micro-batches

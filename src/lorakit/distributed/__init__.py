@@ -136,8 +136,8 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
         if device.type == "cuda" and compute_dtype != torch.float32:
             # Compute in bf16/fp16, reduce gradients in fp32; stored LoRA weights stay fp32.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        if fsdp.cpu_offload and device.type == "cuda":
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        if fsdp.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         kept = None
         if fsdp.checkpoint is not None:
             from .sharded_load import snapshot_real
@@ -149,7 +149,9 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
         if kept is not None:
             from .sharded_load import load_sharded
 
-            fsdp.loaded = load_sharded(module, fsdp.checkpoint, kept, device)
+            # Offloaded shards live in host memory: allocate them there, not on the GPU first.
+            home = torch.device("cpu") if fsdp.cpu_offload else device
+            fsdp.loaded = load_sharded(module, fsdp.checkpoint, kept, home)
         return module
     return module
 

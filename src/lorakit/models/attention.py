@@ -73,8 +73,12 @@ def resolve_attention(spec: str, device: torch.device, dtype: torch.dtype, key: 
         if not half:
             raise ValueError(f"{key}=flash_attention_2 computes in bf16/fp16 only; set train.dtype: bf16 (or fp16), "
                              "or use sdpa")
-    if spec == "flex_attention" and not _flex_available():
-        raise ValueError(f"{key}=flex_attention needs torch.nn.attention.flex_attention (torch >= 2.5); use auto or sdpa")
+    if spec == "flex_attention":
+        if not _flex_available():
+            raise ValueError(f"{key}=flex_attention needs torch.nn.attention.flex_attention (torch >= 2.5); use auto or sdpa")
+        if device.type != "cuda":
+            raise ValueError(f"{key}=flex_attention cannot train on {device.type}: PyTorch's flex attention has no "
+                             "backward pass there; use auto or sdpa (or run on a CUDA GPU)")
     return AttentionChoice(spec, "as configured")
 
 

@@ -57,13 +57,18 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     tc = cfg.train
     # Everything a user can get wrong is checked here, before any weight is read.
     if info.mode == "fsdp2" and info.world % tc.fsdp_replicate:
-        raise ValueError(f"train.fsdp_replicate={tc.fsdp_replicate} must divide the {info.world} ranks (HSDP: "
-                         f"{tc.fsdp_replicate} replica groups of equal size); e.g. 2 groups of {info.world // 2} ranks")
+        fits = [n for n in range(1, info.world + 1) if info.world % n == 0]
+        raise ValueError(f"train.fsdp_replicate={tc.fsdp_replicate} must divide the {info.world} ranks (HSDP: replica "
+                         f"groups of equal size); with {info.world} ranks use one of {fits}")
+    if info.mode == "fsdp2" and tc.fsdp_replicate > 1:
+        log(f"HSDP: {tc.fsdp_replicate} replica groups x {info.world // tc.fsdp_replicate} ranks (parameters sharded "
+            "within a group, gradients all-reduced across groups)")
     attention = resolve_attention(tc.attn_implementation, device, dtype)
     log(f"Attention: {attention.implementation} ({attention.reason})")
     fsdp = FsdpOptions(replicate=tc.fsdp_replicate if info.mode == "fsdp2" else 1, cpu_offload=tc.cpu_offload)
     if tc.cpu_offload and device.type != "cuda":
-        log("Note: train.cpu_offload on a CPU run: the parameters already live in host memory; nothing to offload")
+        log("Note: train.cpu_offload on a CPU run: FSDP2's offload policy is applied, but parameters already live in "
+            "host memory, so it saves nothing here (it is for GPUs)")
     tokenizer = load_tokenizer(cfg.model)
     base_dtype = dtype if device.type == "cuda" else torch.float32
     if cfg.quantization:
