@@ -302,11 +302,13 @@ def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torc
     return stats
 
 
-def load_report(stats: LoadStats, index: CheckpointIndex, info: Any) -> str:
-    """One line for the log: what each rank read, against the whole checkpoint (a collective)."""
-    from . import gather_objects
+def load_report(stats: LoadStats, index: CheckpointIndex) -> str:
+    """One line for the log: what each rank read, against the whole checkpoint (a collective: the
+    process group exists whenever FSDP2 does)."""
+    import torch.distributed as dist
 
-    every = gather_objects((stats.bytes_read, stats.largest_read), info)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (stats.bytes_read, stats.largest_read))
     mib = 2 ** 20
     per_rank = ", ".join(f"{read / mib:,.1f}" for read, _ in every)
     largest = max(big for _, big in every)

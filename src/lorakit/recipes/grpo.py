@@ -138,7 +138,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     objective = GRPOObjective(rc.temperature, gc.clip_eps_low, gc.clip_eps_high, gc.beta)
     step_module = wrap(LossModule(model, objective), info, device, dtype, run.fsdp)
     if run.fsdp.loaded is not None:
-        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint, info))
+        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
     padding_free = choose_padding_free(run, cfg, step_module, info)
     sampler = rollout_engine(cfg, model, tokenizer, info, device, step_module)  # after wrap: FSDP2 samples sharded
     # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's exponent range).

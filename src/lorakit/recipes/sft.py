@@ -118,7 +118,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype, run.fsdp)
     if run.fsdp.loaded is not None:
-        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint, info))
+        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
     padding_free = choose_padding_free(run, cfg, step_module, info)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
     params = [p for group in optimizer.param_groups for p in group["params"]]
