@@ -151,8 +151,8 @@ class RolloutSection:
     """Where GRPO's completions come from."""
 
     engine: Literal["local", "server"] = "local"
-    """local: lorakit's generation engine in this process (the policy's own weights, or under FSDP2 a
-    full copy whose adapter is updated in place). server: an OpenAI-compatible server with
+    """local: lorakit's generation engine in this process on the policy's own weights (under FSDP2 the
+    sharded policy, all ranks stepping the decode loop together: no copy of the base). server: an OpenAI-compatible server with
     /v1/load_lora_adapter (lorakit serve, vLLM); after each update only the adapter is written and
     loaded there under a new name."""
     num_generations: int = 8

@@ -55,6 +55,8 @@ def init_distributed(mode: str, device_type: str, timeout_s: float) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if mode == "fsdp2" and device_type == "cpu":
+        return_freed_memory()  # before the model is built: FSDP2 frees and regathers blocks all the time
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -105,6 +107,28 @@ class FsdpOptions:
     """A ``sharded_load.CheckpointIndex`` when the model's base is on meta: read shards from it."""
     loaded: Any = None
     """After ``wrap``: this rank's ``sharded_load.LoadStats``."""
+
+
+def return_freed_memory() -> None:
+    """Make glibc give freed memory back to the OS at once (fixed 1 MiB mmap threshold, trim threshold 0).
+
+    FSDP2 on CPU gathers each block's weights, frees them after the block, and gathers the next:
+    with glibc's default (a trim threshold that grows with the largest free), those freed blocks
+    stay in the process, and a 2-rank run on a 519M model kept ~0.9 GB per rank it no longer used
+    (measured: peak RSS 3.05 GB -> 2.20 GB per rank). GPU memory has its own allocator; this is for
+    host memory only. No-op where the C library has no ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks from 1 MiB up are mapped, unmapped when freed
+            libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: the heap's free top goes back at once
+    except OSError:
+        pass
 
 
 def device_mesh(info: DistInfo, device: torch.device, replicate: int = 1) -> Any:

@@ -11,9 +11,10 @@ one device. Here the sequence is
    gives the adapters real storage and initialises them with exactly the random draws a
    one-process run makes, in the same order;
 3. ``wrap`` shards blocks then root (``fully_shard`` on meta parameters only records the layout),
-   then ``load_sharded`` allocates this rank's shards and fills each from the matching slice of
-   the checkpoint (safetensors reads a slice without reading the rest: one shard is the largest
-   buffer), the adapters from their saved values, and the buffers as constructed.
+   then ``load_sharded`` allocates this rank's shards and fills each from its rows of the
+   checkpoint (FSDP2 shards by rows, and rows are one contiguous byte range of a safetensors file:
+   one plain read straight into the shard, no memory map), the adapters from their saved values,
+   and the buffers as constructed.
 
 Anything this path cannot rebuild exactly from the files (a quantized base, DoRA or PiSSA/OLoRA,
 whose init reads the base weights; ``modules_to_save`` copies; an ``init_adapter``; checkpoint keys
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -39,16 +42,39 @@ from ..lora.layer import LoraLayer
 _LORA_PART = ".base_layer"
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor's bytes sit in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the tensor's data in the file."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 @dataclass
 class CheckpointIndex:
-    """Where each tensor of a safetensors checkpoint lives."""
+    """Where each tensor of a safetensors checkpoint lives (read from the files' headers)."""
 
-    files: dict[str, Path]
-    """Tensor name -> the .safetensors file holding it."""
-    shapes: dict[str, tuple[int, ...]]
-    """Tensor name -> shape."""
-    nbytes: int
-    """Bytes of all tensors together (the whole state a rank must never hold)."""
+    entries: dict[str, TensorEntry]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors together (the whole state a rank must never hold)."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
 
 
 @dataclass
@@ -57,42 +83,64 @@ class LoadStats:
 
     bytes_read: int = 0
     largest_read: int = 0
-    """The largest single slice (the bounded buffer)."""
+    """The largest single read (the bounded buffer)."""
     tensors: int = 0
-    replayed: list[str] = field(default_factory=list)
+
+
+def _header(path: Path) -> dict[str, TensorEntry]:
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which sharded loading does not read")
+        entries[key] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+    return entries
 
 
 def checkpoint_index(model_dir: str) -> Optional[CheckpointIndex]:
     """Index the safetensors files of a local HF model dir (None: not a local safetensors checkpoint)."""
-    from safetensors import safe_open
-
     root = Path(model_dir)
     index_file = root / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        paths = sorted({root / f for f in weight_map.values()})
+        paths = sorted({root / f for f in json.loads(index_file.read_text())["weight_map"].values()})
     elif (root / "model.safetensors").is_file():
         paths = [root / "model.safetensors"]
     else:
         return None
-    files: dict[str, Path] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    nbytes = 0
+    entries: dict[str, TensorEntry] = {}
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                shape = tuple(piece.get_shape())
-                files[key], shapes[key] = path, shape
-                numel = 1
-                for n in shape:
-                    numel *= n
-                nbytes += numel * _DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return CheckpointIndex(files, shapes, nbytes)
+        entries.update(_header(path))
+    return CheckpointIndex(entries)
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+def read_rows(entry: TensorEntry, rows: slice, out: torch.Tensor) -> int:
+    """Copy rows ``rows`` (dim 0) of a checkpoint tensor into ``out`` with plain file reads.
+
+    Rows of a row-major tensor are one contiguous byte range, so a rank reads exactly its shard and
+    nothing else, straight into the shard's storage when the dtypes match. No memory map: the pages
+    it touches would count against the process. Returns the bytes read.
+    """
+    row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+    count = (rows.stop - rows.start) * row
+    direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
+    target = out if direct else torch.empty(out.shape, dtype=entry.dtype)
+    if count:
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        with open(entry.path, "rb", buffering=0) as handle:
+            handle.seek(entry.start + rows.start * row)
+            done = 0
+            while done < count:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{entry.path}: truncated checkpoint (tensor at byte {entry.start})")
+                done += got
+    if not direct:
+        out.copy_(target)
+    return count
 
 
 def sharded_load_refusal(cfg: Any) -> Optional[str]:
@@ -161,7 +209,7 @@ def checkpoint_key(name: str, index: CheckpointIndex) -> Optional[str]:
     """The checkpoint key of model parameter ``name`` (LoRA's ``.base_layer`` and wrappers removed)."""
     key = name.replace(_LORA_PART, "")
     for candidate in (key, key.split(".", 1)[1] if "." in key else key, f"model.{key}"):
-        if candidate in index.files:
+        if candidate in index.entries:
             return candidate
     return None
 
@@ -189,7 +237,7 @@ def mismatched_keys(model: nn.Module, index: CheckpointIndex) -> list[str]:
     missing = []
     for name, param in model.named_parameters():
         key = _key_of(aliases[id(param)], index)
-        if key is None or index.shapes[key] != tuple(param.shape):
+        if key is None or index.shape(key) != tuple(param.shape):
             missing.append(name)
     return missing
 
@@ -254,51 +302,39 @@ def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torc
         module: the ``fully_shard``-ed root (still on meta), e.g. the LossModule around the model.
         index: the base checkpoint.
         kept: ``snapshot_real`` taken before sharding: adapter weights and buffers, whole.
-        device: where the shards live (FSDP2 moves CPU-offloaded ones itself).
+        device: where the shards live (CPU when FSDP2 offloads them).
         prefix: what ``module`` puts before the HF model's own parameter names.
 
     Returns:
-        What was read: bytes, the largest single slice, tensor count.
+        What was read: bytes, the largest single read, tensor count.
     """
-    from safetensors import safe_open
-
     aliases = _names_by_tensor(module)
     module.to_empty(device=device)
     stats = LoadStats()
-    handles: dict[Path, Any] = {}
-    try:
-        for name, param in module.named_parameters():
-            local = _local(param)
-            region = _local_region(param) if hasattr(param, "to_local") else tuple(slice(0, n) for n in param.shape)
-            if name in kept:
-                local.copy_(kept[name][region])
-                continue
-            key = _key_of(aliases[id(param)], index, prefix)
-            if key is None:
-                raise ValueError(f"sharded load: the checkpoint has no tensor for parameter '{name}'")
-            path = index.files[key]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt").__enter__()
-            piece = handles[path].get_slice(key)[region] if local.numel() else torch.empty(local.shape)
-            nbytes = piece.numel() * piece.element_size()
-            stats.bytes_read += nbytes
-            stats.largest_read = max(stats.largest_read, nbytes)
-            stats.tensors += 1
-            local.copy_(piece.to(local.dtype))
-        for name, buffer in module.named_buffers():
-            if name in kept:
-                buffer.copy_(kept[name])
-            else:
-                key = _key_of(aliases[id(buffer)], index, prefix)
-                if key is None:
-                    raise ValueError(f"sharded load: no value for buffer '{name}'")
-                path = index.files[key]
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt").__enter__()
-                buffer.copy_(handles[path].get_tensor(key).to(buffer.dtype))
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+    for name, param in module.named_parameters():
+        local = _local(param)
+        region = _local_region(param) if hasattr(param, "to_local") else tuple(slice(0, n) for n in param.shape)
+        if name in kept:
+            local.copy_(kept[name][region])
+            continue
+        key = _key_of(aliases[id(param)], index, prefix)
+        if key is None:
+            raise ValueError(f"sharded load: the checkpoint has no tensor for parameter '{name}'")
+        if not region or any(r != slice(0, n) for r, n in zip(region[1:], param.shape[1:])):
+            raise ValueError(f"sharded load: '{name}' is not sharded by rows (dim 0)")
+        nbytes = read_rows(index.entries[key], region[0], local)
+        stats.bytes_read += nbytes
+        stats.largest_read = max(stats.largest_read, nbytes)
+        stats.tensors += 1
+    for name, buffer in module.named_buffers():
+        if name in kept:
+            buffer.copy_(kept[name])
+            continue
+        key = _key_of(aliases[id(buffer)], index, prefix)
+        if key is None:
+            raise ValueError(f"sharded load: no value for buffer '{name}'")
+        whole = index.entries[key]
+        stats.bytes_read += read_rows(whole, slice(0, whole.shape[0] if whole.shape else 1), buffer)
     return stats
 
 

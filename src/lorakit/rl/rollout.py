@@ -47,8 +47,8 @@ class LocalRollout:
     """Generate with lorakit's engine on a model in this process.
 
     ``model`` may be the policy itself (nothing to send after an update: it is the same weights) or
-    a separate copy whose adapter ``sync`` overwrites in place (under FSDP2, where the policy's
-    weights are sharded and every forward is a collective).
+    a separate copy whose adapter ``sync`` overwrites in place. An FSDP2-sharded policy is sampled
+    by all ranks together (``lockstep``, ``within``): every forward is a collective.
     """
 
     def __init__(self, model: Any, tokenizer: Any, adapter: str, max_batch: int = 64,
