@@ -102,3 +102,16 @@ def test_the_gradient_scalers_state_goes_into_checkpoints(tmp_path):
     (tmp_path / "no-scaler" / "scaler.json").unlink()
     with pytest.raises(ValueError, match="scaler.json"):
         load_checkpoint_state(tmp_path / "no-scaler", model, optimizer, scaler=fresh)
+
+
+def test_the_packed_sample_check_tolerance_fits_bf16():
+    """The start-up check that packed samples stay apart compares logits within what the model's
+    dtype can resolve: a correct bf16 model passes it."""
+    from lorakit.models.attention import isolation_tolerance
+    from lorakit.training import packed_attention_is_isolated
+
+    from .models import tiny_qwen3
+
+    assert isolation_tolerance(torch.float32) < isolation_tolerance(torch.float16) < isolation_tolerance(torch.bfloat16)
+    assert isolation_tolerance(torch.bfloat16) >= 2 * torch.finfo(torch.bfloat16).eps
+    assert packed_attention_is_isolated(tiny_qwen3(vocab=128).to(torch.bfloat16))
