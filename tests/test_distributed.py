@@ -2,8 +2,8 @@
 across world sizes, and a dead rank ends the job instead of hanging it."""
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_sharded_load_hsdp_and_cpu_offload_match_one_process(tmp_path, demo):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_offload_on_gpu_matches_no_offload(tmp_path, demo):
     cfg = _config(tmp_path, demo, grad_accum=2, lr=2e-4, dtype="fp32", device="cuda", distributed="fsdp2")
     _run(cfg, 1, f"output_dir={tmp_path / 'plain'}")
