@@ -9,6 +9,14 @@ The three configurations alternate within each of --repeats rounds; printed: eac
 min-max tokens/s and peak RSS per rank, and the ratios of configurations run in the same round.
 
     python benchmarks/distributed_scaling.py [--steps 6] [--samples 64] [--repeats 3]
+
+``--memory`` measures memory instead, on a ~519M-parameter fp32 Qwen3-shaped model (hidden 1024,
+36 layers, vocab 32000, untied head): the peak RSS of each rank for SFT in 1 process, 2-rank DDP and
+2-rank FSDP2 (sharded from load on), and for GRPO under 2-rank FSDP2 with local rollouts (the sharded
+policy samples in lockstep) and with the server engine (plus the `lorakit serve` process's own peak).
+Memory is not distorted by the machine's load, so one round (--repeats 1) is enough.
+
+    python benchmarks/distributed_scaling.py --memory [--repeats 1] [--no-grpo]
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _report import load, ratios, spread  # noqa: E402
 
@@ -33,7 +43,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the three configurations")
+    parser.add_argument("--memory", action="store_true", help="peak RSS per rank on a ~519M-parameter model")
+    parser.add_argument("--no-grpo", action="store_true", help="--memory: SFT only")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.repeats, not args.no_grpo)
+        return
     from sft_throughput import prepare
 
     import torch
@@ -51,19 +66,8 @@ def main() -> None:
                 overrides = [f"model={work / 'model'}", f"data.train={work / 'data.jsonl'}", f"output_dir={out}",
                              "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"train.max_steps={args.steps}",
                              f"train.batch_size={args.batch}", "train.max_seq_len=512", f"train.distributed={mode}"]
-                script = ("import resource, runpy, sys; sys.argv = ['lorakit'] + sys.argv[1:]\n"
-                          "try:\n    runpy.run_module('lorakit', run_name='__main__')\n"
-                          "finally:\n    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)\n")
-                launcher = [sys.executable, "-c", script] if nproc == 1 else [
-                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    "--no-python", sys.executable, "-c", script]
-                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
-                # /dev/null is an empty YAML config: everything comes from the overrides
-                proc = subprocess.run([*launcher, "train", "/dev/null", *overrides], capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                proc, peaks = train(label, nproc, overrides, cores)
                 summary = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train_runtime" in x)
-                peaks = [float(x) for x in re.findall(r"PEAK_RSS_MB ([0-9.]+)", proc.stdout + proc.stderr)]
                 results[label].append((summary["train_tokens"] / summary["train_runtime"], max(peaks) if peaks else float("nan")))
         print(f"model ~58M Qwen3-shaped, per-rank batch {args.batch}, {args.steps} steps, LoRA r=16 all-linear, "
               f"{cores} CPU cores, torch {torch.__version__}")
@@ -76,6 +80,117 @@ def main() -> None:
         print(f"ratio 2-rank FSDP2 / 1-rank tokens/s {spread(ratios(tps['2 ranks FSDP2'], one), '.2f')}")
         print(f"ratio FSDP2 / DDP peak RSS per rank {spread(ratios(rss['2 ranks FSDP2'], rss['2 ranks DDP']), '.2f')}")
         print(f"end: {load()}")
+
+def train(label: str, nproc: int, overrides: list[str], cores: int) -> tuple[subprocess.CompletedProcess, list[float]]:
+    """One `lorakit train` launch (torchrun for nproc > 1); returns it and each process's peak RSS in MB."""
+    script = ("import resource, runpy, sys; sys.argv = ['lorakit'] + sys.argv[1:]\n"
+              "try:\n    runpy.run_module('lorakit', run_name='__main__')\n"
+              "finally:\n    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)\n")
+    launcher = [sys.executable, "-c", script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "--no-python", sys.executable, "-c", script]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    # /dev/null is an empty YAML config: everything comes from the overrides
+    proc = subprocess.run([*launcher, "train", "/dev/null", *overrides], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, [float(x) for x in re.findall(r"PEAK_RSS_MB ([0-9.]+)", proc.stdout + proc.stderr)]
+
+
+def write_large_model(path: Path) -> int:
+    """A ~519M-parameter Qwen3-shaped model in fp32 (random init), with the demo tokenizer; returns
+    its parameter count. Built on meta and written tensor by tensor would be leaner; at this size
+    a plain build fits the machine."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lorakit.models import build_demo_tokenizer
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=64, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    tokenizer = build_demo_tokenizer()
+    model = Qwen3ForCausalLM(config)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def serve(model: Path, adapters: Path) -> tuple[subprocess.Popen, str]:
+    """A `lorakit serve` of ``model`` on a free port; returns the process and its /v1 URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--port", "0",
+                             "--adapter-dir", str(adapters)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+    if not found:
+        proc.kill()
+        raise SystemExit(f"lorakit serve did not start: {line}{proc.stdout.read()}")
+    return proc, found.group(1)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A live process's peak RSS (VmHWM) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(repeats: int, grpo: bool) -> None:
+    """Peak RSS per rank on a ~519M-parameter fp32 model: SFT 1 / DDP / FSDP2; GRPO FSDP2 local / server."""
+    import torch
+
+    from sft_throughput import prepare
+
+    cores = os.cpu_count() or 2
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(work, 16)  # the data (and a small model, unused here)
+        params = write_large_model(work / "large")
+        size = sum(f.stat().st_size for f in (work / "large").glob("*.safetensors")) / 2 ** 20
+        print(f"start: {load()}")
+        common = [f"model={work / 'large'}", f"output_dir={work / 'out'}", "lora.r=16", "lora.alpha=32",
+                  "lora.dropout=0.0", "train.max_steps=1", "train.batch_size=1", "train.max_seq_len=128"]
+        sft = [("SFT 1 process", 1, "none"), ("SFT 2 ranks DDP", 2, "ddp"), ("SFT 2 ranks FSDP2", 2, "fsdp2")]
+        rl_prompts = ROOT / "examples" / "data" / "arith_rl.jsonl"
+        rl = ["recipe=grpo", f"data.train={rl_prompts}", "grpo.prompts_per_step=2", "rollout.num_generations=2",
+              "rollout.max_new_tokens=8", "train.distributed=fsdp2"]
+        peaks: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            for label, nproc, mode in sft:
+                shutil.rmtree(work / "out", ignore_errors=True)
+                _, found = train(label, nproc, [*common, f"data.train={work / 'data.jsonl'}", f"train.distributed={mode}"],
+                                 cores)
+                peaks.setdefault(label, []).append(max(found))
+            if not grpo:
+                continue
+            shutil.rmtree(work / "out", ignore_errors=True)
+            _, found = train("GRPO local", 2, [*common, *rl, "rollout.engine=local"], cores)
+            peaks.setdefault("GRPO 2 ranks FSDP2, local rollouts", []).append(max(found))
+            shutil.rmtree(work / "out", ignore_errors=True)
+            server, url = serve(work / "large", work / "adapters")
+            try:
+                _, found = train("GRPO server", 2, [*common, *rl, "rollout.engine=server", f"rollout.base_url={url}",
+                                                    f"rollout.adapter_dir={work / 'adapters'}"], cores)
+                served = peak_rss_mb(server.pid)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            peaks.setdefault("GRPO 2 ranks FSDP2, server rollouts", []).append(max(found))
+            peaks.setdefault("  + the lorakit serve process", []).append(served)
+        print(f"model {params / 1e6:.0f}M-parameter Qwen3-shaped fp32 ({size:,.0f} MiB of safetensors), LoRA r=16 "
+              f"all-linear, 1 step, batch 1, 128 tokens, {cores} CPU cores, torch {torch.__version__}")
+        for label, values in peaks.items():
+            print(f"{label:38s} largest peak RSS per rank MB {spread(values, '.0f')}")
+        one = peaks["SFT 1 process"]
+        for label in ("SFT 2 ranks DDP", "SFT 2 ranks FSDP2"):
+            print(f"ratio {label} / 1 process (largest rank) {spread(ratios(peaks[label], one), '.2f')}")
+        print(f"end: {load()}")
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ across world sizes, and a dead rank ends the job instead of hanging it."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +113,55 @@ def test_a_killed_rank_ends_the_job_quickly(tmp_path, demo):
     assert proc.returncode != 0
     assert time.time() - killed < 60
     assert "Signal 9" in output or "SIGKILL" in output or "exitcode" in output
+
+
+def _read_per_rank(log):
+    """The sharded-load report: MiB each rank read from the checkpoint, and the largest single read."""
+    match = re.search(r"MiB read per rank \[([0-9., ]+)\] of the [0-9.,]+ MiB checkpoint; largest single read ([0-9.]+)", log)
+    assert match, log
+    return [float(x.replace(",", "")) for x in match.group(1).split(",")], float(match.group(2))
+
+
+def test_sharded_load_hsdp_and_cpu_offload_match_one_process(tmp_path, demo):
+    """FSDP2 builds the base on meta and each rank reads only its slices of the checkpoint; plain
+    FSDP2 with cpu_offload (2 ranks) and HSDP (2 replica groups x 2 ranks) train as one process."""
+    cfg = _config(tmp_path, demo, grad_accum=2, lr=2e-4)
+    _run(cfg, 1, f"output_dir={tmp_path / 'single'}", "train.batch_size=4")
+    offload = _run(cfg, 2, f"output_dir={tmp_path / 'offload'}", "train.distributed=fsdp2", "train.cpu_offload=true")
+    hsdp = _run(cfg, 4, f"output_dir={tmp_path / 'hsdp'}", "train.distributed=fsdp2", "train.fsdp_replicate=2",
+                "train.batch_size=1")
+    assert "HSDP: 2 replica groups x 2 ranks" in hsdp
+    assert "train.cpu_offload on a CPU run" in offload
+
+    # The oracle: the checkpoint's tensors, counted here from the file.
+    whole = sum(t.numel() * t.element_size() for t in load_file(demo / "model.safetensors").values()) / 2 ** 20
+    for log, nproc, copies in ((offload, 2, 1), (hsdp, 4, 2)):
+        per_rank, largest = _read_per_rank(log)
+        assert len(per_rank) == nproc
+        assert max(per_rank) <= 0.55 * whole, (per_rank, whole)  # its own half, never the whole base
+        assert abs(sum(per_rank) - copies * whole) <= 0.01 * whole + 0.1 * nproc  # every byte read once per group
+        assert largest <= 0.1 * whole  # the buffer: one slice of one tensor
+
+    single = _losses(tmp_path / "single")
+    ref = _adapter(tmp_path / "single")
+    for run in ("offload", "hsdp"):
+        dist = _losses(tmp_path / run)
+        assert sorted(dist) == sorted(single) == [1, 2, 3, 4]
+        for step in single:
+            assert abs(single[step] - dist[step]) <= 1e-4, (run, step, single[step], dist[step])
+        got = _adapter(tmp_path / run)
+        assert ref.keys() == got.keys()
+        assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5, run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_offload_on_gpu_matches_no_offload(tmp_path, demo):
+    cfg = _config(tmp_path, demo, grad_accum=2, lr=2e-4, dtype="fp32", device="cuda", distributed="fsdp2")
+    _run(cfg, 1, f"output_dir={tmp_path / 'plain'}")
+    _run(cfg, 1, f"output_dir={tmp_path / 'offload'}", "train.cpu_offload=true")
+    plain, offload = _losses(tmp_path / "plain"), _losses(tmp_path / "offload")
+    for step in plain:
+        assert abs(plain[step] - offload[step]) <= 1e-4, (step, plain[step], offload[step])
+    ref, got = _adapter(tmp_path / "plain"), _adapter(tmp_path / "offload")
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5

@@ -324,6 +324,12 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         fail("output_dir", "must not be empty")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         fail("train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio!r}")
+    if cfg.train.fsdp_replicate < 1:
+        fail("train.fsdp_replicate", f"must be >= 1 (HSDP replica groups; 1: plain FSDP2), got {cfg.train.fsdp_replicate!r}")
+    for name, on in (("train.cpu_offload", cfg.train.cpu_offload), ("train.fsdp_replicate", cfg.train.fsdp_replicate > 1)):
+        if on and cfg.train.distributed != "fsdp2":
+            fail(name, f"needs train.distributed: fsdp2 (it shapes how FSDP2 shards the base), got "
+                 f"train.distributed: {cfg.train.distributed}")
     if cfg.rollout.top_p > 1.0:
         fail("rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p!r}")
     if cfg.recipe == "grpo":

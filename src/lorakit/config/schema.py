@@ -124,6 +124,22 @@ class TrainSection:
     like ZeRO-3). auto: ddp when launched with several processes, else none."""
     dist_timeout_s: float = 300.0
     """Collectives give up after this many seconds, so a dead rank never hangs the others."""
+    fsdp_replicate: int = 1
+    """FSDP2 only: HSDP replica groups. N > 1 builds a 2-D mesh (N groups x world/N ranks): parameters
+    are sharded within a group (fast links, e.g. one node) and gradients all-reduced across groups
+    (the slower network carries one all-reduce per step instead of every parameter gather). Must
+    divide the world size; 1: plain FSDP2 over all ranks."""
+    cpu_offload: bool = False
+    """FSDP2 only: keep the sharded base parameters (and gradients, optimizer state) in host memory
+    and copy each block to the GPU for its forward/backward (FSDP2's CPUOffloadPolicy): for a GPU
+    too small even for the shards. Slower (host-device copies every step). On a CPU run the policy
+    is applied too (same results) but saves nothing: parameters already live in host memory."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel passed to transformers. auto: flash_attention_2 when flash-attn is installed
+    and the run is on a CUDA GPU in bf16/fp16, else sdpa. Padding-free micro-batches
+    (train.padding_free) are used only with kernels that keep concatenated samples apart without a
+    dense mask (flash_attention_2's varlen path, flex_attention's document mask); with sdpa/eager
+    batches are padded (train.packing still packs, with a block-diagonal mask)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     tensorboard: bool = False
@@ -159,10 +175,10 @@ class RolloutSection:
     """Where GRPO's completions come from."""
 
     engine: Literal["local", "server", "vllm"] = "local"
-    """local: lorakit's generation engine in this process (the policy's own weights, or under FSDP2 a
-    full copy whose adapter is updated in place). server: an OpenAI-compatible server with
-    /v1/load_lora_adapter (lorakit serve, vLLM); after each update only the adapter is written and
-    loaded there under a new name. vllm: a vLLM engine in this process (one per rank; install with
+    """local: lorakit's generation engine in this process on the policy's own weights (under FSDP2 the
+    sharded policy, all ranks stepping the decode loop together: no copy of the base). server: an
+    OpenAI-compatible server with /v1/load_lora_adapter (lorakit serve, vLLM); after each update only
+    the adapter is written and loaded there under a new name. vllm: a vLLM engine in this process (one per rank; install with
     pip install 'lorakit[vllm]', or scripts/install_vllm_cpu.sh on a CPU-only machine)."""
     sync: Literal["lora", "merged"] = "lora"
     """How the policy reaches a vllm engine after each update: lora (the adapter alone, through a

@@ -68,13 +68,15 @@ def load_tokenizer(name: str) -> Any:
         raise ModelError(_explain(name, "tokenizer", err)) from None
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Any:
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+               attn_implementation: Optional[str] = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with errors that say what went wrong."""
     from transformers import AutoModelForCausalLM
 
     name = resolve_model(name)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(_explain(name, "model", err)) from None
     if device is not None:

@@ -33,11 +33,13 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
-from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
+from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, init_distributed, shutdown,
+                           through_root, wrap)
+from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
-from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules,
+from ..lora import (adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
                     trainable_report, write_adapter)
-from ..models import load_model, resolve_device
+from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
                   ServerRollout, StaleRolloutError, completion_logprobs, group_advantages, logprob_gap, reference_policy,
@@ -54,11 +56,11 @@ from ..training import (
     load_checkpoint_adapter,
     load_checkpoint_state,
     lr_at,
-    packed_attention_is_isolated,
     plot_metrics,
     save_checkpoint,
     warmup_steps_for,
 )
+from ..training.setup import choose_padding_free
 
 ADAPTER = "default"
 REFERENCE = "reference"
@@ -91,7 +93,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     G = rc.num_generations
     if rc.engine == "vllm":
         import_vllm()  # not installed: say how to install it before any model loads
-    run = start_run(cfg, info, device, log)
+    run = start_run(cfg, info, device, log, sharded_load=True)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
     if gc.prompts_per_step % info.world:
         raise ValueError(f"grpo.prompts_per_step={gc.prompts_per_step} must be a multiple of the {info.world} ranks "
@@ -115,6 +117,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     # --- adapter and reference ------------------------------------------------------------------
     torch.manual_seed(tc.seed)
     reference = attach_adapters(model, cfg, log)
+    if run.sharded_load:  # the base is on meta: the adapter gets its real start here, same draws as one process
+        init_meta_adapters(model)
     config = adapter_configs(model)[ADAPTER]
     if config.dropout > 0:
         log(f"Warning: LoRA dropout {config.dropout:g}: the sampler runs without dropout, so the trainer's log-probs "
@@ -124,13 +128,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         f"{sum(1 for _ in lora_modules(model))} modules")
     log(str(trainable_report(model)))
     log("=" * 72)
-    padding_free = tc.padding_free and packed_attention_is_isolated(model)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-
-    # --- rollout engine -------------------------------------------------------------------------
-    sampler = rollout_engine(cfg, model, tokenizer, info, device, dtype)
 
     # --- resume (weights), wrap, optimizer, resume (state) ----------------------------------------
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0}
@@ -145,7 +145,13 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         load_checkpoint_adapter(resumed_from, model, ADAPTER)
 
     objective = GRPOObjective(rc.temperature, gc.clip_eps_low, gc.clip_eps_high, gc.beta)
-    step_module = wrap(LossModule(model, objective), info, device, dtype)
+    step_module = wrap(LossModule(model, objective), info, device, dtype, run.fsdp)
+    if run.fsdp.loaded is not None:
+        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
+    padding_free = choose_padding_free(run, cfg, step_module, info)
+    sampler = rollout_engine(cfg, model, tokenizer, info, device, dtype, step_module)  # after wrap: FSDP2 samples sharded
+    # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's exponent range).
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     steps_per_epoch = len(prompts) // gc.prompts_per_step
@@ -158,7 +164,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         f"beta {gc.beta:g}, {gc.loss_aggregation}-level loss, rollouts: {rc.engine}, {dtype} on {device}"
         + (f", {info.mode} x {info.world}" if info.mode != "none" else ""))
     if resumed_from is not None:
-        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed))
+        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed, scaler))
         if state["step"] > total_steps:
             raise ValueError(f"{resumed_from} is at step {state['step']}, past this run's {total_steps} steps; "
                              "raise train.max_steps to continue it")
@@ -284,7 +290,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                         with autocast():
                             loss, _ = step_module(batch)
                         # DDP and FSDP2 average gradients over ranks; the weights already sum over all.
-                        (loss * info.world).backward()
+                        scaled = loss * info.world
+                        (scaler.scale(scaled) if scaler else scaled).backward()
                     stats = objective.stats
                     totals["loss"] += float(loss.detach())
                     for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
@@ -295,11 +302,17 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                         mismatch += logprob_gap(objective.logp.cpu(), these, completions)
                         mismatch_n += sum(len(completions[i].token_ids) for i in these
                                           if completions[i].logprobs is not None)
+                if scaler:
+                    scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
                 update = state["step"] * updates_per_step + iteration * gc.mini_batches + c
                 lr = lr_at(update, total_updates, tc.lr, warmup, tc.lr_scheduler)
                 set_lr(optimizer, lr)
-                optimizer.step()
+                if scaler:  # skips the step when the fp16 gradients overflowed, and adapts the scale
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
         # 5. bookkeeping: global statistics over all ranks
@@ -354,7 +367,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             log_metrics({"step": step, evaluate.key: evaluate(sampler.generate)})
         if tc.save_steps and step % tc.save_steps == 0:
             save_checkpoint(out, step, model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
-                            total_limit=tc.save_total_limit)
+                            total_limit=tc.save_total_limit, scaler=scaler)
             last_saved = step
     if progress is not None:
         progress.close()
@@ -372,7 +385,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     log_metrics({"step": state["step"], "train_runtime": runtime})
     if last_saved != state["step"]:
         save_checkpoint(out, state["step"], model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
-                        total_limit=tc.save_total_limit)
+                        total_limit=tc.save_total_limit, scaler=scaler)
     sampler.close()  # the final adapter is written below; free the server
     adapter_dir = out / "adapter"
     final_config, tensors = final_adapter(model, ADAPTER)
@@ -437,12 +450,14 @@ def attach_adapters(model: torch.nn.Module, cfg: RunConfig, log: Callable[[str],
 
 
 def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: DistInfo, device: torch.device,
-                   dtype: torch.dtype) -> PolicySampler:
+                   dtype: torch.dtype, step_module: Optional[torch.nn.Module] = None) -> PolicySampler:
     """The sampler ``rollout.engine`` asks for, on the policy's adapter ``ADAPTER``.
 
-    A server receives only adapter files; a local engine samples with the policy's own weights, or,
-    under FSDP2, with a whole copy of the base (sharded weights make every forward a collective, and
-    ranks sample different lengths) into which the adapter alone is copied after each update.
+    A server receives only adapter files; a local engine samples with the policy's own weights.
+    Under FSDP2 (``step_module``: the wrapped root) those are sharded, so every forward is a
+    collective: all ranks sample together in lockstep, inside the root's forward, and a rank whose
+    rows are done runs dummy forwards until every rank's are. No rank holds more than its shards
+    plus the block being gathered (no second copy of the base).
     """
     rc, out = cfg.rollout, Path(cfg.output_dir)
     eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
@@ -468,10 +483,10 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
                              tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,
                              external_launcher=info.world > 1, cpu_kvcache_gib=vc.cpu_kvcache_gib)
         return PolicySampler(engine, model, ADAPTER, info)
-    if info.mode == "fsdp2":
-        copy = load_model(cfg.model, dtype=dtype if device.type == "cuda" else torch.float32, device=device)
-        inject_lora(copy, adapter_configs(model)[ADAPTER], adapter_name=ADAPTER, trainable=False)
-        return PolicySampler(LocalRollout(copy, tokenizer, ADAPTER, rc.max_batch), model, ADAPTER, info)
+    if info.mode == "fsdp2" and step_module is not None:
+        local = LocalRollout(model, tokenizer, ADAPTER, rc.max_batch, shares_policy=True, lockstep=any_rank(info, device),
+                             within=lambda fn: through_root(step_module, info, lambda _model: fn()))
+        return PolicySampler(local, model, ADAPTER, info)
     return PolicySampler(LocalRollout(model, tokenizer, ADAPTER, rc.max_batch, shares_policy=True), model, ADAPTER, info)
 
 

@@ -183,7 +183,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if resume and all(job.resumed_from is None for job in jobs):
         log(f"--resume: no checkpoint in {out}/<job>; starting from scratch")
     train_only(model, [job.name for job in jobs])  # loading an adapter leaves only that one trainable
-    step_module = wrap(_JobsLoss(model, len(jobs)), info, device, dtype)
+    step_module = wrap(_JobsLoss(model, len(jobs)), info, device, dtype, start.fsdp)
     for job in jobs:
         t = job.train
         job.params = adapter_parameters(model, job.name)  # after wrapping: FSDP2's sharded parameters

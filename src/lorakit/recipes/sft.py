@@ -17,6 +17,7 @@ import torch
 from ..config import RunConfig, dump_config
 from ..data import IGNORE, Row, collate, collect_eos_ids, pad_token_id
 from ..distributed import DistInfo, LossModule, all_reduce_sum, barrier, full_tensor, init_distributed, shutdown, wrap
+from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..lora import (adapter_configs, adapter_state_dict, final_adapter, inject_lora, load_adapter, lora_modules, trainable_report,
                     write_adapter)
 from ..models import resolve_device
@@ -32,12 +33,12 @@ from ..training import (
     load_checkpoint_adapter,
     load_checkpoint_state,
     lr_at,
-    packed_attention_is_isolated,
     plot_loss,
     save_checkpoint,
     warmup_steps_for,
 )
 from ..training.rows import epoch_order
+from ..training.setup import choose_padding_free
 from ..training.rows import load_rows as read_rows
 
 ADAPTER = "default"
@@ -68,7 +69,7 @@ def run(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print
 def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device: torch.device) -> Path:
     out = Path(cfg.output_dir)
     tc = cfg.train
-    run = start_run(cfg, info, device, log)
+    run = start_run(cfg, info, device, log, sharded_load=True)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
 
     # --- data -----------------------------------------------------------------------------------
@@ -89,6 +90,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     else:
         lora_config = cfg.lora.to_lora_config(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)
         wrapped = inject_lora(model, lora_config, adapter_name=ADAPTER)
+    if run.sharded_load:  # the base is on meta: the adapter gets its real start here, same draws as one process
+        init_meta_adapters(model)
     log("=" * 72)
     log(f"Applying LoRA to {type(model).__name__} ({cfg.model})")
     for name in wrapped[:4]:
@@ -97,13 +100,6 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         log(f"  ... and {len(wrapped) - 4} more")
     log(str(trainable_report(model)))
     log("=" * 72)
-    padding_free = tc.padding_free
-    if (tc.packing or padding_free) and not packed_attention_is_isolated(model):
-        if tc.packing:
-            raise ValueError(f"train.packing: {type(model).__name__}'s attention does not keep packed samples apart "
-                             "(it ignores restarting position_ids); set train.packing=false")
-        log("Note: this model's attention cannot isolate packed samples; padding batches instead")
-        padding_free = False
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -120,7 +116,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if resumed_from is not None:
         check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS, global_batch=True)
         load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
-    step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype)
+    step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype, run.fsdp)
+    if run.fsdp.loaded is not None:
+        log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
+    padding_free = choose_padding_free(run, cfg, step_module, info)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     global_batch = tc.batch_size * info.world  # samples per micro-batch over all ranks
@@ -133,7 +132,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         f"(warm-up {warmup}), {dtype} on {device}" + (f", {info.mode}" if info.mode != "none" else ""))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     if resumed_from is not None:
-        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed))
+        state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed, scaler))
         if state["step"] > total_steps:
             raise ValueError(f"{resumed_from} is at step {state['step']}, past this run's {total_steps} steps; "
                              "raise train.max_steps to continue it")
@@ -162,7 +161,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     def checkpoint() -> Path:
         return save_checkpoint(out, state["step"], model, optimizer, dict(state), info, ADAPTER,
-                               config_yaml=dump_config(cfg), total_limit=tc.save_total_limit)
+                               config_yaml=dump_config(cfg), total_limit=tc.save_total_limit, scaler=scaler)
 
     def log_metrics(record: dict) -> None:
         if metrics is not None:

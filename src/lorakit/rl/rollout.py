@@ -27,7 +27,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -112,15 +112,22 @@ class LocalRollout:
     """Generate with lorakit's engine on a model in this process.
 
     ``model`` may be the policy itself (nothing to send after an update: it is the same weights) or
-    a separate copy whose adapter ``sync`` overwrites in place (under FSDP2, where the policy's
-    weights are sharded and every forward is a collective).
+    a separate copy whose adapter ``sync`` overwrites in place. An FSDP2-sharded policy is sampled
+    by all ranks together (``lockstep``, ``within``): every forward is a collective.
     """
 
     def __init__(self, model: Any, tokenizer: Any, adapter: str, max_batch: int = 64,
-                 shares_policy: bool = False) -> None:
-        self.engine = Engine(model, tokenizer)
+                 shares_policy: bool = False, lockstep: Optional[Callable[[bool], bool]] = None,
+                 within: Optional[Callable[[Callable[[], Any]], Any]] = None) -> None:
+        """``shares_policy``: ``model`` is the policy itself (a sync has nothing to copy). ``lockstep``
+        and ``within`` are for a policy sharded with FSDP2, sampled by all ranks together:
+        ``lockstep`` is the engine's (``Engine``), also used to agree on the number of batches;
+        ``within(fn)`` runs ``fn`` where the model may run forwards (inside the FSDP2 root's forward)."""
+        self.engine = Engine(model, tokenizer, lockstep=lockstep)
         self.adapter = adapter
         self.max_batch = max_batch
+        self.lockstep = lockstep
+        self.within = within
         self.payload: Literal["none", "live"] = "none" if shares_policy else "live"
         self.version: Optional[int] = None
         self.fingerprint: Optional[str] = None
@@ -134,18 +141,30 @@ class LocalRollout:
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
                  adapter: Optional[str] = "") -> list[RolloutCompletion]:
         """Complete ``prompts[i]`` with ``params[i]``; ``adapter`` '' means the policy's, None the base."""
+        if self.within is not None:
+            return self.within(lambda: self._generate(prompts, params, adapter))
+        return self._generate(prompts, params, adapter)
+
+    def _generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+                  adapter: Optional[str]) -> list[RolloutCompletion]:
         adapter = self.adapter if adapter == "" else adapter
         out: list[RolloutCompletion] = []
-        for start in range(0, len(prompts), self.max_batch):
+        start = 0
+        while True:  # in lockstep, a rank whose prompts are done joins the others' batches (empty)
+            more = start < len(prompts)
+            if self.lockstep is not None:
+                more = self.lockstep(more)
+            if not more:
+                return out
             requests = [Request(list(p), adapter, q) for p, q in
                         zip(prompts[start:start + self.max_batch], params[start:start + self.max_batch])]
+            start += self.max_batch
             for done in self.engine.generate(requests):
                 ids, logprobs = list(done.token_ids), list(done.logprobs)
                 if done.stop_token_id is not None:
                     ids.append(done.stop_token_id)
                     logprobs.append(float(done.stop_logprob))
                 out.append(RolloutCompletion(ids, done.text, logprobs, done.finish_reason))
-        return out
 
     def close(self) -> None:
         """Nothing to free: the engine lives and dies with the run."""

@@ -27,6 +27,8 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 RNG_NAME = "rng_state.safetensors"
+SCALER_NAME = "scaler.json"
+"""fp16 runs: the gradient scaler's scale and growth tracker, so a resumed run scales as this one would."""
 INITIAL_NAME = "initial_adapter.safetensors"
 """PiSSA/OLoRA: the adapter's first A and B, which define the residual base (see lora.residual)."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -82,8 +84,10 @@ def save_checkpoint(
     adapter_name: str = "default",
     config_yaml: Optional[str] = None,
     total_limit: Optional[int] = None,
+    scaler: Optional[Any] = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this)."""
+    """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this); with an fp16
+    run's ``scaler`` (a ``torch.amp.GradScaler``) its state too."""
     adapter = adapter_state_dict(model, adapter_name)  # gathers sharded weights
     tensors, meta = _optimizer_tensors(model, optimizer)
     rngs = gather_objects(_rng_state(), info)
@@ -98,6 +102,8 @@ def save_checkpoint(
                 save_file(initial, str(staging / INITIAL_NAME))
             (staging / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
             save_file({f"rank{r}.{k}": v for r, rng in enumerate(rngs) for k, v in rng.items()}, str(staging / RNG_NAME))
+            if scaler is not None:
+                (staging / SCALER_NAME).write_text(json.dumps(scaler.state_dict(), indent=1))
             if config_yaml is not None:
                 (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
             (staging / STATE_NAME).write_text(json.dumps({**state, "world_size": info.world}, indent=1))
@@ -127,9 +133,11 @@ def load_checkpoint_adapter(path: Path, model: nn.Module, adapter_name: str = "d
 
 
 def load_checkpoint_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo = DistInfo(), seed: int = 0
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo = DistInfo(), seed: int = 0,
+    scaler: Optional[Any] = None,
 ) -> dict[str, Any]:
-    """Restore optimizer state (resharded to this run's layout) and RNG; return the loop state."""
+    """Restore optimizer state (resharded to this run's layout), RNG and, for an fp16 run, the
+    gradient ``scaler``'s state; return the loop state."""
     names = {n: p for n, p in model.named_parameters()}
     tensors = load_file(str(path / OPTIMIZER_NAME))
     meta = json.loads((path / OPTIMIZER_META).read_text())
@@ -141,6 +149,11 @@ def load_checkpoint_state(
         name, _, field = key.partition("::")
         param = names[name]
         optimizer.state[param][field] = value if field == "step" else like_param(value, param)
+    if scaler is not None:
+        if not (path / SCALER_NAME).is_file():
+            raise ValueError(f"{path}: no {SCALER_NAME} in this checkpoint, but this fp16 run scales its gradients; "
+                             "it was written by a run in another dtype (resume with the same train.dtype)")
+        scaler.load_state_dict(json.loads((path / SCALER_NAME).read_text()))
     state = json.loads((path / STATE_NAME).read_text())
     rng = load_file(str(path / RNG_NAME))
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{info.rank}.")}

@@ -7,13 +7,14 @@ same, however the tokens fall into micro-batches.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
+from ..models.attention import isolation_tolerance
 
 # Rows of (tokens x vocab) fp32 logits materialised at once: bounds the loss's peak memory.
 CHUNK_ROWS = 512
@@ -59,9 +60,10 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def packed_attention_is_isolated(model: nn.Module, vocab_limit: int = 64) -> bool:
+def packed_attention_is_isolated(model: nn.Module, vocab_limit: int = 64, tolerance: Optional[float] = None) -> bool:
     """Check on this very model that samples packed in one row (position_ids restarting at 0) see
-    only themselves: the packed logits must equal those of each sample run alone."""
+    only themselves: the packed logits must equal those of each sample run alone, within
+    ``tolerance`` (default: what the dtype of the model's weights allows, ``isolation_tolerance``)."""
     was_training = model.training
     model.eval()
     try:
@@ -72,7 +74,9 @@ def packed_attention_is_isolated(model: nn.Module, vocab_limit: int = 64) -> boo
         positions = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
         packed = model(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False).logits[0, 5:].float()
         alone = model(input_ids=b, use_cache=False).logits[0].float()
-        return bool(torch.allclose(packed, alone, atol=1e-3, rtol=1e-3))
+        if tolerance is None:
+            tolerance = isolation_tolerance(next(model.parameters()).dtype)
+        return bool(torch.allclose(packed, alone, atol=tolerance, rtol=tolerance))
     finally:
         model.train(was_training)
 

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import torch
 
 from ..config import RunConfig, dump_config
-from ..distributed import DistInfo
-from ..models import DEMO, DEMO_MOE, demo_model_dir, load_model, load_tokenizer, resolve_dtype
+from ..distributed import DistInfo, FsdpOptions
+from ..models import DEMO, DEMO_MOE, demo_model_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
+from ..models.attention import AttentionChoice, resolve_attention
 
 
 @dataclass
@@ -26,10 +27,24 @@ class RunStart:
     """The base model: in the compute dtype on GPU, fp32 on CPU (autocast does the rest)."""
     log: Callable[[str], None]
     """The recipe's log on rank 0, silent elsewhere: one voice."""
+    attention: AttentionChoice
+    """The attention kernel the model runs (train.attn_implementation resolved)."""
+    fsdp: FsdpOptions
+    """How ``wrap`` shards under FSDP2; ``fsdp.checkpoint`` is set when the base is still on meta
+    (sharded loading): the recipe must call ``init_meta_adapters`` right after injecting LoRA."""
+
+    @property
+    def sharded_load(self) -> bool:
+        return self.fsdp.checkpoint is not None
 
 
-def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callable[[str], None]) -> RunStart:
-    """Resolve device and dtype, load tokenizer and base (``demo``: the cached demo model), record the config."""
+def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callable[[str], None],
+              sharded_load: bool = False) -> RunStart:
+    """Resolve device and dtype, load tokenizer and base (``demo``: the cached demo model), record the config.
+
+    ``sharded_load``: the recipe supports a base left on meta under FSDP2 (it calls
+    ``init_meta_adapters`` after injecting LoRA and passes ``RunStart.fsdp`` to ``wrap``).
+    """
     if info.mode != "none" and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if not info.main:
@@ -39,6 +54,21 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
         raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if cfg.model in (DEMO, DEMO_MOE) and not demo_model_dir(cfg.model == DEMO_MOE).exists():
         log(f"Building lorakit's demo model in {demo_model_dir(cfg.model == DEMO_MOE)} (once; later runs reuse it)")
+    tc = cfg.train
+    # Everything a user can get wrong is checked here, before any weight is read.
+    if info.mode == "fsdp2" and info.world % tc.fsdp_replicate:
+        fits = [n for n in range(1, info.world + 1) if info.world % n == 0]
+        raise ValueError(f"train.fsdp_replicate={tc.fsdp_replicate} must divide the {info.world} ranks (HSDP: replica "
+                         f"groups of equal size); with {info.world} ranks use one of {fits}")
+    if info.mode == "fsdp2" and tc.fsdp_replicate > 1:
+        log(f"HSDP: {tc.fsdp_replicate} replica groups x {info.world // tc.fsdp_replicate} ranks (parameters sharded "
+            "within a group, gradients all-reduced across groups)")
+    attention = resolve_attention(tc.attn_implementation, device, dtype)
+    log(f"Attention: {attention.implementation} ({attention.reason})")
+    fsdp = FsdpOptions(replicate=tc.fsdp_replicate if info.mode == "fsdp2" else 1, cpu_offload=tc.cpu_offload)
+    if tc.cpu_offload and device.type != "cuda":
+        log("Note: train.cpu_offload on a CPU run: FSDP2's offload policy is applied, but parameters already live in "
+            "host memory, so it saves nothing here (it is for GPUs)")
     tokenizer = load_tokenizer(cfg.model)
     base_dtype = dtype if device.type == "cuda" else torch.float32
     if cfg.quantization:
@@ -47,16 +77,73 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
 
         # Loaded on the CPU and quantized layer by layer as each moves to the device: the device
         # never holds the unquantized base.
-        model = load_model(cfg.model, dtype=base_dtype)
+        model = load_model(cfg.model, dtype=base_dtype, attn_implementation=attention.implementation)
         quantized = quantize_model(model, cfg.quantization, compute_dtype=base_dtype, device=device)
         model.to(device)
         log(f"Quantized {len(quantized)} linear layers of the base to {cfg.quantization} (bitsandbytes)")
         lora = LoraConfig.from_json(cfg.init_adapter) if cfg.init_adapter else cfg.lora.to_lora_config()
         check_quantized_targets(model, lora, cfg.quantization)
     else:
-        model = load_model(cfg.model, dtype=base_dtype, device=device)
+        model = _meta_base(cfg, info, base_dtype, attention, fsdp, log) if info.mode == "fsdp2" and sharded_load else None
+        if model is None:
+            model = load_model(cfg.model, dtype=base_dtype, device=device, attn_implementation=attention.implementation)
     if info.main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    return RunStart(device, dtype, tokenizer, model, log)
+    return RunStart(device, dtype, tokenizer, model, log, attention, fsdp)
+
+
+def _meta_base(cfg: RunConfig, info: DistInfo, dtype: torch.dtype, attention: AttentionChoice, fsdp: FsdpOptions,
+               log: Callable[[str], None]) -> Any:
+    """The base on meta, for FSDP2 to shard before any rank reads a weight (None: load it whole,
+    for the logged reason)."""
+    from ..distributed.sharded_load import build_meta_model, checkpoint_index, mismatched_keys, sharded_load_refusal
+
+    reason = sharded_load_refusal(cfg)
+    index = None
+    if reason is None:
+        index = checkpoint_index(resolve_model(cfg.model))
+        if index is None:
+            reason = "the model directory holds no safetensors checkpoint"
+    model = None
+    if reason is None:
+        model = build_meta_model(resolve_model(cfg.model), dtype, attention.implementation)
+        missing = mismatched_keys(model, index)
+        if missing:
+            reason = f"the checkpoint's tensors are not the model's own (e.g. {missing[0]})"
+            model = None
+    if reason is not None:
+        log(f"Note: FSDP2 loads the whole base on every rank before sharding it: {reason}")
+        return None
+    fsdp.checkpoint = index
+    log(f"FSDP2: the base is built on meta and each rank will read only its shards of the "
+        f"{index.nbytes / 2**20:,.1f} MiB checkpoint")
+    return model
+
+
+def choose_padding_free(run: RunStart, cfg: RunConfig, step_module: Any, info: DistInfo) -> bool:
+    """Whether micro-batches go padding-free, logged with the reason; checks on the wrapped model
+    that packed samples stay apart whenever samples share a row (packing or padding-free).
+
+    Raises:
+        ValueError: train.packing on a model whose attention lets packed samples see each other.
+    """
+    from ..distributed import through_root
+    from .loss import packed_attention_is_isolated
+
+    tc, kernel = cfg.train, run.attention.implementation
+    padding_free = tc.padding_free and run.attention.padding_free_capable
+    if tc.packing or padding_free:
+        if not through_root(step_module, info, packed_attention_is_isolated):
+            if tc.packing:
+                raise ValueError(f"train.packing: {type(run.model).__name__}'s attention ({kernel}) does not keep packed "
+                                 "samples apart (it ignores restarting position_ids); set train.packing=false")
+            run.log(f"Note: {kernel} attention in this model cannot isolate concatenated samples; padding batches instead")
+            return False
+    if padding_free:
+        run.log(f"Micro-batches: padding-free ({kernel} keeps concatenated samples apart without a dense mask)")
+    elif tc.padding_free and not tc.packing:
+        run.log(f"Micro-batches: padded ({kernel} would need a dense mask over the whole concatenation to keep "
+                "samples apart; flash_attention_2 or flex_attention run padding-free)")
+    return padding_free

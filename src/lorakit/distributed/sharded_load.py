@@ -1,0 +1,352 @@
+"""FSDP2 sharded from the first byte: build the base on the meta device, shard it, then read only
+this rank's slices of the safetensors checkpoint.
+
+The usual way (every rank loads the whole base, then ``fully_shard`` frees what it does not keep)
+peaks at a whole base per rank, so FSDP2 would save nothing where it matters: a base too large for
+one device. Here the sequence is
+
+1. ``build_meta_model``: the model's parameters on ``meta`` (no storage), its buffers real (rotary
+   ``inv_freq`` and friends are computed at construction and are not in the checkpoint);
+2. the recipe injects LoRA as usual (its weights stay on meta too), then ``init_meta_adapters``
+   gives the adapters real storage and initialises them with exactly the random draws a
+   one-process run makes, in the same order;
+3. ``wrap`` shards blocks then root (``fully_shard`` on meta parameters only records the layout),
+   then ``load_sharded`` allocates this rank's shards and fills each from its rows of the
+   checkpoint (FSDP2 shards by rows, and rows are one contiguous byte range of a safetensors file:
+   one plain read straight into the shard, no memory map), the adapters from their saved values,
+   and the buffers as constructed.
+
+Anything this path cannot rebuild exactly from the files (a quantized base, DoRA or PiSSA/OLoRA,
+whose init reads the base weights; ``modules_to_save`` copies; an ``init_adapter``; checkpoint keys
+that are not the model's own, as fused MoE experts) is reported by ``sharded_load_refusal`` and
+loads the old way, whole on every rank, with a logged note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..lora import adapter_configs, lora_modules
+from ..lora.config import is_residual_init
+from ..lora.layer import LoraLayer
+
+_LORA_PART = ".base_layer"
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor's bytes sit in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the tensor's data in the file."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class CheckpointIndex:
+    """Where each tensor of a safetensors checkpoint lives (read from the files' headers)."""
+
+    entries: dict[str, TensorEntry]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors together (the whole state a rank must never hold)."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
+
+
+@dataclass
+class LoadStats:
+    """What one rank read from the checkpoint while loading its shards."""
+
+    bytes_read: int = 0
+    largest_read: int = 0
+    """The largest single read (the bounded buffer)."""
+    tensors: int = 0
+
+
+def _header(path: Path) -> dict[str, TensorEntry]:
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which sharded loading does not read")
+        entries[key] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+    return entries
+
+
+def checkpoint_index(model_dir: str) -> Optional[CheckpointIndex]:
+    """Index the safetensors files of a local HF model dir (None: not a local safetensors checkpoint)."""
+    root = Path(model_dir)
+    index_file = root / "model.safetensors.index.json"
+    if index_file.is_file():
+        paths = sorted({root / f for f in json.loads(index_file.read_text())["weight_map"].values()})
+    elif (root / "model.safetensors").is_file():
+        paths = [root / "model.safetensors"]
+    else:
+        return None
+    entries: dict[str, TensorEntry] = {}
+    for path in paths:
+        entries.update(_header(path))
+    return CheckpointIndex(entries)
+
+
+def read_rows(entry: TensorEntry, rows: slice, out: torch.Tensor) -> int:
+    """Copy rows ``rows`` (dim 0) of a checkpoint tensor into ``out`` with plain file reads.
+
+    Rows of a row-major tensor are one contiguous byte range, so a rank reads exactly its shard and
+    nothing else, straight into the shard's storage when the dtypes match. No memory map: the pages
+    it touches would count against the process. Returns the bytes read.
+    """
+    row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+    count = (rows.stop - rows.start) * row
+    direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
+    target = out if direct else torch.empty(out.shape, dtype=entry.dtype)
+    if count:
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        with open(entry.path, "rb", buffering=0) as handle:
+            handle.seek(entry.start + rows.start * row)
+            done = 0
+            while done < count:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{entry.path}: truncated checkpoint (tensor at byte {entry.start})")
+                done += got
+    if not direct:
+        out.copy_(target)
+    return count
+
+
+def sharded_load_refusal(cfg: Any) -> Optional[str]:
+    """Why ``cfg`` cannot load its base sharded (None: it can). Decided from the config alone."""
+    lora = cfg.lora
+    if cfg.quantization:
+        return "quantization quantizes the whole base while loading"
+    if cfg.init_adapter:
+        return "init_adapter is loaded into a whole model"
+    if lora.use_dora:
+        return "DoRA's magnitude is initialised from the base weights"
+    if is_residual_init(lora.init_lora_weights):
+        return f"init_lora_weights={lora.init_lora_weights!r} initialises the adapter from the base weights"
+    if lora.modules_to_save:
+        return "modules_to_save copies base modules"
+    return None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on ``meta``; buffers keep their real values.
+
+    Parameters are created as usual (one at a time, with initialisation switched off by the caller)
+    and moved to meta as each module registers it, so at most one tensor is ever allocated.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_meta_model(model_dir: str, dtype: torch.dtype, attn_implementation: Optional[str] = None) -> nn.Module:
+    """The HF causal LM of ``model_dir`` with its parameters on meta and its buffers real."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(model_dir)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with no_init_weights(), _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # ties made while parameters moved to meta may have come apart; the config decides
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        pass  # no generation_config.json: the one derived from the config stays
+    return model.eval()
+
+
+def checkpoint_key(name: str, index: CheckpointIndex) -> Optional[str]:
+    """The checkpoint key of model parameter ``name`` (LoRA's ``.base_layer`` and wrappers removed)."""
+    key = name.replace(_LORA_PART, "")
+    for candidate in (key, key.split(".", 1)[1] if "." in key else key, f"model.{key}"):
+        if candidate in index.entries:
+            return candidate
+    return None
+
+
+def _names_by_tensor(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter/buffer: a tied weight (embeddings and head) has several, and
+    the checkpoint may hold it under any one of them."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def _key_of(names: list[str], index: CheckpointIndex, prefix: str = "") -> Optional[str]:
+    for name in names:
+        key = checkpoint_key(name[len(prefix):] if prefix and name.startswith(prefix) else name, index)
+        if key is not None:
+            return key
+    return None
+
+
+def mismatched_keys(model: nn.Module, index: CheckpointIndex) -> list[str]:
+    """Model parameters the checkpoint does not hold (under any of their names) with the same shape."""
+    aliases = _names_by_tensor(model)
+    missing = []
+    for name, param in model.named_parameters():
+        key = _key_of(aliases[id(param)], index)
+        if key is None or index.shape(key) != tuple(param.shape):
+            missing.append(name)
+    return missing
+
+
+def init_meta_adapters(model: nn.Module) -> None:
+    """Give adapters injected into a meta model real (CPU) storage and their initial values.
+
+    Call it right where a one-process run injects LoRA (same RNG state). It replays that run's
+    random draws in its order: adapter by adapter, layer by layer, each new submodule's own
+    constructor init (``nn.Linear`` draws kaiming weights as it is built), then ``reset_adapter``.
+    So the adapters, and the RNG state after, are exactly those of the one-process run.
+    """
+    configs = adapter_configs(model)
+    layers = list(lora_modules(model))
+    for name, config in configs.items():
+        for path, layer in layers:
+            if not isinstance(layer, LoraLayer):
+                raise ValueError(f"sharded loading cannot initialise '{path}' (a modules_to_save copy)")
+            if name not in layer.r:
+                continue
+            for store in layer._stores():
+                if name not in store:
+                    continue
+                item = store[name]
+                if isinstance(item, nn.Module):
+                    item.to_empty(device="cpu")
+                    if hasattr(item, "reset_parameters"):
+                        item.reset_parameters()
+                elif item.is_meta:
+                    store[name] = nn.Parameter(torch.empty_like(item, device="cpu"), requires_grad=item.requires_grad)
+            layer.reset_adapter(name, config.init_lora_weights)
+
+
+def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
+    """The slice of the whole tensor that this rank's shard of DTensor ``param`` holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def snapshot_real(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters and buffers that already hold values (adapters, buffers): what
+    ``to_empty`` would otherwise wipe."""
+    kept = {}
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if not tensor.is_meta:
+            kept[name] = tensor.detach().clone()
+    return kept
+
+
+@torch.no_grad()
+def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torch.Tensor], device: torch.device,
+                 prefix: str = "model.") -> LoadStats:
+    """Allocate this rank's shards of the sharded ``module`` and fill them.
+
+    Args:
+        module: the ``fully_shard``-ed root (still on meta), e.g. the LossModule around the model.
+        index: the base checkpoint.
+        kept: ``snapshot_real`` taken before sharding: adapter weights and buffers, whole.
+        device: where the shards live (CPU when FSDP2 offloads them).
+        prefix: what ``module`` puts before the HF model's own parameter names.
+
+    Returns:
+        What was read: bytes, the largest single read, tensor count.
+    """
+    aliases = _names_by_tensor(module)
+    module.to_empty(device=device)
+    stats = LoadStats()
+    for name, param in module.named_parameters():
+        local = _local(param)
+        region = _local_region(param) if hasattr(param, "to_local") else tuple(slice(0, n) for n in param.shape)
+        if name in kept:
+            local.copy_(kept[name][region])
+            continue
+        key = _key_of(aliases[id(param)], index, prefix)
+        if key is None:
+            raise ValueError(f"sharded load: the checkpoint has no tensor for parameter '{name}'")
+        if not region or any(r != slice(0, n) for r, n in zip(region[1:], param.shape[1:])):
+            raise ValueError(f"sharded load: '{name}' is not sharded by rows (dim 0)")
+        nbytes = read_rows(index.entries[key], region[0], local)
+        stats.bytes_read += nbytes
+        stats.largest_read = max(stats.largest_read, nbytes)
+        stats.tensors += 1
+    for name, buffer in module.named_buffers():
+        if name in kept:
+            buffer.copy_(kept[name])
+            continue
+        key = _key_of(aliases[id(buffer)], index, prefix)
+        if key is None:
+            raise ValueError(f"sharded load: no value for buffer '{name}'")
+        whole = index.entries[key]
+        stats.bytes_read += read_rows(whole, slice(0, whole.shape[0] if whole.shape else 1), buffer)
+    return stats
+
+
+def load_report(stats: LoadStats, index: CheckpointIndex) -> str:
+    """One line for the log: what each rank read, against the whole checkpoint (a collective: the
+    process group exists whenever FSDP2 does)."""
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (stats.bytes_read, stats.largest_read))
+    mib = 2 ** 20
+    per_rank = ", ".join(f"{read / mib:,.1f}" for read, _ in every)
+    largest = max(big for _, big in every)
+    return (f"FSDP2 sharded load: MiB read per rank [{per_rank}] of the {index.nbytes / mib:,.1f} MiB checkpoint; "
+            f"largest single read {largest / mib:,.2f} MiB")
