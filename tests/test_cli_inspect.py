@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -52,7 +53,6 @@ def test_check_vllm_ok_and_refusals(tmp_path, capsys):
     assert "rank 640 exceeds 512, the largest --max-lora-rank vLLM accepts" in capsys.readouterr().out
 
 
-VLLM_PYTHON = Path("/work/venv-vllm/bin/python")
 _VLLM_VALIDATE = """
 import sys
 from vllm.config.lora import LoRAConfig
@@ -66,10 +66,11 @@ for path, rank in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
+@pytest.mark.vllm
 def test_check_vllm_prints_the_max_lora_rank_vllm_itself_accepts(tmp_path, capsys):
-    """Oracle: vLLM's own adapter validation (PEFTHelper.validate_legal), in the vLLM CPU build's venv."""
-    if not VLLM_PYTHON.is_file():
-        pytest.skip("no vLLM venv")
+    """Oracle: vLLM's own adapter validation (PEFTHelper.validate_legal)."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (CI installs the CPU build and runs the vllm-marked tests)")
     adapters = {r: _save(tmp_path / f"r{r}", r=r, target_modules=["q_proj"]) for r in (4, 12, 16)}
     patterned = _save(tmp_path / "pattern", r=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 40})
     flags = {}
@@ -84,7 +85,7 @@ def test_check_vllm_prints_the_max_lora_rank_vllm_itself_accepts(tmp_path, capsy
     args = []
     for name, path in [*adapters.items(), ("pattern", patterned)]:
         args += [str(path), str(flags[name]), str(path), str(smaller[flags[name]])]
-    proc = subprocess.run([str(VLLM_PYTHON), "-c", _VLLM_VALIDATE, *args], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", _VLLM_VALIDATE, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["accepted", "refused"] * 4

@@ -20,21 +20,25 @@ def test_a_rank_with_finished_rows_keeps_stepping_while_others_are_busy():
                 Request(tok("Hello")["input_ids"], None, SamplingParams(max_new_tokens=2, ignore_eos=True))]
     alone = Engine(model, tok).generate(requests)
 
-    seen = []
+    seen, answers = [], []
     extra = 4  # another rank needs 4 more decode steps after this one's rows are done
 
     def lockstep(busy):
         seen.append(busy)
-        return busy or sum(1 for b in seen if not b) <= extra
+        answers.append(busy or sum(1 for b in seen if not b) <= extra)
+        return answers[-1]
 
     calls = _forwards(model)
     together = Engine(model, tok, lockstep=lockstep).generate(requests)
-    # Same completions; lockstep called once per forward's tokens (prefill + each decode step).
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.finish_reason for c in together] == ["length", "length"]
-    assert seen == [True, True, False, False, False, False, False]
-    assert len(calls) == len(seen)  # the prefill, then one decode forward after every True
-    assert calls[0][0] == 2 and all(shape == (2, 1) for shape in calls[1:])
+    # One forward for every step some rank needed, and none once no rank does: the forward count
+    # (what FSDP2's collectives must agree on) is the all-reduce's, not this rank's own.
+    assert len(calls) == sum(answers) and answers[-1] is False
+    # This rank's rows were done after 3 forwards (prefill + 2 decode steps); it then made `extra`
+    # dummy one-token forwards while the other rank was busy.
+    assert seen == [True] * 3 + [False] * (extra + 1)
+    assert calls[0][0] == 2 and calls[1:3] == [(2, 1), (1, 1)] and calls[3:] == [(1, 1)] * extra
 
 
 def test_a_rank_with_no_requests_runs_one_dummy_row_and_returns_nothing():
@@ -43,9 +47,9 @@ def test_a_rank_with_no_requests_runs_one_dummy_row_and_returns_nothing():
     answers = iter([True, True, False])
     calls = _forwards(model)
     assert Engine(model, tok, lockstep=lambda busy: next(answers)).generate([]) == []
-    assert len(calls) == 3 and calls[0] == (1, 1)
+    assert calls == [(1, 1)] * 2  # a dummy one-token forward for each step another rank needed
     assert Engine(model, tok).generate([]) == []  # without lockstep: no forward at all
-    assert len(calls) == 3
+    assert len(calls) == 2
 
 
 def test_zero_new_tokens_samples_nothing():

@@ -263,7 +263,9 @@ class Engine:
     # --- whole-request API -------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], on_delta: Optional[Callable[[list[Delta]], None]] = None) -> list[Completion]:
         """Run ``requests`` to completion; ``on_delta`` sees each step's new text (Delta.row = list index)."""
-        results: list[Optional[Completion]] = [None] * len(requests)
+        results: list[Optional[Completion]] = [
+            Completion([], "", [], "length", len(r.prompt_ids)) if r.params.max_new_tokens <= 0 else None
+            for r in requests]  # nothing to sample: done before any forward
         for deltas in self._run(requests):
             for delta in deltas:
                 if delta.completion is not None:
@@ -282,7 +284,8 @@ class Engine:
                                "add_request() in flight (drive those with step())")
         for request in requests:  # every request checked before any starts
             self._check(request)
-        index = {self.add_request(request): i for i, request in enumerate(requests)}
+        index = {self.add_request(request): i for i, request in enumerate(requests)
+                 if request.params.max_new_tokens > 0}
         try:
             while self.lockstep is not None or self.has_unfinished():  # under lockstep: until no rank has rows
                 deltas = [d for d in self.step() if d.row in index and (d.text or d.finish_reason)]
