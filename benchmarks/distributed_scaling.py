@@ -45,9 +45,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the three configurations")
     parser.add_argument("--memory", action="store_true", help="peak RSS per rank on a ~519M-parameter model")
     parser.add_argument("--no-grpo", action="store_true", help="--memory: SFT only")
+    parser.add_argument("--layers", type=int, default=36, help="--memory: decoder layers (36: ~519M, 72: ~973M)")
     args = parser.parse_args()
     if args.memory:
-        memory(args.repeats, not args.no_grpo)
+        memory(args.repeats, not args.no_grpo, args.layers)
         return
     from sft_throughput import prepare
 
@@ -97,8 +98,8 @@ def train(label: str, nproc: int, overrides: list[str], cores: int) -> tuple[sub
     return proc, [float(x) for x in re.findall(r"PEAK_RSS_MB ([0-9.]+)", proc.stdout + proc.stderr)]
 
 
-def write_large_model(path: Path) -> int:
-    """A ~519M-parameter Qwen3-shaped model in fp32 (random init), with the demo tokenizer; returns
+def write_large_model(path: Path, layers: int = 36) -> int:
+    """A Qwen3-shaped model in fp32 (random init; ~519M parameters at 36 layers), with the demo tokenizer; returns
     its parameter count. Built on meta and written tensor by tensor would be leaner; at this size
     a plain build fits the machine."""
     import torch
@@ -107,7 +108,7 @@ def write_large_model(path: Path) -> int:
     from lorakit.models import build_demo_tokenizer
 
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=36,
+    config = Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=8, head_dim=64, max_position_embeddings=1024,
                          tie_word_embeddings=False)
     tokenizer = build_demo_tokenizer()
@@ -140,7 +141,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def memory(repeats: int, grpo: bool) -> None:
+def memory(repeats: int, grpo: bool, layers: int = 36) -> None:
     """Peak RSS per rank on a ~519M-parameter fp32 model: SFT 1 / DDP / FSDP2; GRPO FSDP2 local / server."""
     import torch
 
@@ -150,7 +151,7 @@ def memory(repeats: int, grpo: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, 16)  # the data (and a small model, unused here)
-        params = write_large_model(work / "large")
+        params = write_large_model(work / "large", layers)
         size = sum(f.stat().st_size for f in (work / "large").glob("*.safetensors")) / 2 ** 20
         print(f"start: {load()}")
         common = [f"model={work / 'large'}", f"output_dir={work / 'out'}", "lora.r=16", "lora.alpha=32",
