@@ -46,9 +46,11 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak RSS per rank on a ~519M-parameter model")
     parser.add_argument("--no-grpo", action="store_true", help="--memory: SFT only")
     parser.add_argument("--layers", type=int, default=36, help="--memory: decoder layers (36: ~519M, 72: ~973M)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="--memory: every run recomputes activations in backward (all configurations alike)")
     args = parser.parse_args()
     if args.memory:
-        memory(args.repeats, not args.no_grpo, args.layers)
+        memory(args.repeats, not args.no_grpo, args.layers, args.gradient_checkpointing)
         return
     from sft_throughput import prepare
 
@@ -141,7 +143,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def memory(repeats: int, grpo: bool, layers: int = 36) -> None:
+def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = False) -> None:
     """Peak RSS per rank on a ~519M-parameter fp32 model: SFT 1 / DDP / FSDP2; GRPO FSDP2 local / server."""
     import torch
 
@@ -156,6 +158,7 @@ def memory(repeats: int, grpo: bool, layers: int = 36) -> None:
         print(f"start: {load()}")
         common = [f"model={work / 'large'}", f"output_dir={work / 'out'}", "lora.r=16", "lora.alpha=32",
                   "lora.dropout=0.0", "train.max_steps=1", "train.batch_size=1", "train.max_seq_len=128"]
+        common += ["train.gradient_checkpointing=true"] if checkpointing else []
         sft = [("SFT 1 process", 1, "none"), ("SFT 2 ranks DDP", 2, "ddp"), ("SFT 2 ranks FSDP2", 2, "fsdp2")]
         rl_prompts = ROOT / "examples" / "data" / "arith_rl.jsonl"
         rl = ["recipe=grpo", f"data.train={rl_prompts}", "grpo.prompts_per_step=2", "rollout.num_generations=2",
