@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _report import load, ratios, spread  # noqa: E402
+from _report import load, ratios, spread, start_serve  # noqa: E402
 
 
 def main() -> None:
@@ -122,19 +122,6 @@ def write_large_model(path: Path, layers: int = 36) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def serve(model: Path, adapters: Path) -> tuple[subprocess.Popen, str]:
-    """A `lorakit serve` of ``model`` on a free port; returns the process and its /v1 URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--port", "0",
-                             "--adapter-dir", str(adapters)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    line = proc.stdout.readline()
-    found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
-    if not found:
-        proc.kill()
-        raise SystemExit(f"lorakit serve did not start: {line}{proc.stdout.read()}")
-    return proc, found.group(1)
-
-
 def peak_rss_mb(pid: int) -> float:
     """A live process's peak RSS (VmHWM) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -176,7 +163,7 @@ def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = Fal
             _, found = train("GRPO local", 2, [*common, *rl, "rollout.engine=local"], cores)
             peaks.setdefault("GRPO 2 ranks FSDP2, local rollouts", []).append(max(found))
             shutil.rmtree(work / "out", ignore_errors=True)
-            server, url = serve(work / "large", work / "adapters")
+            server, url = start_serve(work / "large", work / "adapters", {"OMP_NUM_THREADS": "1"})
             try:
                 _, found = train("GRPO server", 2, [*common, *rl, "rollout.engine=server", f"rollout.base_url={url}",
                                                     f"rollout.adapter_dir={work / 'adapters'}"], cores)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import load, ratios, spread  # noqa: E402
+from _report import load, ratios, spread, start_serve  # noqa: E402
 
 
 def build(path: Path) -> Path:
@@ -45,18 +43,6 @@ def build(path: Path) -> Path:
     Qwen3ForCausalLM(config).save_pretrained(path)
     build_demo_tokenizer().save_pretrained(path)
     return path
-
-
-def serve(model: Path, adapter_root: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--port", "0",
-                             "--adapter-dir", str(adapter_root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-    if not found:
-        proc.kill()
-        raise RuntimeError(f"lorakit serve did not start: {line}")
-    return proc, found.group(0)
 
 
 def lora_factors(policy) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -122,7 +108,7 @@ def main() -> None:
     if "local" in wanted:
         engines["local"] = LocalRollout(policy, tokenizer, "default", max_batch=args.prompts, shares_policy=True)
     if "server" in wanted:
-        server, url = serve(model_dir, work)
+        server, url = start_serve(model_dir, work)
         engines["server"] = ServerRollout(url, work / "adapters", eos, name="bench", concurrency=args.prompts)
     if "vllm" in wanted:
         engines["vllm"] = VllmRollout(model_dir, eos, 16 if args.vllm_sync == "lora" else None, dtype="float32",
