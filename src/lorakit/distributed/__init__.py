@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..lora.tensors import full_tensor  # noqa: F401  (one implementation, for the recipes)
+from ..models.head import plain_head
 
 
 @dataclass
@@ -94,6 +95,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard with FSDP2")
 
 
+def embedding_units(model: nn.Module) -> list[tuple[Any, bool]]:
+    """The input embedding and the output head, each its own FSDP2 unit (one unit when tied), and
+    whether the backward needs the unit's weights.
+
+    Left in the root, FSDP2 would keep them gathered whole from the start of the forward to the end
+    of the backward (the root never reshards after forward): on a 150k vocabulary that is the
+    largest block of a small model, on every rank. As their own units, the embedding is gathered
+    only around its lookup and the head only while the loss reads it (``training.loss`` gathers
+    it explicitly, since the loss never calls a plain head). A frozen embedding and a plain head
+    are not needed in backward (token ids take no gradient; the loss forms its gradient in the
+    forward pass), so FSDP2 must not prefetch them there either.
+    """
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    units: list[Any] = [m for m in (embed, head) if m is not None and any(True for _ in m.parameters())]
+    if len(units) == 2 and {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}:
+        units = [[embed, head]]  # tied weights: one parameter cannot live in two units
+
+    def needed(unit: Any) -> bool:
+        modules = unit if isinstance(unit, list) else [unit]
+        if any(p.requires_grad for m in modules for p in m.parameters()):
+            return True
+        return any(m is head for m in modules) and not plain_head(model)
+
+    return [(unit, needed(unit)) for unit in units]
+
+
 @dataclass
 class FsdpOptions:
     """How FSDP2 shards the model (train.fsdp_replicate, train.cpu_offload) and, when the base was
@@ -169,6 +197,11 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
             kept = snapshot_real(module)
         for layer in decoder_layers(module.model):
             fully_shard(layer, **kwargs)
+        for unit, in_backward in embedding_units(module.model):
+            sharded = fully_shard(unit, **kwargs)
+            if not in_backward:
+                for part in sharded if isinstance(sharded, list) else [sharded]:
+                    part.set_unshard_in_backward(False)
         fully_shard(module, **kwargs)
         if kept is not None:
             from .sharded_load import load_sharded

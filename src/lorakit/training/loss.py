@@ -7,7 +7,8 @@ same, however the tokens fall into micro-batches.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..data.tokenize import IGNORE
 from ..models.attention import isolation_tolerance
+from ..models.head import is_fsdp_unit, plain_head
 
 # Rows of (tokens x vocab) fp32 logits materialised at once: bounds the loss's peak memory.
 CHUNK_ROWS = 512
@@ -50,13 +52,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None
 
 
-def _plain_head(model: nn.Module) -> bool:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.weight.requires_grad or head.bias is not None:
-        return False
-    config = getattr(model, "config", None)
-    # Heads that post-process logits (soft-capping, scaling) take the generic path.
-    return not any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+@contextlib.contextmanager
+def _head_weight(model: nn.Module) -> Iterator[torch.Tensor]:
+    """The output head's whole (vocab, H) weight for the duration of the block.
+
+    Under FSDP2 the head is a unit of its own (``distributed.embedding_units``) and is gathered
+    only around its own forward, which the loss never calls: gather it here and free it right
+    after. The loss needs nothing of it in backward (the gradient w.r.t. the hidden states is
+    formed in the forward pass), so it stays sharded through the backward.
+    """
+    head = model.get_output_embeddings()
+    weight = head.weight
+    if not is_fsdp_unit(head) or not hasattr(weight, "to_local"):
+        # Not sharded, or gathered already: a head tied to the embedding shares its unit, which
+        # FSDP2 keeps gathered from the embedding's lookup to the end of the forward.
+        yield weight
+        return
+    if weight.to_local().device.type == weight.device_mesh.device_type:
+        # One all-gather straight into a whole tensor. FSDP2's own unshard would hold its flat
+        # gather buffer and the copied-out weight at once: twice the head, at the step's peak.
+        yield weight.full_tensor()
+        return
+    # Offloaded shards (in host memory, the mesh on the GPU): FSDP2 knows how to bring them in.
+    head.unshard()
+    try:
+        yield head.weight
+    finally:
+        head.reshard()
 
 
 @torch.no_grad()
@@ -98,15 +120,15 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     n = int(keep.sum())
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not _plain_head(model):
+    if decoder is None or not plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     selected = hidden[keep]  # (n, H): the head never runs on unlabelled positions
-    head = model.get_output_embeddings()
     if n == 0:
         return selected.sum() * 0.0, 0
-    return _LinearCrossEntropy.apply(selected, head.weight, targets[keep]), n
+    with _head_weight(model) as weight:
+        return _LinearCrossEntropy.apply(selected, weight, targets[keep]), n
 
 
 def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor,
@@ -135,21 +157,21 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         0, row_group[keep], torch.ones_like(targets[keep]))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not _plain_head(model):
+    if decoder is None or not plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         per_token = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
         zeros = torch.zeros(num_groups, dtype=torch.float32, device=per_token.device)
         return zeros.index_add(0, row_group[keep], per_token), counts
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    weight = model.get_output_embeddings().weight
     sums = []
-    for group in range(num_groups):
-        chosen = keep & (row_group == group)
-        selected = hidden[chosen]  # (n_group, H)
-        if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
-            sums.append(selected.sum().float() * 0.0)
-        else:
-            sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
+    with _head_weight(model) as weight:
+        for group in range(num_groups):
+            chosen = keep & (row_group == group)
+            selected = hidden[chosen]  # (n_group, H)
+            if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
+                sums.append(selected.sum().float() * 0.0)
+            else:
+                sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
     return torch.stack(sums), counts
 
 
@@ -202,8 +224,9 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature
     keep = targets != IGNORE
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not _plain_head(model):
+    if decoder is None or not plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None]).squeeze(1)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
-    return _LinearLogProb.apply(hidden, model.get_output_embeddings().weight, targets[keep], float(temperature))
+    with _head_weight(model) as weight:
+        return _LinearLogProb.apply(hidden, weight, targets[keep], float(temperature))
