@@ -3,7 +3,8 @@
 For an untied and a tied tiny Qwen3 with LoRA, wrapped by lorakit's FSDP2 ``wrap``: the loss and
 the LoRA gradients against the same model run whole in this process (the oracle), and whether the
 embedding and the head are sharded (DTensor parameters) at the points where FSDP2 used to keep them
-gathered: between forward and backward, and inside the backward. Results go to
+gathered: inside the forward (after the embedding lookup), between forward and backward, and
+inside the backward. Results go to
 results_<tie>_rank<r>.json in --out; the pytest side asserts on them.
 """
 
@@ -63,6 +64,7 @@ def check(tie: bool) -> dict:
     last, first = model.model.layers[-1], model.model.layers[0]
     last.register_full_backward_pre_hook(lambda *_: seen.update(in_backward_last=sharded(embed) and sharded(head)))
     first.register_full_backward_pre_hook(lambda *_: seen.update(in_backward_first=sharded(embed) and sharded(head)))
+    first.register_forward_pre_hook(lambda *_: seen.update(in_forward=sharded(embed) and sharded(head)))
     loss_sum, n = root(batch)
     seen["after_forward"] = sharded(embed) and sharded(head)
     (loss_sum / n).backward()

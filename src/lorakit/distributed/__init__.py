@@ -103,7 +103,8 @@ def embedding_units(model: nn.Module) -> list[tuple[Any, bool]]:
     of the backward (the root never reshards after forward): on a 150k vocabulary that is the
     largest block of a small model, on every rank. As their own units, the embedding is gathered
     only around its lookup and the head only while the loss reads it (``training.loss`` gathers
-    it explicitly, since the loss never calls a plain head). A frozen embedding and a plain head
+    it explicitly, since the loss never calls a plain head; a tied unit is freed right after the
+    lookup, see ``wrap``). A frozen embedding and a plain head
     are not needed in backward (token ids take no gradient; the loss forms its gradient in the
     forward pass), so FSDP2 must not prefetch them there either.
     """
@@ -120,6 +121,12 @@ def embedding_units(model: nn.Module) -> list[tuple[Any, bool]]:
         return any(m is head for m in modules) and not plain_head(model)
 
     return [(unit, needed(unit)) for unit in units]
+
+
+def _reshard_after_lookup(embedding: nn.Module, _args: Any, _output: Any) -> None:
+    """Forward hook of a tied embedding: free the gathered weight once the lookup is done (the head
+    gathers it again if it runs: ``training.loss`` or its own FSDP2 pre-forward)."""
+    embedding.reshard()
 
 
 @dataclass
@@ -199,9 +206,14 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
             fully_shard(layer, **kwargs)
         for unit, in_backward in embedding_units(module.model):
             sharded = fully_shard(unit, **kwargs)
+            parts = sharded if isinstance(sharded, list) else [sharded]
             if not in_backward:
-                for part in sharded if isinstance(sharded, list) else [sharded]:
+                for part in parts:
                     part.set_unshard_in_backward(False)
+            if len(parts) > 1:
+                # FSDP2 reshards a unit of several modules only once each has run forward; the loss
+                # never calls a plain head, so the tied weight would stay whole through the forward.
+                parts[0].register_forward_hook(_reshard_after_lookup)
         fully_shard(module, **kwargs)
         if kept is not None:
             from .sharded_load import load_sharded
