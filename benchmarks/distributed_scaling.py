@@ -45,12 +45,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the three configurations")
     parser.add_argument("--memory", action="store_true", help="peak RSS per rank on a ~519M-parameter model")
     parser.add_argument("--no-grpo", action="store_true", help="--memory: SFT only")
-    parser.add_argument("--layers", type=int, default=36, help="--memory: decoder layers (36: ~519M, 72: ~973M)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                        help="--memory: small (hidden 1024, vocab 32000, untied) or Qwen3-1.7B's shape (tied, vocab 151936)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--memory: decoder layers (small: 36 ~519M, 72 ~973M; qwen3-1.7b: 28, its own)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="--memory: every run recomputes activations in backward (all configurations alike)")
     args = parser.parse_args()
     if args.memory:
-        memory(args.repeats, not args.no_grpo, args.layers, args.gradient_checkpointing)
+        layers = args.layers or {"small": 36, "qwen3-1.7b": 28}[args.shape]
+        memory(args.repeats, not args.no_grpo, layers, args.gradient_checkpointing, args.shape)
         return
     from sft_throughput import prepare
 
@@ -100,26 +104,55 @@ def train(label: str, nproc: int, overrides: list[str], cores: int) -> tuple[sub
     return proc, [float(x) for x in re.findall(r"PEAK_RSS_MB ([0-9.]+)", proc.stdout + proc.stderr)]
 
 
-def write_large_model(path: Path, layers: int = 36) -> int:
-    """A Qwen3-shaped model in fp32 (random init; ~519M parameters at 36 layers), with the demo tokenizer; returns
-    its parameter count. Built on meta and written tensor by tensor would be leaner; at this size
-    a plain build fits the machine."""
+SHAPES = {
+    # name: (hidden, intermediate, heads, kv heads, head_dim, vocab, tied); layers come from --layers
+    "small": (1024, 3072, 16, 8, 64, 32000, False),
+    # Qwen3-1.7B's own shape: 28 layers, a 151,936-token vocabulary and a tied head
+    "qwen3-1.7b": (2048, 6144, 16, 8, 128, 151936, True),
+}
+
+
+def write_large_model(path: Path, layers: int = 36, shape: str = "small") -> int:
+    """A Qwen3-shaped fp32 checkpoint (random weights, std 0.02; norms 1) with the demo tokenizer;
+    returns its parameter count. Written tensor by tensor (the model is only built on meta), so a
+    checkpoint of several GB never sits in memory whole."""
+    import struct
+
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from lorakit.models import build_demo_tokenizer
 
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=64, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
+    hidden, inter, heads, kv, head_dim, vocab, tied = SHAPES[shape]
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                         max_position_embeddings=1024, tie_word_embeddings=tied)
     tokenizer = build_demo_tokenizer()
-    model = Qwen3ForCausalLM(config)
-    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.architectures = ["Qwen3ForCausalLM"]
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if tied:
+        shapes.pop("lm_head.weight")  # stored once, under the embedding's name
+    header, offset = {}, 0
+    for name, dims in shapes.items():
+        size = 4 * int(torch.Size(dims).numel())
+        header[name] = {"dtype": "F32", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    with open(path / "model.safetensors", "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for name, dims in shapes.items():
+            norm = name.endswith("norm.weight")
+            tensor = torch.ones(dims) if norm else torch.randn(dims, generator=gen) * 0.02
+            out.write(tensor.numpy().tobytes())
+    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return sum(int(torch.Size(d).numel()) for d in shapes.values())
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -130,8 +163,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = False) -> None:
-    """Peak RSS per rank on a ~519M-parameter fp32 model: SFT 1 / DDP / FSDP2; GRPO FSDP2 local / server."""
+def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = False, shape: str = "small") -> None:
+    """Peak RSS per rank on a large fp32 model (``shape``, ``layers``): SFT 1 / DDP / FSDP2; GRPO FSDP2
+    local / server."""
     import torch
 
     from sft_throughput import prepare
@@ -140,7 +174,7 @@ def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = Fal
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, 16)  # the data (and a small model, unused here)
-        params = write_large_model(work / "large", layers)
+        params = write_large_model(work / "large", layers, shape)
         size = sum(f.stat().st_size for f in (work / "large").glob("*.safetensors")) / 2 ** 20
         print(f"start: {load()}")
         common = [f"model={work / 'large'}", f"output_dir={work / 'out'}", "lora.r=16", "lora.alpha=32",
@@ -173,7 +207,8 @@ def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = Fal
                 server.wait(timeout=60)
             peaks.setdefault("GRPO 2 ranks FSDP2, server rollouts", []).append(max(found))
             peaks.setdefault("  + the lorakit serve process", []).append(served)
-        print(f"model {params / 1e6:.0f}M-parameter Qwen3-shaped fp32 ({size:,.0f} MiB of safetensors), LoRA r=16 "
+        print(f"model {params / 1e6:.0f}M-parameter Qwen3-shaped fp32 ({shape}, {layers} layers, {size:,.0f} MiB of "
+              f"safetensors), gradient checkpointing {'on' if checkpointing else 'off'}, LoRA r=16 "
               f"all-linear, 1 step, batch 1, 128 tokens, {cores} CPU cores, torch {torch.__version__}")
         for label, values in peaks.items():
             print(f"{label:38s} largest peak RSS per rank MB {spread(values, '.0f')}")

@@ -17,6 +17,7 @@ import lorakit
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fsdp_units_worker.py"
+CASES = ["untied", "tied", "untied_uneven", "tied_uneven"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def results(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     found = {}
-    for tie in ("untied", "tied"):
+    for tie in CASES:
         for rank in (0, 1):
             data = json.loads((out / f"results_{tie}_rank{rank}.json").read_text())
             assert "error" not in data, data["error"]
@@ -37,19 +38,22 @@ def results(tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("tie", ["untied", "tied"])
-def test_loss_and_lora_grads_match_the_whole_model(results, tie):
+@pytest.mark.parametrize("tie", CASES)
+def test_loss_grads_and_logprobs_match_the_whole_model(results, tie):
     for rank in (0, 1):
         r = results[tie, rank]
         assert r["loss_diff"] <= 1e-5, r
         assert r["grad_names_match"] and r["lora_grads"] > 0
         assert r["grad_diff"] <= 1e-5, r
+        assert r["logprobs"] > 0 or (tie.endswith("uneven") and rank == 1)
+        assert r["logprob_diff"] <= 1e-5, r
 
 
-@pytest.mark.parametrize("tie", ["untied", "tied"])
+@pytest.mark.parametrize("tie", CASES)
 def test_embedding_and_head_stay_sharded_outside_their_use(results, tie):
     for rank in (0, 1):
         r = results[tie, rank]
         # in the blocks' forward (a tied unit is freed after the lookup, though the head never ran),
         # between forward and backward, and while the backward runs from the last block to the first
+        assert r["lookup_in_shards"]  # the vocabulary is never gathered for a lookup
         assert r["in_forward"] and r["after_forward"] and r["in_backward_last"] and r["in_backward_first"] and r["after_backward"], r

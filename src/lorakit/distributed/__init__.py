@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..lora.tensors import full_tensor  # noqa: F401  (one implementation, for the recipes)
-from ..models.head import plain_head
+from ..models.head import is_fsdp_unit, plain_head
 
 
 @dataclass
@@ -123,6 +123,19 @@ def embedding_units(model: nn.Module) -> list[tuple[Any, bool]]:
     return [(unit, needed(unit)) for unit in units]
 
 
+def look_up_in_shards(model: nn.Module) -> bool:
+    """Put a ``vocab.ShardedEmbedding`` in place of a frozen plain embedding that FSDP2 sharded as
+    its own unit, so token lookups never gather the vocabulary. Returns whether it did."""
+    from .vocab import ShardedEmbedding
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    plain = embed is not None and is_fsdp_unit(embed) and type(embed).__bases__[-1] is nn.Embedding
+    if not plain or embed.weight.requires_grad or embed.max_norm is not None:
+        return False
+    model.set_input_embeddings(ShardedEmbedding(embed))
+    return True
+
+
 def _reshard_after_lookup(embedding: nn.Module, _args: Any, _output: Any) -> None:
     """Forward hook of a tied embedding: free the gathered weight once the lookup is done (the head
     gathers it again if it runs: ``training.loss`` or its own FSDP2 pre-forward)."""
@@ -221,6 +234,7 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
             # Offloaded shards live in host memory: allocate them there, not on the GPU first.
             home = torch.device("cpu") if fsdp.cpu_offload else device
             fsdp.loaded = load_sharded(module, fsdp.checkpoint, kept, home)
+        look_up_in_shards(module.model)  # after loading: the checkpoint's names are the model's own
         return module
     return module
 

@@ -7,14 +7,14 @@ same, however the tokens fall into micro-batches.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
+from ..distributed.vocab import sharded_logprobs, vocab_shard
 from ..models.attention import isolation_tolerance
 from ..models.head import is_fsdp_unit, plain_head
 
@@ -52,33 +52,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None
 
 
-@contextlib.contextmanager
-def _head_weight(model: nn.Module) -> Iterator[torch.Tensor]:
-    """The output head's whole (vocab, H) weight for the duration of the block.
-
-    Under FSDP2 the head is a unit of its own (``distributed.embedding_units``) and is gathered
-    only around its own forward, which the loss never calls: gather it here and free it right
-    after. The loss needs nothing of it in backward (the gradient w.r.t. the hidden states is
-    formed in the forward pass), so it stays sharded through the backward.
-    """
+def _sharded_head(model: nn.Module) -> Optional[Any]:
+    """The head's ``vocab.VocabShard`` when FSDP2 holds it sharded by vocabulary rows (its own
+    unit; ``distributed.embedding_units``), else None: the head's weight is whole right here."""
     head = model.get_output_embeddings()
-    weight = head.weight
-    if not is_fsdp_unit(head) or not hasattr(weight, "to_local"):
-        # Not sharded, or gathered already: a head tied to the embedding shares its unit, which
-        # FSDP2 keeps gathered from the embedding's lookup to the end of the forward.
-        yield weight
-        return
-    if weight.to_local().device.type == weight.device_mesh.device_type:
-        # One all-gather straight into a whole tensor. FSDP2's own unshard would hold its flat
-        # gather buffer and the copied-out weight at once: twice the head, at the step's peak.
-        yield weight.full_tensor()
-        return
-    # Offloaded shards (in host memory, the mesh on the GPU): FSDP2 knows how to bring them in.
-    head.unshard()
-    try:
-        yield head.weight
-    finally:
-        head.reshard()
+    if not is_fsdp_unit(head):
+        return None
+    return vocab_shard(head.weight)
 
 
 @torch.no_grad()
@@ -125,10 +105,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     selected = hidden[keep]  # (n, H): the head never runs on unlabelled positions
+    shard = _sharded_head(model)
+    if shard is not None:  # every rank takes part, whatever its n: the ranks exchange rows
+        return -sharded_logprobs(selected, targets[keep], shard).sum(), n
     if n == 0:
         return selected.sum() * 0.0, 0
-    with _head_weight(model) as weight:
-        return _LinearCrossEntropy.apply(selected, weight, targets[keep]), n
+    return _LinearCrossEntropy.apply(selected, model.get_output_embeddings().weight, targets[keep]), n
 
 
 def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor,
@@ -163,15 +145,20 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         zeros = torch.zeros(num_groups, dtype=torch.float32, device=per_token.device)
         return zeros.index_add(0, row_group[keep], per_token), counts
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    shard = _sharded_head(model)
+    if shard is not None:  # one exchange for all groups: every rank makes the same calls
+        per_token = -sharded_logprobs(hidden[keep], targets[keep], shard)
+        zeros = torch.zeros(num_groups, dtype=torch.float32, device=per_token.device)
+        return zeros.index_add(0, row_group[keep], per_token), counts
+    weight = model.get_output_embeddings().weight
     sums = []
-    with _head_weight(model) as weight:
-        for group in range(num_groups):
-            chosen = keep & (row_group == group)
-            selected = hidden[chosen]  # (n_group, H)
-            if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
-                sums.append(selected.sum().float() * 0.0)
-            else:
-                sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
+    for group in range(num_groups):
+        chosen = keep & (row_group == group)
+        selected = hidden[chosen]  # (n_group, H)
+        if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
+            sums.append(selected.sum().float() * 0.0)
+        else:
+            sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
     return torch.stack(sums), counts
 
 
@@ -228,5 +215,7 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature
         logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None]).squeeze(1)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
-    with _head_weight(model) as weight:
-        return _LinearLogProb.apply(hidden, weight, targets[keep], float(temperature))
+    shard = _sharded_head(model)
+    if shard is not None:
+        return sharded_logprobs(hidden, targets[keep], shard, temperature)
+    return _LinearLogProb.apply(hidden, model.get_output_embeddings().weight, targets[keep], float(temperature))
