@@ -215,8 +215,15 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
             from .sharded_load import snapshot_real
 
             kept = snapshot_real(module)
-        for layer in decoder_layers(module.model):
+        layers = decoder_layers(module.model)
+        for layer in layers:
             fully_shard(layer, **kwargs)
+        if device.type == "cpu":
+            # gloo's all-gathers block the caller (no streams to overlap on): a block FSDP2
+            # prefetches in backward is only held longer, next to the one being computed. Naming
+            # each block itself as its prefetch (a no-op) turns the default one-ahead off.
+            for layer in layers:
+                layer.set_modules_to_backward_prefetch([layer])
         for unit, in_backward in embedding_units(module.model):
             sharded = fully_shard(unit, **kwargs)
             parts = sharded if isinstance(sharded, list) else [sharded]
