@@ -10,13 +10,16 @@ min-max tokens/s and peak RSS per rank, and the ratios of configurations run in 
 
     python benchmarks/distributed_scaling.py [--steps 6] [--samples 64] [--repeats 3]
 
-``--memory`` measures memory instead, on a ~519M-parameter fp32 Qwen3-shaped model (hidden 1024,
-36 layers, vocab 32000, untied head): the peak RSS of each rank for SFT in 1 process, 2-rank DDP and
-2-rank FSDP2 (sharded from load on), and for GRPO under 2-rank FSDP2 with local rollouts (the sharded
-policy samples in lockstep) and with the server engine (plus the `lorakit serve` process's own peak).
-Memory is not distorted by the machine's load, so one round (--repeats 1) is enough.
+``--memory`` measures memory instead, on a large fp32 Qwen3-shaped model: ``--shape small`` (hidden
+1024, vocab 32000, untied head; 36 layers ~519M, ``--layers 72`` ~972M) or ``--shape qwen3-1.7b``
+(Qwen3-1.7B's own shape: tied head, 151,936-token vocabulary, 1.72B parameters): the peak RSS of
+each rank for SFT in 1 process, 2-rank DDP and 2-rank FSDP2 (sharded from load on), and for GRPO
+under 2-rank FSDP2 with local rollouts (the sharded policy samples in lockstep) and with the server
+engine (plus the `lorakit serve` process's own peak). Memory is not distorted by the machine's
+load, so one round (--repeats 1) is enough.
 
-    python benchmarks/distributed_scaling.py --memory [--repeats 1] [--no-grpo]
+    python benchmarks/distributed_scaling.py --memory [--repeats 1] [--no-grpo] [--shape qwen3-1.7b]
+        [--layers N] [--gradient-checkpointing]
 """
 
 from __future__ import annotations
