@@ -89,8 +89,12 @@ def sharded_lookup(ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     every, most = _gather_rows(flat, shard)
     local = every - shard.start
     inside = (local >= 0) & (local < shard.local.shape[0])
-    rows = shard.local.to(ids.device)[local.clamp(0, max(shard.local.shape[0] - 1, 0))]
-    rows = torch.where(inside[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    table = shard.local.to(ids.device)
+    if table.shape[0] == 0:  # more ranks than vocabulary rows: this one holds none
+        rows = table.new_zeros((local.shape[0], table.shape[1]))
+    else:
+        rows = torch.where(inside[:, None], table[local.clamp(0, table.shape[0] - 1)],
+                           torch.zeros((), dtype=table.dtype, device=table.device))
     return _return_rows(rows, most, flat.numel(), shard).reshape(*ids.shape, -1)
 
 
