@@ -101,12 +101,12 @@ def embedding_units(model: nn.Module) -> list[tuple[Any, bool]]:
 
     Left in the root, FSDP2 would keep them gathered whole from the start of the forward to the end
     of the backward (the root never reshards after forward): on a 150k vocabulary that is the
-    largest block of a small model, on every rank. As their own units, the embedding is gathered
-    only around its lookup and the head only while the loss reads it (``training.loss`` gathers
-    it explicitly, since the loss never calls a plain head; a tied unit is freed right after the
-    lookup, see ``wrap``). A frozen embedding and a plain head
-    are not needed in backward (token ids take no gradient; the loss forms its gradient in the
-    forward pass), so FSDP2 must not prefetch them there either.
+    largest block of a small model, on every rank. As their own units they are gathered only
+    around their own forward, and a frozen plain embedding and a plain head never are: lookups and
+    the loss work on the shards (``look_up_in_shards``, ``vocab``). A tied unit that does gather
+    for a lookup is freed right after it (see ``wrap``). A frozen embedding and a plain head are
+    not needed in backward (token ids take no gradient; the loss forms its gradient in the forward
+    pass), so FSDP2 must not prefetch them there either.
     """
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
