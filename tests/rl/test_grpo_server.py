@@ -20,6 +20,7 @@ from lorakit.models import load_model, load_tokenizer, write_demo_model
 from lorakit.rl import PolicySampler, RolloutServerError, ServerRollout, StaleRolloutError
 
 from ..models import randomize_lora
+from .grpo_runs import grpo_config, reward_steps
 
 peft = pytest.importorskip("peft")
 
@@ -119,8 +120,7 @@ def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
     (tmp_path / "cfg.yaml").write_text(json.dumps(body))
     lines = []
     grpo.run(load_config(tmp_path / "cfg.yaml"), log=lines.append)
-    records = [json.loads(line) for line in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "reward_mean" in r]
+    steps = reward_steps(tmp_path / "srv")
     assert [r["step"] for r in steps] == [1, 2]
     # The server reported the sampled tokens' log-probs; the trainer's agree with them.
     assert all(r["logprob_gap"] < 1e-5 for r in steps)
@@ -163,20 +163,8 @@ def test_policy_sampler_serves_one_adapter_per_step(server):
 
 
 def _server_config(server, tmp_path, name, steps=3, **rollout):
-    body = {"recipe": "grpo", "model": str(server["demo"]), "output_dir": str(tmp_path / name),
-            "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
-            "lora": {"r": 4, "alpha": 8},
-            "grpo": {"prompts_per_step": 2, "rewards": {"tests.rl.rewards_for_tests:odd_chars": 1.0}},  # a signal
-            "rollout": {"engine": "server", "base_url": server["url"], "num_generations": 4, "max_new_tokens": 4,
-                        "adapter_dir": str(server["root"] / name), **rollout},
-            "train": {"max_steps": steps, "batch_size": 8, "lr": 5e-2, "seed": 3}}
-    (tmp_path / f"{name}.yaml").write_text(json.dumps(body))
-    return load_config(tmp_path / f"{name}.yaml")
-
-
-def _steps(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "reward_mean" in r]
+    return grpo_config(tmp_path, server["demo"], name, {"engine": "server", "base_url": server["url"], "max_new_tokens": 4,
+                                                        "adapter_dir": str(server["root"] / name), **rollout}, steps)
 
 
 def test_async_rollouts_are_one_step_stale_and_corrected_by_the_ratio(server, tmp_path, monkeypatch):
@@ -185,7 +173,7 @@ def test_async_rollouts_are_one_step_stale_and_corrected_by_the_ratio(server, tm
     real_sync = ServerRollout.sync
     monkeypatch.setattr(ServerRollout, "sync", lambda self, update: (synced.append(update.version), real_sync(self, update)))
     grpo.run(_server_config(server, tmp_path, "async", steps=4, **{"async": True}), log=lambda _: None)
-    steps = _steps(tmp_path / "async")
+    steps = reward_steps(tmp_path / "async")
     # Step 1 samples synchronously; each later step trains on rollouts its predecessor's policy drew.
     assert [r["staleness"] for r in steps] == [0, 1, 1, 1]
     assert [r["policy_version"] for r in steps] == [0, 0, 1, 2]
@@ -211,7 +199,7 @@ def test_a_server_left_on_the_previous_adapter_trips_the_sync_check(server, tmp_
     cfg = _server_config(server, tmp_path, "stale", steps=4)
     with pytest.raises(StaleRolloutError, match=r"step 3: .* differ by .* not sampling the current adapter"):
         grpo.run(cfg, log=lambda _: None)
-    steps = _steps(tmp_path / "stale")
+    steps = reward_steps(tmp_path / "stale")
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["logprob_gap"] < 1e-5 for r in steps)  # the check is not noise: synced steps pass it
 
@@ -220,7 +208,7 @@ def test_a_server_left_on_the_previous_adapter_trips_the_sync_check(server, tmp_
     cfg = _server_config(server, tmp_path, "stale-warn", steps=3, check_sync="warn")
     grpo.run(cfg, log=lines.append)
     assert sum("Warning: rollout.check_sync: step 3" in line for line in lines) == 1
-    assert _steps(tmp_path / "stale-warn")[2]["logprob_gap"] > 1e-3
+    assert reward_steps(tmp_path / "stale-warn")[2]["logprob_gap"] > 1e-3
 
 
 def test_an_engine_that_never_got_the_sync_trips_the_version_check(server, tmp_path, monkeypatch):

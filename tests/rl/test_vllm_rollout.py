@@ -6,7 +6,6 @@ One vLLM engine (the demo model with LoRA) is built for the module and reused by
 which asks for the same settings; the merged-sync and two-eos engines are built last, once each.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm")
 
 import lorakit.recipes.grpo as grpo  # noqa: E402
-from lorakit.config import load_config  # noqa: E402
 from lorakit.data import collect_eos_ids  # noqa: E402
 from lorakit.generation import SamplingParams  # noqa: E402
 from lorakit.lora import LoraConfig, inject_lora  # noqa: E402
@@ -28,11 +26,11 @@ from lorakit.rl import vllm_rollout  # noqa: E402
 from lorakit.rl.vllm_rollout import VllmRollout, release_vllm  # noqa: E402
 
 from ..models import randomize_lora  # noqa: E402
+from .grpo_runs import grpo_config, reward_steps  # noqa: E402
 from ..test_eos_list import _chat_ids, _hf_greedy, _id, write_two_eos_model  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[2]
 R = 4
 # What the GRPO runs below ask for (rollout.vllm.*), so they reuse the module's engine.
 ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.3)
@@ -95,20 +93,8 @@ def test_vllm_samples_the_synced_adapter_like_lorakit(demo, engine):
 
 
 def _config(tmp_path, demo, name, steps=3, **rollout):
-    body = {"recipe": "grpo", "model": str(demo), "output_dir": str(tmp_path / name),
-            "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
-            "lora": {"r": R, "alpha": 8},
-            "grpo": {"prompts_per_step": 2, "rewards": {"tests.rl.rewards_for_tests:odd_chars": 1.0}},
-            "rollout": {"engine": "vllm", "num_generations": 4, "max_new_tokens": 6,
-                        "vllm": {k: v if k != "dtype" else "fp32" for k, v in ENGINE.items()}, **rollout},
-            "train": {"max_steps": steps, "batch_size": 8, "lr": 5e-2, "seed": 3}}
-    (tmp_path / f"{name}.yaml").write_text(json.dumps(body))
-    return load_config(tmp_path / f"{name}.yaml")
-
-
-def _steps(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "reward_mean" in r]
+    engine = {k: v if k != "dtype" else "fp32" for k, v in ENGINE.items()}
+    return grpo_config(tmp_path, demo, name, {"engine": "vllm", "max_new_tokens": 6, "vllm": engine, **rollout}, steps, R)
 
 
 def test_grpo_on_vllm_trains_with_the_trainers_logprobs(demo, engine, tmp_path):
@@ -116,7 +102,7 @@ def test_grpo_on_vllm_trains_with_the_trainers_logprobs(demo, engine, tmp_path):
     handed_over = set(vllm_rollout.ram_dir().glob("lorakit-rollout-*"))
     grpo.run(_config(tmp_path, demo, "run"), log=lambda _: None)
     assert vllm_rollout._shared["llm"] is llm  # the run reused the module's engine
-    steps = _steps(tmp_path / "run")
+    steps = reward_steps(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert [r["policy_version"] for r in steps] == [0, 1, 2] and {r["staleness"] for r in steps} == {0}
     # After each update vLLM samples the new adapter: its log-probs are the trainer's, to fp32 noise.
@@ -139,12 +125,12 @@ def test_a_reload_that_skips_load_inplace_trips_the_sync_check(demo, engine, tmp
     monkeypatch.setattr(VllmRollout, "_load_adapter", without_inplace)
     with pytest.raises(StaleRolloutError, match=r"step 2: .* vllm engine's log-probs .* not sampling the current adapter"):
         grpo.run(_config(tmp_path, demo, "stale"), log=lambda _: None)
-    assert [r["logprob_gap"] < 1e-3 for r in _steps(tmp_path / "stale")] == [True]  # step 1 was fine
+    assert [r["logprob_gap"] < 1e-3 for r in reward_steps(tmp_path / "stale")] == [True]  # step 1 was fine
 
 
 def test_async_grpo_on_vllm_is_exactly_one_step_stale(demo, engine, tmp_path):
     grpo.run(_config(tmp_path, demo, "async", steps=4, **{"async": True}), log=lambda _: None)
-    steps = _steps(tmp_path / "async")
+    steps = reward_steps(tmp_path / "async")
     assert [r["staleness"] for r in steps] == [0, 1, 1, 1]  # the first step has no earlier policy
     assert [r["policy_version"] for r in steps] == [0, 0, 1, 2]
     assert steps[0]["logprob_gap"] < 1e-3 < min(r["logprob_gap"] for r in steps[1:])  # one update of drift
