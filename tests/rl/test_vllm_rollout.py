@@ -7,7 +7,6 @@ which asks for the same settings; the merged-sync and two-eos engines are built 
 """
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
