@@ -50,14 +50,21 @@ def test_an_engine_on_the_policy_itself_needs_no_copy(demo):
         assert [d.token_ids for d in done] == [_hf_greedy(policy, tokenizer, p) for p in prompts]
 
 
-def test_a_separate_engine_model_gets_the_adapter_once_per_step(demo):
+def _policy_and_separate_engine(demo):
+    """A LoRA policy, a local engine on its own copy of the base (same adapter config, frozen), the
+    sampler between them, and the test prompts."""
     tokenizer = load_tokenizer(demo)
     policy = _model(demo)
     inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     copy = _model(demo)
     inject_lora(copy, adapter_configs(policy)["default"], trainable=False)
-    sampler = PolicySampler(LocalRollout(copy, tokenizer, "default"), policy, "default")
-    prompts = _prompts(tokenizer)
+    engine = LocalRollout(copy, tokenizer, "default")
+    return policy, engine, PolicySampler(engine, policy, "default"), _prompts(tokenizer)
+
+
+def test_a_separate_engine_model_gets_the_adapter_once_per_step(demo):
+    tokenizer = load_tokenizer(demo)
+    policy, engine, sampler, prompts = _policy_and_separate_engine(demo)
 
     def sampled():
         return [d.token_ids for d in sampler.generate(prompts, [GREEDY] * len(prompts))]
@@ -79,14 +86,7 @@ def test_batches_carry_the_synced_version_and_fingerprint(demo):
     from lorakit.lora import adapter_state_dict
     from lorakit.rl import adapter_fingerprint
 
-    tokenizer = load_tokenizer(demo)
-    policy = _model(demo)
-    inject_lora(policy, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    copy = _model(demo)
-    inject_lora(copy, adapter_configs(policy)["default"], trainable=False)
-    engine = LocalRollout(copy, tokenizer, "default")
-    sampler = PolicySampler(engine, policy, "default")
-    prompts = _prompts(tokenizer)
+    policy, engine, sampler, prompts = _policy_and_separate_engine(demo)
     with pytest.raises(RuntimeError, match="before sync"):
         sampler.generate(prompts, [GREEDY] * len(prompts))
     randomize_lora(policy, seed=1, scale=0.3)
