@@ -52,13 +52,14 @@ def vocab_shard(weight: torch.Tensor) -> Optional[VocabShard]:
     return VocabShard(group, dist.get_rank(group), dist.get_world_size(group), offset[0], weight.to_local())
 
 
-def _gather_rows(x: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, int]:
+def _gather_rows(x: torch.Tensor, shard: VocabShard, most: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """Every rank's ``x`` (rows may differ in number), each padded to the longest:
-    (world * most, ...), and ``most``."""
-    count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(shard.world)]
-    dist.all_gather(counts, count, group=shard.group)
-    most = int(max(c.item() for c in counts))
+    (world * most, ...), and ``most`` (pass it when known: it costs a collective)."""
+    if most is None:
+        count = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.zeros_like(count) for _ in range(shard.world)]
+        dist.all_gather(counts, count, group=shard.group)
+        most = int(max(c.item() for c in counts))
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[:x.shape[0]] = x
     every = x.new_empty((shard.world * most, *x.shape[1:]))
@@ -108,7 +109,7 @@ class _ShardedLogProb(torch.autograd.Function):
                 shard: VocabShard) -> torch.Tensor:
         count = hidden.shape[0]
         every, most = _gather_rows(hidden.detach(), shard)
-        wanted, _ = _gather_rows(targets, shard)
+        wanted, _ = _gather_rows(targets, shard, most)  # as many rows as the hidden states
         weight = shard.local.to(hidden.device)
         rows = weight.shape[0]
         out = torch.empty(every.shape[0], dtype=torch.float32, device=hidden.device)
