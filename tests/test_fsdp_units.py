@@ -28,7 +28,8 @@ def results(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    written = sorted(p.name for p in out.glob("results_*.json"))
+    assert proc.returncode == 0, f"results written: {written}\n" + proc.stdout[-4000:] + proc.stderr[-4000:]
     found = {}
     for tie in CASES:
         for rank in (0, 1):
