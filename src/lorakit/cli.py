@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a `lorakit` command line as `main` runs it (exits with a usage error on bad arguments)."""
     parser = build_parser()
     # key=value overrides may come after flags (`train cfg.yaml --nproc 2 lora.r=8`): argparse cannot
     # split one positional list around options, so the stragglers are collected here.
@@ -397,6 +398,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if args.command == "train":
         args.overrides = list(args.overrides) + [e for e in extra if e not in leftovers]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as err:

@@ -62,7 +62,8 @@ from .megatron_model import (
 
 
 # --- command line: offline export ----------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The offline export command's parser (also read by scripts/gen_reference.py for the manual)."""
     parser = argparse.ArgumentParser(prog="python -m lorakit.integrations.megatron",
                                      description="Megatron-core LoRA checkpoints -> HF PEFT adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     export.add_argument("checkpoint", help="directory written by save_megatron_lora (holds lora_meta.json)")
     export.add_argument("output", help="adapter directory to write (adapter_config.json + adapter_model.safetensors)")
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record in the config")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = export_hf_adapter_from_checkpoint(args.checkpoint, args.output, args.base_model)
     except (ValueError, FileNotFoundError) as err:
