@@ -35,8 +35,9 @@ def _gen_reference():
 
 
 def _guide_pages() -> list[Path]:
-    """Hand-written pages (the generated reference is checked separately)."""
-    return [p for p in sorted(DOCS.rglob("*.md")) if REFERENCE not in p.parents]
+    """Hand-written pages (the generated reference is checked separately) and the README."""
+    pages = [p for p in sorted(DOCS.rglob("*.md")) if REFERENCE not in p.parents]
+    return pages + [ROOT / "README.md"]
 
 
 def _blocks(path: Path, languages: tuple[str, ...]) -> list[tuple[int, str]]:
@@ -155,7 +156,11 @@ def test_shell_snippets_parse_with_the_real_parsers():
                 for part in re.split(r"\s*&&\s*", command):
                     _check_command(shlex.split(part, comments=True), f"{path.relative_to(ROOT)}:{line}")
                     checked += 1
-    assert checked >= 30
+    # The README's tour gives one command per job inline, in a table.
+    for command in re.findall(r"`((?:lorakit|torchrun) [^` ]+ [^`]+)`", (ROOT / "README.md").read_text(encoding="utf-8")):
+        _check_command(shlex.split(command), f"README.md: `{command}`")
+        checked += 1
+    assert checked >= 40
 
 
 def test_yaml_snippets_load_as_configs():
@@ -177,6 +182,15 @@ def test_snippet_includes_name_shipped_files():
     for path in _guide_pages():
         for name in re.findall(r'^\s*--8<-- "([^"]+)"', path.read_text(encoding="utf-8"), re.M):
             assert (ROOT / name).is_file(), f"{path.relative_to(ROOT)} includes a missing {name}"
+
+
+def test_readme_is_short_and_keeps_its_quick_start():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode()) <= 12 * 1024
+    # .ci/run and the pre-stop hook read the two command lines of this block.
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    assert len(lines) == 2 and "lorakit train" in lines[0] and "pytest" in lines[1]
 
 
 def test_readme_links_point_at_existing_pages():
