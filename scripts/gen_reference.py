@@ -304,6 +304,9 @@ def _docstring_md(doc: str) -> str:
                 else:
                     items[-1] += " " + text
                 i += 1
+            if match.group(1) in ("Args", "Arguments", "Raises", "Attributes"):  # name: text -> `name`: text
+                items = [re.sub(r"^(\*{0,2}\w+)(\s*\([^)]*\))?:\s", lambda m: f"`{m.group(1)}`{m.group(2) or ''}: ", item)
+                         for item in items]
             out += [f"- {_rst_to_md(item)}" for item in items]
             out.append("")
             continue
