@@ -179,6 +179,27 @@ def test_yaml_snippets_load_as_configs():
     assert checked >= 3
 
 
+def test_python_snippets_are_valid_python_naming_real_api():
+    import ast
+    import importlib
+
+    checked = 0
+    for path in _guide_pages():
+        for line, block in _blocks(path, ("python",)):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            try:
+                tree = ast.parse(block)
+            except SyntaxError as err:
+                pytest.fail(f"{where}: {err}")
+            for node in ast.walk(tree):  # every `from lorakit... import name` names something that exists
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorakit"):
+                    module = importlib.import_module(node.module)
+                    missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                    assert not missing, f"{where}: {node.module} has no {missing}"
+            checked += 1
+    assert checked >= 4
+
+
 def test_snippet_includes_name_shipped_files():
     for path in _guide_pages():
         for name in re.findall(r'^\s*--8<-- "([^"]+)"', path.read_text(encoding="utf-8"), re.M):
