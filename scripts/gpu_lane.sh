@@ -99,9 +99,12 @@ stage_setup() {
     elif ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
       echo "$pkg: absent, and no wheels in $WHEELS (scripts/gpu_lane_wheels.sh fills it; carry it)" >>"$log"
     else
-      # --dry-run resolves against the wheels without touching this machine's environment
-      if "$PY" -m pip install --no-index --find-links "$WHEELS" $([ "$DRY" = 1 ] && echo --dry-run) "$pkg" \
-          >"$WORK/pip-$pkg.log" 2>&1; then
+      # --dry-run resolves against the wheels without touching this machine's environment; the
+      # device is a throwaway machine, so a distribution's "externally managed" Python is overridden
+      local pip=("$PY" -m pip install --no-index --find-links "$WHEELS" $([ "$DRY" = 1 ] && echo --dry-run) "$pkg")
+      "${pip[@]}" >"$WORK/pip-$pkg.log" 2>&1 || { grep -q externally-managed "$WORK/pip-$pkg.log" &&
+        "${pip[@]}" --break-system-packages >"$WORK/pip-$pkg.log" 2>&1; }
+      if [ $? = 0 ]; then
         echo "$pkg: installed from $WHEELS$([ "$DRY" = 1 ] && echo ' (pip --dry-run)')" >>"$log"
       else
         echo "$pkg: offline install failed: $(grep -m1 -E 'ERROR' "$WORK/pip-$pkg.log" || tail -n1 "$WORK/pip-$pkg.log")" >>"$log"
