@@ -35,14 +35,15 @@ own fresh process, so its peak RSS is its own; they alternate (lorakit, trl, lor
         [--gradient-checkpointing off] [--layout padding-free]
 
 On a GPU (the lane, scripts/gpu_lane.sh): ``--device cuda --shape qwen3-1.7b --dtypes bf16 --batch 16
---attn flex_attention --json out.json``. Then both sides load the base in bf16 (lorakit's rule on a
+--json out.json``. Then both sides load the base in bf16 (lorakit's rule on a
 GPU; TRL via ``dtype=bfloat16`` with ``bf16=True``), adapters stay fp32 under autocast on both, peak
 memory is ``torch.cuda.max_memory_allocated`` of each side's process, and MFU is tokens/s x model
 FLOPs per token (``_report.lora_flops_per_token``: 4 x matmul weights + 6 x LoRA weights) over the
 ``--peak-tflops`` (default: the H200's dense bf16 989 TFLOP/s on cuda, none on cpu). ``--attn`` sets
-lorakit's kernel (flex_attention keeps its micro-batches padding-free on CUDA; with sdpa lorakit
-pads); TRL keeps transformers' default (sdpa: its padding-free rows get a block-diagonal mask, which
-the ``verify`` child checks). Without trl (or its datasets/pyarrow), lorakit's side runs alone and
+lorakit's kernel (default auto: flash-attn's varlen kernel, padding-free, when flash-attn is
+installed, else sdpa with padded micro-batches; flex_attention is padding-free on CUDA without
+flash-attn); TRL keeps transformers' default (sdpa without flash-attn: its padding-free rows get a
+block-diagonal mask, which the ``verify`` child checks). Without trl (or its datasets/pyarrow), lorakit's side runs alone and
 the JSON says why the peer was skipped.
 """
 

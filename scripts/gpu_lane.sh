@@ -3,7 +3,7 @@
 # minutes, writes everything under $OUT and never stops at the first failure.
 #
 # How the lead fires it, when a device is lent (device time is ~15 min in all, starts included):
-#   1. Here, with network, once per checkout (fills the gitignored .gpu_lane_wheels/, ~1 MB):
+#   1. Here, with network, once per checkout (fills the gitignored .gpu_lane_wheels/, ~2 MB):
 #        scripts/gpu_lane_wheels.sh
 #   2. One device call (the lane ends itself by ~480 s; 560 s leaves room for the machine's start
 #      within one call and for a rerun of single stages afterwards):
@@ -28,8 +28,12 @@
 #                           collects and skips, SFT lorakit-only on a tiny model, fp32 (tests/test_gpu_lane.py)
 #   --stages a,b            run only these stages (the others are recorded as skipped)
 #   --timeout stage=secs    override one stage's time limit (repeatable)
-# Environment: OUT (default ./out/gpu_lane), PYTHON (default python3), GPU_LANE_WHEELS (default
-# <repo>/.gpu_lane_wheels), GPU_LANE_SFT_ATTN (lorakit's kernel in the SFT stage, default flex_attention).
+# Environment: OUT (default ./out/gpu_lane), PYTHON (default: python3 or python, whichever imports
+# torch), GPU_LANE_WHEELS (default <repo>/.gpu_lane_wheels), GPU_LANE_SFT_ATTN (lorakit's train.attn_implementation in the SFT stage;
+# default auto, what a user gets: flash-attn's varlen kernel, padding-free, when flash-attn is
+# installed, else sdpa with padded micro-batches. flex_attention runs padding-free without
+# flash-attn but compiles its kernels in each process, tens of seconds the 170 s stage may not
+# have: try it in a rerun of the sft stage alone), GPU_LANE_SFT_PEER (auto | trl | none).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,9 +59,17 @@ done
 
 export ROOT DRY
 export OUT="${OUT:-$ROOT/out/gpu_lane}"
-export PY="${PYTHON:-python3}"
+# The interpreter: $PYTHON, else the first of python3 / python that imports torch.
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3 python; do
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PY="$c"; break; fi
+  done
+  PY="${PY:-python3}"
+fi
+export PY
 export WHEELS="${GPU_LANE_WHEELS:-$ROOT/.gpu_lane_wheels}"
-export SFT_ATTN="${GPU_LANE_SFT_ATTN:-flex_attention}"
+export SFT_ATTN="${GPU_LANE_SFT_ATTN:-auto}"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # Scratch (models, checkpoints, caches) stays off $OUT, which comes back over the wire.
@@ -71,9 +83,13 @@ rm -f "$OUT"/status/*.json "$OUT/gpu_lane.json"
 "$PY" - "$OUT/lane.json" "$DRY" "$SELECTED" <<'PYEOF'
 import json, os, subprocess, sys, time
 root = os.environ["ROOT"]
-commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                            text=True).stdout.strip())
+def git(*args):
+    try:  # the device's copy of the tree may have no .git, or no git at all
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+commit = git("rev-parse", "HEAD")
+dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
 json.dump({"lane": "scripts/gpu_lane.sh", "dry_run": sys.argv[2] == "1", "stages_selected": sys.argv[3] or "all",
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit or None, "dirty": dirty,
            "peak_tflops_bf16_dense": 989.0 if sys.argv[2] != "1" else None,
