@@ -53,8 +53,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for s in ${SELECTED//,/ }; do
-  case " ${STAGES_ALL[*]} " in *" $s "*) ;; *) echo "gpu_lane.sh: --stages: unknown stage '$s' (${STAGES_ALL[*]})" >&2; exit 2 ;; esac
+for s in ${SELECTED//,/ } "${!LIMIT[@]}"; do
+  case " ${STAGES_ALL[*]} " in *" $s "*) ;; *) echo "gpu_lane.sh: unknown stage '$s' (${STAGES_ALL[*]})" >&2; exit 2 ;; esac
+done
+for s in "${STAGES_ALL[@]}"; do
+  [[ "${LIMIT[$s]}" =~ ^[0-9]+$ ]] || { echo "gpu_lane.sh: --timeout $s=${LIMIT[$s]}: seconds, a whole number" >&2; exit 2; }
 done
 
 export ROOT DRY

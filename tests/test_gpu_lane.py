@@ -91,3 +91,29 @@ def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
     proc, lane = _lane(tmp_path, "--stages", "pytest,sftt")
     assert proc.returncode == 2 and "unknown stage 'sftt'" in proc.stderr
     assert lane == {}
+
+
+def test_the_pytest_stage_reads_each_outcome_from_pytests_junit_report(tmp_path):
+    """The figures of the pytest stage on a device, where tests pass, fail and skip: pytest's own
+    JUnit XML of a real run is the oracle; an empty selection is an error, not a pass."""
+    (tmp_path / "test_mix.py").write_text(
+        "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skip():\n    pass\n")
+    (tmp_path / "test_none.py").write_text("X = 1\n")
+    report = ROOT / "scripts" / "gpu_lane_report.py"
+    for name in ("mix", "none"):
+        subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir",
+                        str(tmp_path), f"--junitxml={tmp_path / name}.xml", str(tmp_path / f"test_{name}.py")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    ok = subprocess.run([sys.executable, str(report), "junit", str(tmp_path / "mix.xml"), str(tmp_path / "mix.json")],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    figures = json.loads((tmp_path / "mix.json").read_text())
+    assert {k: figures[k] for k in ("tests", "passed", "failures", "skipped", "errors")} == {
+        "tests": 3, "passed": 1, "failures": 1, "skipped": 1, "errors": 0}
+    outcomes = {case["test"].split("::")[-1]: (case["outcome"], case["message"]) for case in figures["cases"]}
+    assert outcomes["test_ok"] == ("passed", "") and outcomes["test_skip"] == ("skipped", "not here")
+    assert outcomes["test_bad"][0] == "failed" and "one is not two" in outcomes["test_bad"][1]
+    empty = subprocess.run([sys.executable, str(report), "junit", str(tmp_path / "none.xml"), str(tmp_path / "none.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1 and "collected nothing" in empty.stderr
