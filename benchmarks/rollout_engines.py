@@ -27,20 +27,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import load, ratios, spread, start_serve  # noqa: E402
+from _report import load, qwen3_config, ratios, spread, start_serve  # noqa: E402
 
 
 def build(path: Path) -> Path:
     """Write the ~58M Qwen3-shaped model and the demo tokenizer to ``path``."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     from lorakit.models import build_demo_tokenizer
 
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    Qwen3ForCausalLM(config).save_pretrained(path)
+    Qwen3ForCausalLM(qwen3_config("58m")).save_pretrained(path)
     build_demo_tokenizer().save_pretrained(path)
     return path
 
