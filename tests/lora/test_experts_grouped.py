@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorakit import LoraConfig, inject_lora, save_adapter
+from lorakit import LoraConfig, adapter_state_dict, inject_lora, save_adapter
 from tests.models import randomize_lora, tiny_moe
 
 peft = pytest.importorskip("peft")
@@ -116,8 +116,6 @@ def test_gradients_match_peft():
     randomize_lora(model)
     theirs = peft.get_peft_model(tiny_moe("qwen3_moe"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
                                                                          target_parameters=EXPERTS))
-    from lorakit import adapter_state_dict
-
     peft.set_peft_model_state_dict(theirs, {k: v.clone() for k, v in adapter_state_dict(model).items()})
     for m in (model, theirs):
         m(IDS).logits.square().mean().backward()
