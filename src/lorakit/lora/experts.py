@@ -14,12 +14,12 @@ Each expert ``e`` has its own rank-``r`` pair, stored stacked as two ``nn.Linear
 - ``lora_A``: (experts * r, in), row ``e * r + j`` is row ``j`` of expert ``e``'s A;
 - ``lora_B``: (out, r * experts), column ``j * experts + e`` is column ``j`` of expert ``e``'s B.
 
-Computation follows the model's own routing: token/expert pairs are sorted by expert and each
-expert's base projection and its LoRA run on the tokens routed to it only (a loop over the experts
-that received tokens, as transformers' eager experts do; no token meets an adapter of an expert it
-was not routed to, and no (experts, out, in) update is materialised). Modules without
-transformers' expert flags, and 2-D parameters such as a router's weight, take a generic path
-that calls the module with ``W + scale * B @ A`` (PEFT's method; cheap for a router).
+Computation goes through transformers' experts interface (``experts_grouped``): the LoRA joins
+the model's own grouped GEMMs (``grouped_mm``, ``batched_mm``), each token meets only the adapters
+of the experts it was routed to, no (experts, out, in) update is materialised and the host is not
+synchronised. Fused experts without that interface, or under an implementation that would skip
+the LoRA (a fused kernel), are refused with the reason. 2-D parameters such as a router's weight
+take a generic path that calls the module with ``W + scale * B @ A`` (PEFT's method; cheap there).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoraLayer, RowRoutes, expand_routes, init_lora_pair
+from .experts_grouped import check_implementation, experts_forward, interface_problem
+from .layer import LoraLayer, init_lora_pair
 
 # Parameter names of fused expert weights the routed path computes (transformers' experts interface).
 _ROUTED_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -155,6 +155,21 @@ def param_dims(owner: nn.Module, param: str) -> tuple[int, int, int, bool]:
     )
 
 
+def _check_fused(owner: nn.Module, param: str, path: str) -> None:
+    """Refuse fused expert weights that the grouped computation cannot reach (a clear error, not a
+    slower fallback): a module without transformers' experts interface, a parameter it does not
+    compute, or an experts implementation that would skip the LoRA."""
+    problem = interface_problem(owner)
+    if problem is None and param not in _ROUTED_PARAMS:
+        problem = f"'{param}' is not one of the expert weights it computes ({', '.join(_ROUTED_PARAMS)})"
+    if problem:
+        raise ValueError(f"target_parameters '{path}': {problem}")
+    try:
+        check_implementation(owner, f"target_parameters '{path}'")
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+
+
 def _owner(module: nn.Module) -> nn.Module:
     while isinstance(module, LoraParameter):
         module = module.base_layer
@@ -176,6 +191,8 @@ class LoraParameter(LoraLayer):
         self.param_path = param_path or param_name
         """Path of the targeted parameter in the model (what rank_pattern/alpha_pattern match)."""
         self.num_experts, self.in_features, self.out_features, self.transposed = param_dims(_owner(base_layer), param_name)
+        if self.num_experts > 1:
+            _check_fused(_owner(base_layer), param_name, self.param_path)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -250,9 +267,10 @@ class LoraParameter(LoraLayer):
             merged = [n for w in chain for n, _ in routes if n in w.merged_adapters]
             if merged:
                 raise RuntimeError(f"adapter '{merged[0]}' is merged; per-row routing needs unmerged adapters")
-        if _routed_path_applies(owner, chain):
+        if self.num_experts > 1:
             hidden, index, weights = _bind_expert_args(owner, args, kwargs)
-            return _experts_forward(owner, {w.param_name: w for w in chain}, hidden, index, weights, routes)
+            wrappers = {w.param_name: w for w in chain}
+            return experts_forward(owner, wrappers, hidden, index, weights, routes, self.param_path.rsplit(".", 1)[0])
         if routes is not None:
             raise RuntimeError(
                 f"per-row adapter routing is not supported on parameter targets of {type(owner).__name__} "
@@ -279,11 +297,6 @@ def _without_merged(owner: nn.Module, chain: Sequence[LoraParameter], args: tupl
     return torch.func.functional_call(owner, weights, args, kwargs, strict=False)
 
 
-def _routed_path_applies(owner: nn.Module, chain: Sequence[LoraParameter]) -> bool:
-    # transformers' use_experts_implementation sets these flags: the experts' math is then known.
-    return hasattr(owner, "has_gate") and all(w.param_name in _ROUTED_PARAMS and w.num_experts > 1 for w in chain)
-
-
 _ARG_NAMES: dict[type, list[str]] = {}
 
 
@@ -298,86 +311,3 @@ def _bind_expert_args(owner: nn.Module, args: tuple, kwargs: dict) -> tuple[torc
     if len(values) != 3 or any(v is None for v in values):
         raise RuntimeError(f"{cls.__name__} was called without (hidden_states, expert indices, expert weights)")
     return values[0], values[1], values[2]
-
-
-def _experts_forward(
-    owner: nn.Module,
-    wrappers: dict[str, LoraParameter],
-    hidden: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    routes: Optional[RowRoutes],
-) -> torch.Tensor:
-    """The experts' output with LoRA on the targeted weights: (tokens, hidden).
-
-    Token/expert pairs are sorted by expert; each expert that received tokens runs its base
-    projections and its adapters on exactly those tokens. ``routes`` (per-row adapters) masks
-    each adapter's rank-r intermediate to the rows that chose it.
-    """
-    tokens, k = top_k_index.shape
-    experts = owner.num_experts
-    flat = top_k_index.reshape(-1)
-    # Ids outside [0, experts) mark dropped pairs (expert-parallel sentinels, Qwen's masking class).
-    ids = torch.where((flat >= 0) & (flat < experts), flat, torch.full_like(flat, experts))
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=experts + 1).tolist()  # the one host sync per layer
-    kept = sum(counts[:experts])
-    order = order[:kept]
-    token_of = torch.div(order, k, rounding_mode="floor")
-    x = hidden.index_select(0, token_of)
-    pair_weight = top_k_weights.reshape(-1).index_select(0, order)
-
-    slots, names = _pair_slots(routes, token_of, tokens, hidden.device)
-    live = {
-        p: [(n, w) for n in (w._live if routes is None else [n for n in names if n in w.r])]
-        for p, w in wrappers.items()
-    }
-    live = {p: [(n, w, *w.factors(n)) for n, w in pairs] for p, pairs in live.items()}
-
-    def project(param: str, e: int, xin: torch.Tensor, rows: slice) -> torch.Tensor:
-        weight = getattr(owner, param)[e]
-        y = xin @ weight if getattr(owner, "is_transposed", False) else F.linear(xin, weight)
-        if getattr(owner, "has_bias", False):
-            y = y + getattr(owner, f"{param}_bias")[e]
-        for name, w, a, b in live.get(param, ()):
-            h = F.linear(w.lora_dropout[name](xin).to(a.dtype), a[e]) * w.scaling[name]
-            if slots is not None:
-                h = h * (slots[rows] == names.index(name) + 1).unsqueeze(-1).to(h.dtype)
-            y = y + F.linear(h, b[e]).to(y.dtype)
-        return y
-
-    outs = []
-    start = 0
-    for e in range(experts):
-        n = counts[e]
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        xe = x[rows]
-        if owner.has_gate:
-            h = owner._apply_gate(project("gate_up_proj", e, xe, rows))
-        else:
-            h = owner.act_fn(project("up_proj", e, xe, rows))
-        y = project("down_proj", e, h, rows)
-        if getattr(owner, "has_post_expert_norm", False):
-            y = owner.post_expert_norm(y)
-        outs.append(y * pair_weight[rows].unsqueeze(-1))
-        start += n
-    result = hidden.new_zeros(hidden.shape)
-    if not outs:
-        return result
-    return result.index_add(0, token_of, torch.cat(outs).to(hidden.dtype))
-
-
-def _pair_slots(
-    routes: Optional[RowRoutes], token_of: torch.Tensor, tokens: int, device: torch.device
-) -> tuple[Optional[torch.Tensor], list[str]]:
-    """Per pair, 1 + the index of its row's adapter in ``names`` (0: the base), or None unrouted."""
-    if routes is None:
-        return None, []
-    names: list[str] = [n for n, _ in routes if n is not None]
-    per_token = torch.zeros(tokens, dtype=torch.long, device=device)
-    for name, rows in expand_routes(routes, tokens):
-        if name is not None:
-            per_token[rows.to(device)] = names.index(name) + 1
-    return per_token.index_select(0, token_of), names

@@ -401,6 +401,15 @@ def _general(paths: list[str]) -> list[str]:
 def _wrap_parameters(model: nn.Module, targets: list[Target], adapter_name: str, config: LoraConfig,
                      dtype: Optional[torch.dtype]) -> None:
     # One chain of wrappers per owner module, built in the owner's registration order (PEFT's nesting).
+    owners = {t.path: t.module.owner if isinstance(t.module, LoraParameter) else t.module for t in targets}
+    fused = [t for t in targets if getattr(getattr(owners[t.path], t.param, None), "dim", lambda: 0)() == 3]
+    if fused and getattr(model, "use_kernels", False):
+        # Hub kernels replace whole MoE blocks (gpt-oss's MegaBlocks) and read the expert weights directly.
+        raise ValueError(
+            f"target_parameters '{fused[0].path}.{fused[0].param}': the model runs hub kernels (use_kernels=True), "
+            "which compute MoE blocks from the base weights and would skip the LoRA on them; load the model "
+            "without use_kernels, or leave the experts out (target_parameters: [])"
+        )
     chains: dict[str, LoraParameter] = {}
     for t in targets:
         owner_path = t.path.split(".base_layer")[0]
