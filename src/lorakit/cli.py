@@ -397,8 +397,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if args.command == "train":
         args.overrides = list(args.overrides) + [e for e in extra if e not in leftovers]
+    from .extras import MissingExtra
+
     try:
         return args.func(args)
+    except MissingExtra as err:  # an optional extra is not installed: what to install, in one line
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:
         # A user mistake (bad path, config, data) gets one line, not a traceback.
         if os.environ.get("LORAKIT_DEBUG"):

@@ -20,14 +20,17 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from ..extras import require
 
-from ..generation import Completion, Delta
+uvicorn = require("uvicorn", "serve", "lorakit serve")
+require("starlette", "serve", "lorakit serve")
+from starlette.applications import Starlette  # noqa: E402  (after the check above)
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import Request as HttpRequest  # noqa: E402
+from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from ..generation import Completion, Delta  # noqa: E402
 from .app import ApiError, LoraServer, completion_logprobs, usage_of
 
 _POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
