@@ -168,3 +168,23 @@ def test_dora_base_norms_follow_a_merge_and_a_new_base_layer(tmp_path):
     replacement = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
     layer.base_layer = replacement
     torch.testing.assert_close(dora._base_row_norms_sq(layer), replacement.weight.detach().float().pow(2).sum(1))
+
+
+def test_moving_or_casting_the_model_rebuilds_the_stacked_weights(tmp_path):
+    """``.to(dtype)`` replaces every tensor: the mixed batch then computes in the new dtype."""
+    files = [_save(tmp_path, "x", 1, False), _save(tmp_path, "other", 3, False)]
+    ids = torch.randint(0, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(0))
+    model = tiny_qwen3()
+    load_adapter(model, files[1], adapter_name="other", activate=False)
+    load_adapter(model, files[0], adapter_name="a", activate=False)
+    with torch.no_grad(), route_adapters(model, ROWS):
+        model(ids)  # stacked in float32
+    model.double()
+    solo = tiny_qwen3().double()
+    load_adapter(solo, files[0])
+    with torch.no_grad(), route_adapters(model, ROWS):
+        mixed = model(ids).logits
+    with torch.no_grad():
+        want = solo(ids).logits
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed[[0, 3]], want[[0, 3]], atol=1e-10, rtol=0)

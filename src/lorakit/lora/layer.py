@@ -51,7 +51,7 @@ class LoraLayer(nn.Module):
 
     ``generation`` counts the changes that replace tensors or rewrite the base: adding, deleting,
     re-initialising or loading an adapter, changing a scale, writing the base weight (merge,
-    unmerge), assigning a new ``base_layer``. Caches built from the weights (the stacked weights of
+    unmerge), assigning a new ``base_layer``, moving or casting the layer (``.to``). Caches built from the weights (the stacked weights of
     a mixed-adapter batch, DoRA's norms) are keyed on it, never on ``data_ptr``: a freed tensor's
     block is reused by the next one of the same size, and a gathered FSDP2 weight moves every step.
     In-place edits of the same adapter tensors (an optimizer step) show in their ``_version``;
@@ -90,6 +90,12 @@ class LoraLayer(nn.Module):
         super().__setattr__(name, value)
         if name == "base_layer":  # a new base module (dequantized, swapped): nothing cached from the old one holds
             self.weights_changed()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(device / dtype), .half(), .cuda() replace every tensor: nothing cached from the old ones holds.
+        out = super()._apply(fn, recurse)
+        self.weights_changed()
+        return out
 
     def weights_changed(self) -> None:
         """Invalidate every cache built from this layer's weights (bumps ``generation``)."""
