@@ -403,8 +403,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    from .extras import MissingExtra
+
     try:
         return args.func(args)
+    except MissingExtra as err:  # an optional extra is not installed: what to install, in one line
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:
         # A user mistake (bad path, config, data) gets one line, not a traceback.
         if os.environ.get("LORAKIT_DEBUG"):

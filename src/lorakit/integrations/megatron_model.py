@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..extras import require
 from ..lora.config import ALL_LINEAR, LoraConfig
 from ..lora.inject import (
     _replace,
@@ -44,12 +45,7 @@ Chunks = Union[nn.Module, Sequence[nn.Module]]
 
 
 def _require_megatron() -> None:
-    try:
-        import megatron.core  # noqa: F401  (only whether it imports)
-    except ImportError:
-        raise ImportError(
-            "megatron-core is not installed; install lorakit's extra: pip install 'lorakit[megatron]'"
-        ) from None
+    require("megatron.core", "megatron", "Megatron-core tensor parallelism")
 
 
 # --- model chunks and layers --------------------------------------------------------------------

@@ -14,8 +14,9 @@ Cost: the norm is never built from a full ``W + s*B@A`` temporary. Expanding the
 
     ||W_i + s*(B A)_i||^2 = ||W_i||^2 + 2s * <B_i, (W A^T)_i> + s^2 * B_i (A A^T) B_i^T
 
-needs the per-row ``||W_i||^2`` (cached: the base is frozen, and the cache is keyed on the weight's
-storage and version), ``W A^T`` (one (r, in) x (in, out) product, run through the base layer itself,
+needs the per-row ``||W_i||^2`` (cached: the base is frozen, and the cache is keyed on the layer's
+``generation``, which merges, base swaps and reloads bump, so a gathered FSDP2 weight that moves
+every micro-batch is not read again), ``W A^T`` (one (r, in) x (in, out) product, run through the base layer itself,
 so a quantized base is never dequantized per step) and the (r, r) Gram matrix of A. In eval mode the
 whole norm is cached until A, B or the base change.
 
@@ -35,8 +36,10 @@ from torch import nn
 
 
 
-def _versions(*tensors: torch.Tensor) -> tuple[Any, ...]:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def _key(layer: nn.Module, *tensors: torch.Tensor) -> tuple[Any, ...]:
+    """What a cache built from ``tensors`` of ``layer`` is valid for: the layer's generation (tensors
+    replaced, base rewritten) and the tensors' in-place versions (an optimizer step)."""
+    return (layer.generation, *(t._version for t in tensors))
 
 
 def _transposed(layer: nn.Module) -> bool:
@@ -60,9 +63,9 @@ def base_weight_fp32(layer: nn.Module) -> torch.Tensor:
 
 
 def _base_row_norms_sq(layer: nn.Module) -> torch.Tensor:
-    """``||W_i||^2`` per output feature, float32 (out,), cached while the base weight is unchanged."""
-    weight = layer.base_layer.weight
-    key = _versions(weight)
+    """``||W_i||^2`` per output feature, float32 (out,), cached while the base is unchanged (the base is
+    frozen: only the layer's ``generation`` says it changed; its storage and version move under FSDP2)."""
+    key = _key(layer)
     cached = layer.__dict__.get("_dora_base_sq")
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -87,7 +90,7 @@ def weight_norm(layer: nn.Module, name: str) -> torch.Tensor:
     """``||W + s*B@A||`` per output feature, float32 (out,), without gradient (see the module doc)."""
     a, b = _factors(layer, name)
     scale = layer.scaling[name]
-    key = (_versions(a, b, layer.base_layer.weight), scale)
+    key = (_key(layer, a, b), scale)
     if not layer.training:
         cached = layer.__dict__.get("_dora_norm", {}).get(name)
         if cached is not None and cached[0] == key:

@@ -94,6 +94,14 @@ def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adap
     with torch.no_grad():
         for key, value in tensors.items():
             live[key].copy_(value)
+    _weights_changed(model, adapter_name)
+
+
+def _weights_changed(model: nn.Module, adapter_name: str) -> None:
+    """Tell every layer holding ``adapter_name`` that its weights were rewritten (caches rebuild)."""
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            module.weights_changed()
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -302,6 +310,7 @@ def load_adapter(
                 live[key].copy_(value)
             else:
                 base_weights[key[: -len(".base_layer.weight")]].copy_(value)
+    _weights_changed(model, adapter_name)
     set_active_adapters(model, [adapter_name] if activate else [n for n in previous if n != adapter_name])
     return config
 

@@ -48,10 +48,19 @@ class LoraLayer(nn.Module):
 
     Subclasses hold the adapter weights and implement ``_delta`` (the scaled LoRA output for an
     input) and ``delta_weight`` (the same update as a weight matrix, for merging).
+
+    ``generation`` counts the changes that replace tensors or rewrite the base: adding, deleting,
+    re-initialising or loading an adapter, changing a scale, writing the base weight (merge,
+    unmerge), assigning a new ``base_layer``, moving or casting the layer (``.to``). Caches built from the weights (the stacked weights of
+    a mixed-adapter batch, DoRA's norms) are keyed on it, never on ``data_ptr``: a freed tensor's
+    block is reused by the next one of the same size, and a gathered FSDP2 weight moves every step.
+    In-place edits of the same adapter tensors (an optimizer step) show in their ``_version``;
+    whoever replaces or rewrites weights behind lorakit's back calls ``weights_changed()``.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        self.generation = 0
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -77,6 +86,21 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "base_layer":  # a new base module (dequantized, swapped): nothing cached from the old one holds
+            self.weights_changed()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(device / dtype), .half(), .cuda() replace every tensor: nothing cached from the old ones holds.
+        out = super()._apply(fn, recurse)
+        self.weights_changed()
+        return out
+
+    def weights_changed(self) -> None:
+        """Invalidate every cache built from this layer's weights (bumps ``generation``)."""
+        self.__dict__["generation"] = self.__dict__.get("generation", 0) + 1
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.r)
@@ -85,6 +109,7 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def _set_scale(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
+        self.weights_changed()
         self.r[name] = r
         self.lora_alpha[name] = float(alpha)
         self.use_rslora[name] = use_rslora
@@ -128,6 +153,7 @@ class LoraLayer(nn.Module):
         self.set_dropout(name, dropout)
         weight = self._base_weight()
         self._create_weights(name, r, {"device": weight.device, "dtype": dtype or weight.dtype})
+        self.weights_changed()
         if weight.device.type != "meta":
             self.reset_adapter(name, init)
 
@@ -154,6 +180,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling, self.use_dora):
             table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.weights_changed()
         self._refresh()
 
     def _stores(self) -> list[Any]:
@@ -176,6 +203,7 @@ class LoraLayer(nn.Module):
         weight = self._base_weight()
         with torch.no_grad():
             weight.copy_(value.to(weight.dtype))
+        self.weights_changed()
         self._refresh()
 
     # --- forward -----------------------------------------------------------------------------
@@ -298,6 +326,7 @@ class LoraLinear(LoraLayer):
             residual.init_residual(self, name, init)
         else:
             self._reset_lora(name, init)
+        self.weights_changed()
         if self.use_dora.get(name):
             dora.init_magnitude(self, name)
 
@@ -324,10 +353,11 @@ class LoraLinear(LoraLayer):
         return not any(self.use_dora.values())
 
     def _stacked(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
-        """All adapters' A and scaled B stacked (slot 0 = zeros: the base), rebuilt when a weight changes."""
+        """All adapters' A and scaled B stacked (slot 0 = zeros: the base), rebuilt when a weight changes
+        (``generation``: tensors replaced or reloaded; ``_version``: the same tensors edited in place)."""
         names = tuple(self.r)
         weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights),
+        key = (self.generation, names, tuple((a._version, b._version) for a, b in weights),
                tuple(self.scaling[n] for n in names))
         cached = self.__dict__.get("_stack")
         if cached is None or cached[0] != key:
@@ -419,6 +449,7 @@ class LoraEmbedding(LoraLayer):
             else:
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
+        self.weights_changed()
         if self.use_dora.get(name):
             dora.init_magnitude(self, name)
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..extras import require
 from ..lora.atomic import atomic_directory
 from ..lora import load_adapter, merge_lora, unload_lora
 from ..lora.quant import dequantize_model, model_quantization
@@ -31,6 +32,8 @@ def export_merged(model_dir: Union[str, Path], adapter: Union[str, Path], out: U
         raise FileExistsError(f"{out}: already exists; pick a new output directory")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization:
+        require("bitsandbytes", "quant", f"--quantization {quantization}")
     model = load_model(str(model_dir), dtype=torch.float32)
     tokenizer = load_tokenizer(str(model_dir))
     if quantization:

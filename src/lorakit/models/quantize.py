@@ -11,15 +11,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..extras import require
+
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
-def _require_bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ImportError("quantization needs the bitsandbytes package: pip install 'lorakit[quant]'") from None
-    return bnb
+def _require_bnb(kind: str = "nf4"):
+    return require("bitsandbytes", "quant", f"quantization: {kind}")
 
 
 def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32,
@@ -38,7 +36,7 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = tor
     """
     if kind not in QUANT_TYPES:
         raise ValueError(f"quantization must be one of {list(QUANT_TYPES)}, got {kind!r}")
-    bnb = _require_bnb()
+    bnb = _require_bnb(kind)
     done = []
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear or path.split(".")[-1] in skip:

@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from ..extras import require
 from ..generation import SamplingParams
 from ..lora import write_adapter
 from .rollout import PolicyUpdate, RolloutCompletion
@@ -54,12 +55,7 @@ def import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM logs a line per sync at INFO; the trainer's progress line says what matters (set it to see them).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError(f"rollout.engine: vllm needs vLLM, which is not importable here ({err}). Install it: "
-                          f"{INSTALL_HINT}") from None
-    return vllm
+    return require("vllm", "vllm", "rollout.engine: vllm", install=INSTALL_HINT, name="vLLM")
 
 
 def vllm_lora_rank(r: int) -> int:

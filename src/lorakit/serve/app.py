@@ -19,7 +19,10 @@ from ..generation.simple import format_prompt
 from ..lora import delete_adapter, load_adapter
 from ..lora.layer import check_adapter_name
 from .metrics import ServerMetrics
-from .scheduler import LoopSink, QueueFull, Scheduler
+from .scheduler import AdapterUnloaded, LoopSink, QueueFull, Rejected, Scheduler, WorkerDead
+
+# What vLLM and OpenAI accept as a seed: a signed 64-bit integer.
+_SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class ApiError(Exception):
@@ -71,6 +74,21 @@ class LoraServer:
         self.scheduler = Scheduler(self.engine, max_queue=config.max_queue)
         self.metrics = ServerMetrics(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
         self.created = int(time.time())
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # Rows of the embedding table: an id past it fails the whole batch's forward, so it is refused here.
+        self.vocab_size = int(getattr(embeddings, "num_embeddings", None) or model.config.vocab_size)
+
+    def health(self) -> tuple[int, dict]:
+        """``/health``: 200 while the worker thread serves, 503 (with the reason) once it has stopped."""
+        scheduler = self.scheduler
+        body = {"status": "ok" if scheduler.alive else "error", "running": scheduler.running,
+                "waiting": scheduler.waiting, "steps_run": self.engine.steps, "largest_batch": self.engine.largest_batch}
+        if not scheduler.alive:
+            cause = scheduler.error
+            body["error"] = (f"the engine's worker thread has stopped: {type(cause).__name__}: {cause}"
+                             if cause is not None else "the engine's worker thread has stopped")
+            return 503, body
+        return 200, body
 
     # --- model registry ---------------------------------------------------------------------------
     def models(self) -> dict:
@@ -108,7 +126,7 @@ class LoraServer:
             load_adapter(self.model, resolved, adapter_name=name, activate=False)
 
         try:
-            self.scheduler.exclusive(do_load)
+            _exclusive(self.scheduler, do_load)
         except (ValueError, FileNotFoundError) as err:
             raise ApiError(400, f"cannot load adapter '{name}': {err}", param="lora_path") from None
         return {"status": "ok", "lora_name": name}
@@ -121,7 +139,7 @@ class LoraServer:
             self.scheduler.fail_requests_using(name)  # they end with 404, the others go on
             delete_adapter(self.model, name)
 
-        self.scheduler.exclusive(do_unload)
+        _exclusive(self.scheduler, do_unload)
         return {"status": "ok", "lora_name": name}
 
     def _resolve(self, path: str) -> Path:
@@ -158,6 +176,10 @@ class LoraServer:
                 ids = self.tokenizer(prompt)["input_ids"]
             else:
                 raise ApiError(400, "'prompt' must be a non-empty string (or a list of token ids)", param="prompt")
+        bad = next((t for t in ids if isinstance(t, bool) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"'prompt' holds token id {bad!r}, outside the model's vocabulary of "
+                           f"{self.vocab_size} ids (0 to {self.vocab_size - 1})", param="prompt")
         n = body.get("n", 1)
         if n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
@@ -182,7 +204,7 @@ class LoraServer:
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, exclusive_low=True),
             top_k=max(0, int(_number(body, "top_k", 0, -1, 1e9))),  # -1 (vLLM) and 0 both mean "all"
             stop=stop,
-            seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
+            seed=_seed(body),
             ignore_eos=bool(body.get("ignore_eos", False)),
         )
         meta = {"model": body["model"], "logprobs": body.get("logprobs") is not None and body.get("logprobs") is not False,
@@ -196,6 +218,8 @@ class LoraServer:
         items: asyncio.Queue[Any] = asyncio.Queue()
         try:
             ticket = self.scheduler.submit(request, LoopSink(loop, items))
+        except WorkerDead as err:
+            raise ApiError(503, str(err), kind="server_error") from None
         except QueueFull as err:
             self.metrics.rejected.inc()
             raise ApiError(429, f"the server is busy: {err}; retry later", code="rate_limit_exceeded",
@@ -204,8 +228,10 @@ class LoraServer:
         try:
             while True:
                 item = await items.get()
-                if isinstance(item, LookupError):
+                if isinstance(item, AdapterUnloaded):
                     raise ApiError(404, str(item), code="model_not_found", param="model")
+                if isinstance(item, Rejected):
+                    raise ApiError(400, str(item))
                 if isinstance(item, Exception):
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")
                 if first and isinstance(item, (Delta, Completion)):
@@ -224,6 +250,24 @@ class LoraServer:
             if not ticket.done:
                 self.scheduler.cancel(ticket)
                 self.metrics.cancelled.inc()
+
+
+def _exclusive(scheduler: Scheduler, fn: Any) -> Any:
+    try:
+        return scheduler.exclusive(fn)
+    except WorkerDead as err:
+        raise ApiError(503, str(err), kind="server_error") from None
+
+
+def _seed(body: dict) -> Optional[int]:
+    seed = body.get("seed")
+    if seed is None:
+        return None
+    low, high = _SEED_RANGE
+    if not isinstance(seed, int) or isinstance(seed, bool) or not low <= seed <= high:
+        raise ApiError(400, f"'seed' must be an integer in [-2**63, 2**63 - 1] (a signed 64-bit integer), "
+                       f"got {seed!r}", param="seed")
+    return seed
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float, exclusive_low: bool = False) -> float:

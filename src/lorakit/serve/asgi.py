@@ -4,7 +4,9 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 ``stream: true`` as server-sent events), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
 (vLLM's names), GET /health, GET /metrics (Prometheus text). ``/v1`` routes need the API key when
 one is set. A client that disconnects cancels its request: its batch slot is free at the next
-engine step. A full waiting queue answers 429 with ``Retry-After``.
+engine step, and a stream dropped before its first token leaves the queue without being prefilled.
+A full waiting queue answers 429 with ``Retry-After``. Once the engine's worker thread has died,
+``/health`` and new requests answer 503.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from ..extras import require
 
-from ..generation import Completion, Delta
+uvicorn = require("uvicorn", "serve", "lorakit serve")
+require("starlette", "serve", "lorakit serve")
+from starlette.applications import Starlette  # noqa: E402  (after the check above)
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import Request as HttpRequest  # noqa: E402
+from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from ..generation import Completion, Delta  # noqa: E402
 from .app import ApiError, LoraServer, completion_logprobs, usage_of
 
 _POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -70,9 +75,8 @@ def make_app(server: LoraServer) -> Starlette:
                 if path == "/v1/models":
                     return JSONResponse(server.models())
                 if path == "/health":
-                    return JSONResponse({"status": "ok", "running": server.scheduler.running,
-                                         "waiting": server.scheduler.waiting, "steps_run": server.engine.steps,
-                                         "largest_batch": server.engine.largest_batch})
+                    status, health = server.health()
+                    return JSONResponse(health, status_code=status)
                 if path == "/metrics":
                     return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
                 raise ApiError(404, f"no route GET {request.url.path}", code="not_found")
@@ -95,8 +99,8 @@ def make_app(server: LoraServer) -> Starlette:
         created = int(time.time())
         events = server.events(request)
         if not body.get("stream"):
-            done = await _until_done(http, events)
-            if done is None:  # the client went away; nobody reads this
+            arrived, done = await _unless_disconnected(http, _completion_of(events))
+            if not arrived or done is None:  # the client went away; nobody reads this
                 return Response(status_code=499)
             choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
             if meta["logprobs"]:
@@ -107,7 +111,12 @@ def make_app(server: LoraServer) -> Starlette:
                 choice["text"] = done.text
             return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
                                  "created": created, "model": meta["model"], "choices": [choice], "usage": usage_of(done)})
-        first = await events.__anext__()  # errors before the first token still get a proper status code
+        # Errors before the first token still get a proper status code; a client that leaves before
+        # it (its request queued, or its prompt prefilling) cancels the request there and then.
+        arrived, first = await _unless_disconnected(http, events.__anext__())
+        if not arrived:
+            await events.aclose()
+            return Response(status_code=499)
         chunks = _sse(events, first, ident, created, meta["model"], chat,
                       bool((body.get("stream_options") or {}).get("include_usage")))
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -121,26 +130,28 @@ def make_app(server: LoraServer) -> Starlette:
                      exception_handlers={HTTPException: http_error})
 
 
-async def _until_done(http: HttpRequest, events: AsyncIterator[Any]) -> Optional[Completion]:
-    """The Completion of ``events``, or None (request cancelled) if the client disconnects first."""
+async def _completion_of(events: AsyncIterator[Any]) -> Optional[Completion]:
+    async for item in events:
+        if isinstance(item, Completion):
+            return item
+    return None
 
-    async def consume() -> Optional[Completion]:
-        async for item in events:
-            if isinstance(item, Completion):
-                return item
-        return None
 
-    task = asyncio.ensure_future(consume())
+async def _unless_disconnected(http: HttpRequest, awaitable: Any) -> tuple[bool, Any]:
+    """``(True, result of awaitable)``, or ``(False, None)`` if the client disconnects first: then the
+    awaitable is cancelled (an events iterator's cleanup cancels its request)."""
+    task = asyncio.ensure_future(awaitable)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
-                return task.result()
+                return True, task.result()
             if await http.is_disconnected():
-                return None
+                return False, None
     finally:
         if not task.done():
-            task.cancel()  # the events iterator's cleanup cancels the request
+            task.cancel()
+            await asyncio.wait({task})  # its cleanup (the request's cancellation) has run when this returns
 
 
 async def _sse(events: Any, first: Any, ident: str, created: int, model: str, chat: bool,

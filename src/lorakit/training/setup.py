@@ -10,6 +10,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..distributed import DistInfo, FsdpOptions
+from ..extras import require
 from ..models import DEMO, DEMO_MOE, demo_model_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
 from ..models.attention import AttentionChoice, resolve_attention
 
@@ -69,6 +70,8 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     if tc.cpu_offload and device.type != "cuda":
         log("Note: train.cpu_offload on a CPU run: FSDP2's offload policy is applied, but parameters already live in "
             "host memory, so it saves nothing here (it is for GPUs)")
+    if cfg.quantization:
+        require("bitsandbytes", "quant", f"quantization: {cfg.quantization}")
     tokenizer = load_tokenizer(cfg.model)
     base_dtype = dtype if device.type == "cuda" else torch.float32
     if cfg.quantization:
