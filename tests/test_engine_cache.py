@@ -185,3 +185,18 @@ def test_no_future_warning_from_the_engine_forward(model, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         Engine(model, tok).generate(_requests(tok, 2, 3))
+
+
+def test_moe_demo_batch_matches_transformers_generate(tok):
+    from lorakit.models.demo import build_demo_moe_model
+
+    moe = build_demo_moe_model(320).eval()
+    prompts = [tok(t)["input_ids"] for t in ("mixture", "of experts in one batch", "rows")]
+    requests = [Request(p, None, SamplingParams(n, ignore_eos=True)) for p, n in zip(prompts, (12, 4, 9))]
+    got = Engine(moe, tok).generate(requests)
+    for r, completion in zip(requests, got):
+        ids = torch.tensor([r.prompt_ids])
+        with torch.no_grad():
+            want = moe.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=r.params.max_new_tokens, min_new_tokens=r.params.max_new_tokens)
+        assert completion.token_ids == want[0, ids.shape[1]:].tolist()

@@ -40,6 +40,8 @@ def check_full_attention(config: Any) -> None:
     Raises:
         ValueError: ``config`` declares layer types other than ``full_attention``, or a sliding window in use.
     """
+    if config is None:
+        return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     types = getattr(text, "layer_types", None)
     name = getattr(text, "model_type", type(text).__name__)
@@ -71,7 +73,8 @@ class RowCache:
         cache: the ``SlotCache`` the model is given at a decode step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: Optional[int] = None) -> None:
+        self.max_rows = max_rows  # slots never grow past this (the engine's max_num_seqs)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []
@@ -202,7 +205,7 @@ class RowCache:
             self.values = [torch.zeros((slots, v.shape[1], _room(columns), v.shape[3]), dtype=v.dtype, device=v.device)
                            for _, v in shapes]
         elif slots > self.slots or columns > self.capacity:
-            n_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
+            n_slots = max(slots, min(2 * self.slots, self.max_rows or 2 * self.slots)) if slots > self.slots else self.slots
             n_cols = max(columns, 2 * self.capacity) if columns > self.capacity else self.capacity
             rows, used = self.rows, self._width
             for bufs in (self.keys, self.values):

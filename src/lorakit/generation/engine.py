@@ -146,8 +146,9 @@ class Engine:
         max_num_batched_tokens: KV-cache tokens the running batch may hold, counted as rows x the
             longest row's prompt + max_new_tokens (each row has a slot as long as the longest, and
             that room is reserved when the row joins, so a batch admitted never runs out of it);
-            a request that would pass it waits, one that could never fit is refused. None: rows
-            are bounded by ``max_num_seqs`` only and the cache grows as rows need.
+            a request that would pass it waits, one that could never fit is refused. The buffers
+            grow geometrically, so they may hold up to twice the columns counted. None: rows are
+            bounded by ``max_num_seqs`` only and the cache grows as rows need.
     """
 
     def __init__(self, model: Any, tokenizer: Any, lockstep: Optional[Callable[[bool], bool]] = None,
@@ -157,7 +158,7 @@ class Engine:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1")
-        check_full_attention(model.config)
+        check_full_attention(getattr(model, "config", None))
         self.model = model
         self.tokenizer = tokenizer
         self.lockstep = lockstep
@@ -172,7 +173,7 @@ class Engine:
         self._waiting: deque[_Row] = deque()  # not started
         self._prefilling: list[_Row] = []  # admitted; prompt partly prefilled into the row's own cache
         self._running: list[_Row] = []  # rows of ``_batch``, in its order
-        self._batch = RowCache()
+        self._batch = RowCache(max_num_seqs)
         self._params: Optional[BatchParams] = None  # the running rows' sampling tensors (None: rebuild)
         self._routing: Optional[RowRouting] = None  # the running rows' adapter routes (None: rebuild)
         self._next_id = 0
