@@ -2,11 +2,12 @@
 vs a baseline lorakit (default: git ref ``main``), same model, same prompts, one run.
 
 Model: Qwen3-shaped, random init (hidden 128, 4 layers, 4 query / 2 KV heads of 64, vocab 32000,
-fp32; small, so that the cache, not the weights, dominates a decode step); no adapter. Each row: a prompt of --prompt-len tokens, then --new tokens (greedy, end of
-sequence ignored). Measured: tokens/s over the decode steps only (every row prefilled and
-running), so the histories run from --prompt-len to --prompt-len + --new. Each measurement is its
-own subprocess (PYTHONPATH = that tree's src); the two trees alternate within each repeat; printed:
-tokens/s median and min-max per tree and rows, and the per-repeat ratio this/baseline.
+fp32; small, so that the cache, not the weights, dominates a decode step); no adapter. Each row: a
+prompt of --prompt-len tokens, then --new tokens (greedy, end of sequence ignored). Measured:
+tokens/s over the decode steps only (every row prefilled and running), so the histories run from
+--prompt-len to --prompt-len + --new. Each measurement is its own subprocess (PYTHONPATH = that
+tree's src); the two trees alternate within each repeat; printed: tokens/s median and min-max per
+tree and rows, and the per-repeat ratio this/baseline.
 
     python benchmarks/engine_cache.py [--rows 64,256] [--prompt-len 512] [--new 32] [--repeats 3]
                                       [--baseline-ref main | --baseline-src DIR]

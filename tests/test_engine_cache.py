@@ -162,7 +162,8 @@ def test_token_budget_admits_what_fits_and_refuses_what_never_can(model, tok):
         engine.add_request(Request(prompt, None, SamplingParams(10, ignore_eos=True)))
     engine.step()
     assert (engine.num_running, engine.num_waiting) == (3, 2)  # 3 rows x (prompt + 10) fill the budget
-    with pytest.raises(ValueError, match=r"the prompt has \d+ tokens; with max_new_tokens=100 .*max_num_batched_tokens"):
+    refused = r"the prompt has \d+ tokens; with max_new_tokens=100 .*max_num_batched_tokens"
+    with pytest.raises(ValueError, match=refused):
         engine.add_request(Request(prompt, None, SamplingParams(100)))
     while engine.has_unfinished():
         engine.step()

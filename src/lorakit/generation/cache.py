@@ -205,7 +205,8 @@ class RowCache:
             self.values = [torch.zeros((slots, v.shape[1], _room(columns), v.shape[3]), dtype=v.dtype, device=v.device)
                            for _, v in shapes]
         elif slots > self.slots or columns > self.capacity:
-            n_slots = max(slots, min(2 * self.slots, self.max_rows or 2 * self.slots)) if slots > self.slots else self.slots
+            doubled = min(2 * self.slots, self.max_rows or 2 * self.slots)
+            n_slots = max(slots, doubled) if slots > self.slots else self.slots
             n_cols = max(columns, 2 * self.capacity) if columns > self.capacity else self.capacity
             rows, used = self.rows, self._width
             for bufs in (self.keys, self.values):

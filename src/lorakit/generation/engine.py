@@ -391,7 +391,7 @@ class Engine:
             logits = self._forward(ids, mask, positions, row.cache)
         row.prefilled += n
         if row.prefilled == len(row.request.prompt_ids):
-            self._first_tokens([row], logits, mask, deltas)
+            self._first_tokens([row], logits, deltas)
 
     def _prefill_whole(self, rows: list[_Row], deltas: list[Delta]) -> None:
         """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column."""
@@ -411,11 +411,11 @@ class Engine:
         for row in rows:
             row.prefilled = len(row.request.prompt_ids)
             row.cache = cache
-        self._first_tokens(rows, logits, mask, deltas)
+        self._first_tokens(rows, logits, deltas)
 
-    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, mask: torch.Tensor, deltas: list[Delta]) -> None:
-        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, ``mask`` (rows,
-        width)); they join the batch, and those already finished leave it at once."""
+    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, deltas: list[Delta]) -> None:
+        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, left-padded, each
+        row's prompt in its last columns); they join the batch, and those already finished leave it at once."""
         cache = rows[0].cache
         for row in rows:
             row.cache = None
