@@ -8,6 +8,11 @@ import sys
 from collections import Counter
 from typing import Any, Optional, Sequence
 
+DEFAULT_CONTEXT = 8192
+"""`lorakit serve`'s --context-length when the model allows more positions."""
+DEFAULT_BATCH_TOKENS = 131072
+"""`lorakit serve`'s --max-num-batched-tokens: 64 rows of 2,048 tokens, or 16 of 8,192."""
+
 
 def _human_bytes(n: int) -> str:
     size = float(n)
@@ -242,9 +247,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
-                        ("--threads", args.threads), ("--prefill-chunk", args.prefill_chunk)):
+                        ("--threads", args.threads), ("--prefill-chunk", args.prefill_chunk),
+                        ("--context-length", args.context_length),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.context_length is not None and args.context_length > args.max_num_batched_tokens:
+        raise ValueError(f"--context-length {args.context_length} exceeds --max-num-batched-tokens "
+                         f"{args.max_num_batched_tokens}: a request as long as the context could never be scheduled")
     device = resolve_device(args.device)
     if device.type == "cpu":
         # Compute threads; one core is left to the HTTP thread (tokenising, streaming), as vLLM's CPU
@@ -261,12 +271,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
         load_adapter(model, path, adapter_name=name, activate=False)
     base_name = args.served_model_name or Path(args.model).name
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    # Not the model's whole range by default (40,960 positions for Qwen3): the batch's cache is
+    # rows x the longest request, so one request that long would crowd out the others.
+    context = args.context_length or min(positions or DEFAULT_CONTEXT, DEFAULT_CONTEXT, args.max_num_batched_tokens)
+    if positions and context > positions:
+        raise ValueError(f"--context-length {context} exceeds the model's {positions} positions "
+                         "(config.max_position_embeddings)")
     config = ServerConfig(base_name=base_name, api_key=args.api_key,
                           adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
                           max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
                           default_max_tokens=min(256, args.max_tokens_limit), context_length=context,
-                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
     server = LoraServer(model, tokenizer, config)
     # What exists now (model, tokenizer) lives as long as the server: keep the garbage collector's
     # full passes, which would stall a decode step, off those objects.
@@ -365,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine step at most; longer prompts are prefilled in chunks "
                         "between the decode steps of the running requests")
+    p.add_argument("--context-length", type=int, default=None,
+                   help=f"prompt + max_tokens of a request at most; longer ones get HTTP 400 (default: the model's "
+                        f"max_position_embeddings, at most {DEFAULT_CONTEXT} and --max-num-batched-tokens)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help="KV-cache tokens the running batch may hold, counted as rows x the longest request's prompt + "
+                        "max_tokens; further requests wait in the queue (memory: this x layers x 2 x kv_heads x "
+                        "head_dim x bytes per value)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU compute threads (default: the cores less one, left to the HTTP thread)")

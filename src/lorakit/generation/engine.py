@@ -22,7 +22,7 @@ import torch
 
 from ..data.tokenize import collect_eos_ids
 from ..lora import RowRouting, adapter_names, route_adapters, set_adapter_weights
-from .cache import RowCache, new_cache
+from .cache import RowCache, check_full_attention, new_cache
 from .detok import TextState
 from .sampling import BatchParams, choose
 
@@ -143,23 +143,37 @@ class Engine:
         max_num_seqs: rows decoded together at most; further requests wait.
         prefill_chunk: prompt tokens prefilled per step at most (prompts longer than that are
             prefilled over several steps, between the decode steps of the other rows).
+        max_num_batched_tokens: KV-cache tokens the running batch may hold, counted as rows x the
+            longest row's prompt + max_new_tokens (each row has a slot as long as the longest, and
+            that room is reserved when the row joins, so a batch admitted never runs out of it);
+            a request that would pass it waits, one that could never fit is refused. The buffers
+            grow geometrically, so they may hold up to twice the columns counted. None: rows are
+            bounded by ``max_num_seqs`` only and the cache grows as rows need.
     """
 
     def __init__(self, model: Any, tokenizer: Any, lockstep: Optional[Callable[[bool], bool]] = None,
-                 max_num_seqs: int = 256, prefill_chunk: int = 2048) -> None:
+                 max_num_seqs: int = 256, prefill_chunk: int = 2048,
+                 max_num_batched_tokens: Optional[int] = None) -> None:
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1")
+        check_full_attention(getattr(model, "config", None))
         self.model = model
         self.tokenizer = tokenizer
         self.lockstep = lockstep
         self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.eos = set(collect_eos_ids(tokenizer, getattr(model, "generation_config", None)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        accepted = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in accepted
+        # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` warns, and goes in 5.40)
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._waiting: deque[_Row] = deque()  # not started
         self._prefilling: list[_Row] = []  # admitted; prompt partly prefilled into the row's own cache
         self._running: list[_Row] = []  # rows of ``_batch``, in its order
-        self._batch = RowCache()
+        self._batch = RowCache(max_num_seqs)
         self._params: Optional[BatchParams] = None  # the running rows' sampling tensors (None: rebuild)
         self._routing: Optional[RowRouting] = None  # the running rows' adapter routes (None: rebuild)
         self._next_id = 0
@@ -217,10 +231,10 @@ class Engine:
             if row.id == ident:
                 del self._prefilling[i]
                 return True
-        keep = [i for i, row in enumerate(self._running) if row.id != ident]
-        if len(keep) == len(self._running):
+        gone = [i for i, row in enumerate(self._running) if row.id == ident]
+        if not gone:
             return False
-        self._leave(keep)
+        self._leave(gone)
         return True
 
     def requests_using(self, adapter: str) -> list[int]:
@@ -305,16 +319,30 @@ class Engine:
             raise ValueError(f"unknown adapter '{request.adapter}'; loaded: {sorted(self.adapters())}")
         if not request.prompt_ids:
             raise ValueError("empty prompt")
+        budget = self.max_num_batched_tokens
+        if budget is not None and _reserved(request) > budget:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; with max_new_tokens="
+                             f"{request.params.max_new_tokens} it needs {_reserved(request)} cache tokens, more "
+                             f"than this engine's max_num_batched_tokens of {budget}")
 
     def _admit(self) -> None:
-        while self._waiting and self.num_running < self.max_num_seqs:
+        budget = self.max_num_batched_tokens
+        rows = self.num_running
+        longest = max((_reserved(r.request) for r in (*self._prefilling, *self._running)), default=0)
+        while self._waiting and rows < self.max_num_seqs:
+            if budget is not None:
+                need = max(longest, _reserved(self._waiting[0].request))
+                if rows and (rows + 1) * need > budget:
+                    break  # waits for rows to leave
+                longest = need
             self._prefilling.append(self._waiting.popleft())
+            rows += 1
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """Next-token logits (rows, vocab) at each row's last column."""
         extra = {"logits_to_keep": 1} if self._keeps_logits else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **extra)
+        extra[self._cache_arg] = cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         return out.logits[:, -1]
 
     def _dummy_forward(self) -> None:
@@ -363,7 +391,7 @@ class Engine:
             logits = self._forward(ids, mask, positions, row.cache)
         row.prefilled += n
         if row.prefilled == len(row.request.prompt_ids):
-            self._first_tokens([row], logits, mask, deltas)
+            self._first_tokens([row], logits, deltas)
 
     def _prefill_whole(self, rows: list[_Row], deltas: list[Delta]) -> None:
         """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column."""
@@ -383,15 +411,16 @@ class Engine:
         for row in rows:
             row.prefilled = len(row.request.prompt_ids)
             row.cache = cache
-        self._first_tokens(rows, logits, mask, deltas)
+        self._first_tokens(rows, logits, deltas)
 
-    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, mask: torch.Tensor, deltas: list[Delta]) -> None:
-        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, ``mask`` (rows,
-        width)); they join the batch, and those already finished leave it at once."""
+    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, deltas: list[Delta]) -> None:
+        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, left-padded, each
+        row's prompt in its last columns); they join the batch, and those already finished leave it at once."""
         cache = rows[0].cache
         for row in rows:
             row.cache = None
-        self._batch.add(cache, mask)
+        reserve = max(_reserved(r.request) for r in rows) if self.max_num_batched_tokens is not None else 0
+        self._batch.add(cache, [len(r.request.prompt_ids) for r in rows], reserve)
         self._running.extend(rows)
         self._params = None
         self._sample(rows, logits, _batch_params(rows, logits.device), deltas, offset=len(self._running) - len(rows))
@@ -409,7 +438,7 @@ class Engine:
         mask, positions = self._batch.step_inputs()
         with self._routing.apply():
             logits = self._forward(ids, mask, positions, self._batch.cache)
-        self._batch.advance(mask)
+        self._batch.advance()
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(rows))
         self._sample(rows, logits, self._params, deltas, offset=0)
@@ -428,13 +457,19 @@ class Engine:
                 finished.append(offset + i)
             deltas.append(delta)
         if finished:
-            gone = set(finished)
-            self._leave([i for i in range(len(self._running)) if i not in gone])
+            self._leave(finished)
 
-    def _leave(self, keep: list[int]) -> None:
-        self._batch.keep(keep)
-        self._running = [self._running[i] for i in keep]
+    def _leave(self, gone: list[int]) -> None:
+        """Rows ``gone`` (indices into ``_running``) leave; the cache chooses the new order (it moves
+        the last rows into the freed slots rather than shifting every row)."""
+        order = self._batch.remove(gone)
+        self._running = [self._running[i] for i in order]
         self._params = None
+
+
+def _reserved(request: Request) -> int:
+    """Cache tokens a request may hold: its prompt and every token it may generate."""
+    return len(request.prompt_ids) + max(0, request.params.max_new_tokens)
 
 
 def _batch_params(rows: Sequence[_Row], device: torch.device) -> BatchParams:

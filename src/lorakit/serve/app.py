@@ -54,7 +54,8 @@ class ServerConfig:
     default_max_tokens: int = 256
     """max_tokens when a request gives none."""
     context_length: int = 2048
-    """Prompt tokens + max_tokens may not exceed this."""
+    """Prompt tokens + max_tokens may not exceed this (a request over it gets 400 naming ``prompt``).
+    At most ``max_num_batched_tokens``, so a request that fits the context always fits the batch."""
     max_num_seqs: int = 64
     """Requests decoded together in one batch at most; more wait in the queue."""
     max_queue: int = 256
@@ -62,6 +63,10 @@ class ServerConfig:
     prefill_chunk: int = 2048
     """Prompt tokens prefilled per engine step at most (longer prompts take several steps, so they do
     not stall the requests that are decoding; a burst of short prompts is prefilled in one forward)."""
+    max_num_batched_tokens: Optional[int] = None
+    """KV-cache tokens the running batch may hold, counted as rows x the longest request's prompt +
+    max_tokens (the engine's ``max_num_batched_tokens``): more requests wait in the queue rather
+    than grow the cache past it. None: only ``max_num_seqs`` bounds the batch."""
 
 
 class LoraServer:
@@ -69,8 +74,12 @@ class LoraServer:
 
     def __init__(self, model: Any, tokenizer: Any, config: ServerConfig, max_batch: Optional[int] = None) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        budget = config.max_num_batched_tokens
+        if budget is not None and config.context_length > budget:
+            raise ValueError(f"context_length ({config.context_length}) exceeds max_num_batched_tokens ({budget}): "
+                             "a request as long as the context could never be scheduled")
         self.engine = Engine(model, tokenizer, max_num_seqs=max_batch or config.max_num_seqs,
-                             prefill_chunk=config.prefill_chunk)
+                             prefill_chunk=config.prefill_chunk, max_num_batched_tokens=budget)
         self.scheduler = Scheduler(self.engine, max_queue=config.max_queue)
         self.metrics = ServerMetrics(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
         self.created = int(time.time())
