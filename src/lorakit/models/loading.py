@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a local HF directory, ``demo``, a GGUF file, or a hub id where a network exists."""
+"""Load a causal LM and its tokenizer from a local HF directory, ``demo``, a GGUF file, a named real model, or a
+hub id where a network exists."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from .cache import is_cached
 from .demo import DEMO, DEMO_MOE, demo_model_dir, ensure_demo_model
 from .gguf import GgufError, ensure_gguf_model, is_gguf_name
+from .named import NAMED_MODELS, NamedModelError, ensure_named_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +45,8 @@ def resolve_model(name: str, log: Optional[Callable[[str], None]] = None) -> str
     """Where to load model ``name`` from.
 
     - ``demo`` (``demo-moe``): lorakit's demo model (its MoE variant), cached, built on first use;
+    - a named real model (``smollm2-135m-instruct``): the GGUF file its installed package ships,
+      converted once into the cache;
     - a ``.gguf`` file: converted once into the cache (``models.gguf``);
     - an existing directory: itself;
     - anything else must look like a hub id ("org/name").
@@ -52,7 +56,7 @@ def resolve_model(name: str, log: Optional[Callable[[str], None]] = None) -> str
 
     Raises:
         ModelError: ``name`` is empty; a path (absolute, ``./``, ``~``, several parts) that does not
-            exist; a GGUF file that cannot be used.
+            exist; a GGUF file that cannot be used; a named model whose package is not installed.
             The message is one line naming the model and what to do.
     """
     if name in (DEMO, DEMO_MOE):
@@ -61,11 +65,14 @@ def resolve_model(name: str, log: Optional[Callable[[str], None]] = None) -> str
             log(f"Building lorakit's demo model in {demo_model_dir(moe)} (once; later runs reuse it)")
         return str(ensure_demo_model(moe=moe))
     if not name:
-        raise ModelError("model: no model given (a local Hugging Face model directory, a .gguf file, or 'demo')")
-    if is_gguf_name(name):
+        raise ModelError("model: no model given (a local Hugging Face model directory, a .gguf file, 'demo', or one "
+                         f"of {', '.join(NAMED_MODELS)})")
+    if name in NAMED_MODELS or is_gguf_name(name):
         try:
+            if name in NAMED_MODELS:
+                return str(ensure_named_model(name, log=log))
             return str(ensure_gguf_model(name, log=log))
-        except GgufError as err:
+        except (GgufError, NamedModelError) as err:
             raise ModelError(str(err)) from None
     path = Path(name).expanduser()
     if path.exists():
