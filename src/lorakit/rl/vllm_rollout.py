@@ -177,6 +177,8 @@ class VllmRollout:
         """Complete ``prompts[i]`` with ``params[i]``: token ids (stop token included) and their log-probs."""
         if self.payload == "lora" and self.request is None:
             raise RuntimeError("VllmRollout.generate before sync: vLLM holds no adapter of this run")
+        if not prompts:  # a rank without held-out prompts: each rank's engine is its own, nothing to join
+            return []
         self._wake()
         vparams = [self._vllm.SamplingParams(
             n=1, temperature=q.temperature, top_p=q.top_p, top_k=q.top_k if q.top_k > 0 else -1,
