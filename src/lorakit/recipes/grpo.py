@@ -37,8 +37,9 @@ from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barri
                            through_root, wrap)
 from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
-from ..lora import (adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
+from ..lora import (LoraConfig, adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
                     trainable_report, write_adapter)
+from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
 from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
@@ -92,6 +93,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
     if rc.engine == "vllm":
+        if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* ranks were checked when it loaded
+            rank = served_rank(LoraConfig.from_json(cfg.init_adapter))
+            if vllm_max_lora_rank(rank) is None:
+                raise ValueError(f"init_adapter {cfg.init_adapter}: vLLM would receive a rank-{rank} adapter, over "
+                                 f"{VLLM_MAX_LORA_RANKS[-1]}, the largest max_lora_rank vLLM accepts; use rollout.sync: merged")
         import_vllm()  # not installed: say how to install it before any model loads
     run = start_run(cfg, info, device, log, sharded_load=True)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
@@ -477,7 +483,8 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
             raise ValueError("rollout.sync: merged loads the adapted layers' merged weights only, not "
                              "lora.modules_to_save; train without it to sample with vLLM")
         longest = cfg.grpo.max_prompt_len + max(rc.max_new_tokens, cfg.grpo.eval_max_new_tokens or 0)
-        engine = VllmRollout(resolve_model(cfg.model), eos, config.r if rc.sync == "lora" else None,
+        # The adapter vLLM receives: rank_pattern's largest rank, PiSSA/OLoRA converted to rank 2r.
+        engine = VllmRollout(resolve_model(cfg.model), eos, served_rank(config) if rc.sync == "lora" else None,
                              dtype=vllm_dtype_name(sampler_dtype(cfg, dtype)), max_model_len=vc.max_model_len or longest,
                              gpu_memory_utilization=vc.gpu_memory_utilization, enforce_eager=vc.enforce_eager,
                              tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,

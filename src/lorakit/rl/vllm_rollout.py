@@ -96,7 +96,8 @@ class VllmRollout:
     Args:
         model_dir: the base model's directory (the trainer's ``cfg.model``, resolved).
         eos_token_ids: every id that ends a completion (the generation config may list several).
-        lora_rank: the adapter's rank (``sync: lora``); None for ``sync: merged``.
+        lora_rank: the largest rank of the adapter vLLM receives (``sync: lora``: ``served_rank``, e.g.
+            2r for PiSSA); None for ``sync: merged``.
         dtype: vLLM's dtype ('float32', 'bfloat16', 'float16').
         max_model_len: the longest prompt + completion.
         gpu_memory_utilization, enforce_eager, tensor_parallel_size, seed: passed to ``vllm.LLM``.
@@ -130,6 +131,7 @@ class VllmRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
+        self.max_lora_rank: Optional[int] = kwargs.get("max_lora_rank")
         key = repr(sorted(kwargs.items()))
         if _shared["llm"] is None or _shared["key"] != key or self.payload == "merged":
             release_vllm()  # one engine per process: the machine rarely holds two copies of the model
@@ -163,8 +165,8 @@ class VllmRollout:
         try:
             self.llm.llm_engine.add_lora(lora_request("policy", _LORA_ID, str(path), load_inplace=True))
         except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (vLLM serves LoRA on linear "
-                             "layers only: no DoRA, modules_to_save or embedding LoRA; try rollout.sync: merged)") from None
+            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (this engine serves LoRA of rank "
+                             f"<= {self.max_lora_rank} on linear layers; try rollout.sync: merged)") from None
         # Requests name the loaded id without load_inplace, so vLLM does not re-read the files per batch.
         self.request = lora_request("policy", _LORA_ID, str(path))
 
