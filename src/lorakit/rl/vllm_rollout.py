@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 
 from ..generation import SamplingParams
-from ..lora import write_adapter
+from ..lora import adapter_fingerprint, read_adapter, write_adapter
 from .rollout import PolicyUpdate, RolloutCompletion
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
@@ -69,6 +69,12 @@ def vllm_lora_rank(r: int) -> int:
             return rank
     raise ValueError(f"vLLM serves LoRA ranks up to {_LORA_RANKS[-1]}; the adapter has r={r} "
                      "(use rollout.sync: merged, or a smaller lora.r)")
+
+
+def handed_over_fingerprint(path: Path) -> str:
+    """``adapter_fingerprint`` of the adapter directory ``path`` as a reader finds it: the tensors in
+    its safetensors file, read back from disk (not the ones the trainer meant to write)."""
+    return adapter_fingerprint(read_adapter(path)[1])
 
 
 def ram_dir() -> Path:
@@ -119,7 +125,8 @@ class VllmRollout:
         self.payload: Literal["lora", "merged"] = "lora" if lora_rank else "merged"
         self.sleep = bool(sleep) and torch.cuda.is_available()
         self.version: Optional[int] = None
-        self.fingerprint: Optional[str] = None
+        self.loaded: Optional[str] = None
+        """``handed_over_fingerprint`` of the adapter files vLLM read at the last sync (None: merged weights)."""
         if cpu_kvcache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{cpu_kvcache_gib:g}"
         kwargs: dict[str, Any] = dict(
@@ -154,11 +161,19 @@ class VllmRollout:
         if self.payload == "lora":
             if update.config is None:
                 raise ValueError("VllmRollout.sync: the update carries no adapter config")
-            self._load_adapter(write_adapter(self.sync_dir, update.config, update.tensors))
+            path = write_adapter(self.sync_dir, update.config, update.tensors)
+            self._load_adapter(path)
+            self.loaded = handed_over_fingerprint(path)  # read back after vLLM read it: what it was given
         else:
             self._load_merged(update.tensors)
         self.llm.reset_prefix_cache()  # cached prompt blocks belong to the previous policy
-        self.version, self.fingerprint = update.version, update.fingerprint
+        self.version = update.version
+
+    def held(self) -> Optional[str]:
+        """The fingerprint of the adapter files vLLM loaded at the last sync, hashed from the files on
+        vLLM's side of the hand-over; None for merged weights (no adapter to hash: the log-prob check
+        is their guard)."""
+        return self.loaded if self.payload == "lora" else None
 
     def _load_adapter(self, path: Path) -> None:
         lora_request = self._vllm.lora.request.LoRARequest
