@@ -44,8 +44,8 @@ from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
 from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
-                  RolloutCompletion, ServerRollout, StaleRolloutError, adapter_weights, completion_logprobs, group_advantages, logprob_gap,
-                  reference_policy, token_weights)
+                  RolloutCompletion, ServerRollout, StaleRolloutError, adapter_weights, completion_logprobs, group_advantages,
+                  logprob_gap, reference_policy, token_weights)
 from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
@@ -262,7 +262,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             log(f"Warning: the {rc.engine} engine does not report which adapter it holds (a server without "
                 "adapter fingerprints, or vLLM's merged weights): only the log-prob check guards against a stale adapter")
         staleness, completions = state["step"] - rollout.version, rollout.completions
-        sampled_by = held_versions.pop(rollout.version, None)  # async: the adapter that sampled it (None: the current one)
+        sampled_by = held_versions.pop(rollout.version, None)  # async: the adapter that sampled it (None: current)
         sync_s = sampler.sync_s
         if background is not None and state["step"] + 1 < total_steps:
             sampler.sync(state["step"])  # the adapter as it is now: version step, trained on at step + 1

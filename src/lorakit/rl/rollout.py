@@ -363,7 +363,8 @@ class PolicySampler:
             config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
             fingerprint = adapter_fingerprint(tensors)
         elif payload == "none":  # the engine samples these very tensors: they must stay unwritten until it does
-            config, tensors, fingerprint = adapter_configs(self.policy)[self.adapter], {}, adapter_stamp(self.policy, self.adapter)
+            config, tensors = adapter_configs(self.policy)[self.adapter], {}
+            fingerprint = adapter_stamp(self.policy, self.adapter)
         else:
             config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
             fingerprint = adapter_fingerprint(tensors)
