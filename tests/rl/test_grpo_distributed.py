@@ -60,3 +60,19 @@ def test_two_ranks_match_one_process(tmp_path, demo, mode):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # it did train
+
+
+def test_fsdp2_local_rollouts_with_fewer_held_out_prompts_than_ranks_finish(tmp_path, demo):
+    # One held-out prompt on two ranks: rank 1 has none to complete, yet FSDP2's sharded forwards
+    # are collectives, so it must still join rank 0's sampling (it used to skip it and hang).
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "3+4=", "answer": "7"}) + "\n")
+    body = {"recipe": "grpo", "model": str(demo), "output_dir": str(tmp_path / "out"),
+            "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+            "lora": {"r": 4, "alpha": 8}, "grpo": {"prompts_per_step": 2},
+            "rollout": {"num_generations": 2, "max_new_tokens": 3},
+            "train": {"max_steps": 1, "batch_size": 2, "seed": 5, "distributed": "fsdp2", "dist_timeout_s": 60}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(body))
+    _run(cfg, 2)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1]  # before and after training

@@ -355,6 +355,9 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
         raise ConfigError(f"{where.get(name, 'config')}: {str(err).replace('LoraConfig.', 'lora.')}") from None
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
     cfg.lora.target_parameters = lora.target_parameters
+    rc = cfg.rollout
+    if cfg.recipe == "grpo" and rc.engine == "vllm" and rc.sync == "lora" and not cfg.init_adapter:
+        _validate_vllm_rank(lora, fail)  # init_adapter's own config: checked by the recipe before any model loads
 
 
 def _validate_variants(cfg: RunConfig, fail: Any) -> None:
@@ -488,6 +491,21 @@ def _validate_rollout(cfg: RunConfig, fail) -> None:
         fail("rollout.vllm.tensor_parallel_size", f"must be >= 1, got {rc.vllm.tensor_parallel_size!r}")
     if rc.vllm.max_model_len is not None and rc.vllm.max_model_len < 1:
         fail("rollout.vllm.max_model_len", f"must be >= 1 (or null), got {rc.vllm.max_model_len!r}")
+
+
+def _validate_vllm_rank(config: Any, fail: Any) -> None:
+    """vLLM serves LoRA up to its largest max_lora_rank; the adapter it receives may be larger than lora.r."""
+    from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
+
+    rank = served_rank(config)
+    if vllm_max_lora_rank(rank) is None:
+        why = [f"lora.r={config.r}"]
+        if config.rank_pattern:
+            why.append(f"lora.rank_pattern up to {max(config.rank_pattern.values())}")
+        if rank > max([config.r, *config.rank_pattern.values()]):
+            why.append(f"lora.init_lora_weights={config.init_lora_weights!r} (handed over as plain LoRA of twice the rank)")
+        fail("lora.r", f"{', '.join(why)}: vLLM receives a rank-{rank} adapter, over {VLLM_MAX_LORA_RANKS[-1]}, the "
+             "largest max_lora_rank vLLM accepts; use rollout.sync: merged or a smaller rank")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -185,15 +185,20 @@ class RolloutSection:
     RAM-backed directory reloaded in place) or merged (base + adapter merged in fp32 and loaded into
     vLLM's weights: for serving paths that cannot run LoRA; exact in fp32, rounded in bf16)."""
     check_sync: Literal["error", "warn", "off"] = "error"
-    """What a stale engine is: a rollout batch from another policy version or adapter fingerprint than
-    the trainer's, or a trainer-vs-sampler log-prob gap over max_logprob_gap right after a sync."""
+    """What a stale engine is: a rollout batch from another policy version than the trainer's, or one
+    whose engine reports holding another adapter (its own fingerprint of the weights it loaded:
+    ``lorakit serve``'s model list, the files handed to vLLM, a local engine's tensors) than the
+    trainer synced, or a trainer-vs-sampler log-prob gap over max_logprob_gap (every step, under
+    the adapter version that sampled the batch)."""
     max_logprob_gap: Optional[float] = None
-    """Mean |trainer - sampler| log-prob per token above which check_sync fires (needs temperature 1;
+    """Mean |trainer - sampler| log-prob per token above which check_sync fires, both untempered (at
+    a temperature other than 1, or under async, the trainer runs one extra no-grad forward for it;
     default: 1e-3 when the sampler runs in fp32, 5e-2 in bf16/fp16)."""
     async_: bool = False
     """YAML key ``async``. Sample step n+1's groups while step n trains (server and vllm engines): one
     step off-policy, corrected by the importance ratio against the sampler's log-probs (needs
-    temperature 1); the staleness (0 on the first step, then 1) is logged."""
+    temperature 1); the staleness (0 on the first step, then 1) is logged. A checkpoint keeps the
+    rollouts in flight, so a resumed run trains on the same ones (on the same number of ranks)."""
     vllm: VllmSection = field(default_factory=VllmSection)
     """vllm engine settings."""
     num_generations: int = 8

@@ -136,6 +136,14 @@ def vllm_rank(desc: AdapterDescription) -> int:
     return max([desc.config.r, *desc.config.rank_pattern.values(), *desc.ranks.values()])
 
 
+def served_rank(config: LoraConfig) -> int:
+    """The rank of the adapter a server or vLLM receives from a run with this (training) config:
+    the largest of ``r`` and the ``rank_pattern`` values, doubled for PiSSA/OLoRA, which are handed
+    over converted to plain LoRA of rank 2r for the untouched base (``final_adapter``)."""
+    rank = max([config.r, *config.rank_pattern.values()])
+    return 2 * rank if is_residual_init(config.init_lora_weights) else rank
+
+
 def vllm_max_lora_rank(rank: int) -> Optional[int]:
     """The smallest ``--max-lora-rank`` that lets vLLM serve a rank-``rank`` adapter (None: none does)."""
     return next((value for value in VLLM_MAX_LORA_RANKS if value >= rank), None)

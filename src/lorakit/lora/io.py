@@ -273,8 +273,15 @@ def load_adapter(
         ValueError: a missing or unexpected key or a shape mismatch (naming the module and both
             shapes), an invalid config, or an unreadable file.
     """
+    return load_read_adapter(model, read_adapter(path), adapter_name, trainable, activate)
+
+
+def load_read_adapter(model: nn.Module, read: tuple[LoraConfig, dict[str, torch.Tensor], str],
+                      adapter_name: str = "default", trainable: bool = False, activate: bool = True) -> LoraConfig:
+    """``load_adapter`` from what ``read_adapter`` returned, for a caller that also needs the tensors
+    it read (a server fingerprints exactly the weights it loads)."""
     model = unwrap_model(model)
-    config, tensors, source = read_adapter(path)
+    config, tensors, source = read
     exists = adapter_name in adapter_names(model)
     if exists:
         live = _adapter_tensors(model, adapter_name)

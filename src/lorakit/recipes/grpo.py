@@ -21,6 +21,7 @@ its statistics) and ``HeldOutEval``; the config-reading glue is below the recipe
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -33,17 +34,18 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
-from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, init_distributed, shutdown,
-                           through_root, wrap)
+from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects,
+                           init_distributed, shutdown, through_root, wrap)
 from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
-from ..lora import (adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
+from ..lora import (LoraConfig, adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
                     trainable_report, write_adapter)
+from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
 from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
-                  ServerRollout, StaleRolloutError, completion_logprobs, group_advantages, logprob_gap, reference_policy,
-                  token_weights)
+                  RolloutCompletion, ServerRollout, StaleRolloutError, adapter_weights, completion_logprobs, group_advantages,
+                  logprob_gap, reference_policy, token_weights)
 from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
@@ -64,6 +66,8 @@ from ..training.setup import choose_padding_free
 
 ADAPTER = "default"
 REFERENCE = "reference"
+IN_FLIGHT_NAME = "inflight_rollouts.json"
+"""An async run's checkpoint: the rollouts already sampled for the next step (per rank)."""
 # Below this, an lr is a full fine-tune's; LoRA's updates need about 10x more to move as far.
 FULL_FINETUNE_LR = 1e-5
 
@@ -92,6 +96,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
     if rc.engine == "vllm":
+        if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* ranks were checked when it loaded
+            rank = served_rank(LoraConfig.from_json(cfg.init_adapter))
+            if vllm_max_lora_rank(rank) is None:
+                raise ValueError(f"init_adapter {cfg.init_adapter}: vLLM would receive a rank-{rank} adapter, over "
+                                 f"{VLLM_MAX_LORA_RANKS[-1]}, the largest max_lora_rank vLLM accepts; use rollout.sync: merged")
         import_vllm()  # not installed: say how to install it before any model loads
     run = start_run(cfg, info, device, log, sharded_load=True)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
@@ -207,6 +216,16 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                     for slot in slots for g in range(G)]
         return mine, [prompt_ids[index] for index in mine for _ in range(G)], sampling
 
+    def in_flight(pending: Optional[Future]) -> dict[str, str]:
+        """async: the next step's rollouts, sampled already, as a checkpoint file (waits for them): a
+        resumed run trains on these very completions, as this one will."""
+        if pending is None:
+            return {}
+        batch: RolloutBatch = pending.result()
+        mine = {"version": batch.version, "fingerprint": batch.fingerprint,
+                "synced": sampler.fingerprints.get(batch.version), "completions": [vars(c) for c in batch]}
+        return {IN_FLIGHT_NAME: json.dumps(gather_objects(mine, info))}
+
     def stale(message: str) -> None:
         if rc.check_sync == "error":
             raise StaleRolloutError(f"rollout.check_sync: {message}. Nothing of this step was saved; set "
@@ -217,6 +236,12 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     max_gap = rc.max_logprob_gap or (1e-3 if sampler_dtype(cfg, dtype) == torch.float32 else 5e-2)
     background = ThreadPoolExecutor(max_workers=1) if rc.async_ else None
     pending: Optional[Future] = None  # async: the next step's rollouts, sampled while this step trains
+    if resumed_from is not None and (resumed_from / IN_FLIGHT_NAME).is_file():
+        pending = resumed_rollouts(resumed_from, info, sampler)
+    # async: the trained adapter's weights at each version still sampling, to compare the sampler's
+    # log-probs with the trainer's under the very adapter that sampled (one adapter copy per rank)
+    held_versions: dict[int, list[torch.Tensor]] = {}
+    unverified = False  # warned that the engine cannot report which adapter it holds
     while state["step"] < total_steps:
         step_start = time.perf_counter()
 
@@ -232,10 +257,16 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         problem = sampler.check_batch(rollout, expected)
         if problem is not None:
             stale(f"step {state['step'] + 1}: {problem}")
+        if rollout.fingerprint is None and not unverified:
+            unverified = True
+            log(f"Warning: the {rc.engine} engine does not report which adapter it holds (a server without "
+                "adapter fingerprints, or vLLM's merged weights): only the log-prob check guards against a stale adapter")
         staleness, completions = state["step"] - rollout.version, rollout.completions
+        sampled_by = held_versions.pop(rollout.version, None)  # async: the adapter that sampled it (None: current)
         sync_s = sampler.sync_s
         if background is not None and state["step"] + 1 < total_steps:
             sampler.sync(state["step"])  # the adapter as it is now: version step, trained on at step + 1
+            held_versions[state["step"]] = [p.detach().clone() for p in params]
             sync_s = sampler.sync_s
             pending = background.submit(sampler.generate, *rollout_inputs(*advance(
                 state["epoch"], state["sample"], gc.prompts_per_step, len(prompts)), state["step"] + 1)[1:])
@@ -253,14 +284,25 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
         extra: dict[str, torch.Tensor] = {}
-        mismatch, mismatch_n = 0.0, 0
         if rc.async_:  # the sampler's policy is a step behind the trainer's: the ratio corrects for it
             extra["old_logp"] = sampler_logprobs(completions, rc.engine)
         elif updates_per_step > 1:
             extra["old_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
-            if rc.temperature == 1.0:  # trainer vs sampler log-probs of the same tokens
-                mismatch = logprob_gap(extra["old_logp"], range(len(completions)), completions)
-                mismatch_n = sum(len(c.token_ids) for c in completions if c.logprobs is not None)
+        # Trainer vs sampler log-probs of the sampled tokens, under the adapter that sampled them and
+        # untempered (engines report the raw distribution's): equal up to numerics unless the engine
+        # sampled another adapter. Read off the first training pass when that is the same forward.
+        mismatch, mismatch_n = 0.0, 0
+        # Resumed async: the in-flight batch's sampling adapter was not kept; its fingerprint was checked.
+        unknown = sampled_by is None and rollout.version != state["step"]
+        from_training = rc.temperature == 1.0 and sampled_by is None and updates_per_step == 1 and not unknown
+        if not from_training and not unknown:
+            if rc.temperature == 1.0 and sampled_by is None:
+                trainer_logp = extra["old_logp"]
+            else:
+                with adapter_weights(params, sampled_by), objective.at_temperature(1.0):
+                    trainer_logp = completion_logprobs(step_module, batches.micro_batches(), autocast)
+            mismatch = logprob_gap(trainer_logp, range(len(completions)), completions)
+            mismatch_n = sum(len(c.token_ids) for c in completions if c.logprobs is not None)
         if gc.beta > 0 or gc.log_kl:
             with reference_policy(model, reference, ADAPTER):
                 extra["ref_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
@@ -296,7 +338,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                     totals["loss"] += float(loss.detach())
                     for key in ("clipped", "clipped_low", "clipped_high", "kl", "tokens"):
                         totals[key] += getattr(stats, key)
-                    if updates_per_step == 1 and rc.temperature == 1.0:
+                    if from_training:
                         # Trainer vs sampler log-probs of the same tokens (before any update).
                         these = chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
                         mismatch += logprob_gap(objective.logp.cpu(), these, completions)
@@ -349,10 +391,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         gap_n = total(float(mismatch_n))
         if gap_n:
             record["logprob_gap"] = total(mismatch) / gap_n
-            if staleness == 0 and record["logprob_gap"] > max_gap:
+            if record["logprob_gap"] > max_gap:
                 stale(f"step {step}: the trainer's and the {rc.engine} engine's log-probs of the sampled tokens differ "
-                      f"by {record['logprob_gap']:.2e} per token (over max_logprob_gap {max_gap:g}) right after the "
-                      f"adapter sync for version {rollout.version}: the engine is not sampling the current adapter "
+                      f"by {record['logprob_gap']:.2e} per token (over max_logprob_gap {max_gap:g}) under the adapter "
+                      f"of version {rollout.version} that sampled them: the engine is not sampling that adapter "
                       "(a stale adapter, or the bare base)")
         if step % tc.logging_steps == 0 or step == total_steps:
             log_metrics(record)
@@ -367,7 +409,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             log_metrics({"step": step, evaluate.key: evaluate(sampler.generate)})
         if tc.save_steps and step % tc.save_steps == 0:
             save_checkpoint(out, step, model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
-                            total_limit=tc.save_total_limit, scaler=scaler)
+                            total_limit=tc.save_total_limit, scaler=scaler, extra_files=in_flight(pending))
             last_saved = step
     if progress is not None:
         progress.close()
@@ -477,7 +519,8 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
             raise ValueError("rollout.sync: merged loads the adapted layers' merged weights only, not "
                              "lora.modules_to_save; train without it to sample with vLLM")
         longest = cfg.grpo.max_prompt_len + max(rc.max_new_tokens, cfg.grpo.eval_max_new_tokens or 0)
-        engine = VllmRollout(resolve_model(cfg.model), eos, config.r if rc.sync == "lora" else None,
+        # The adapter vLLM receives: rank_pattern's largest rank, PiSSA/OLoRA converted to rank 2r.
+        engine = VllmRollout(resolve_model(cfg.model), eos, served_rank(config) if rc.sync == "lora" else None,
                              dtype=vllm_dtype_name(sampler_dtype(cfg, dtype)), max_model_len=vc.max_model_len or longest,
                              gpu_memory_utilization=vc.gpu_memory_utilization, enforce_eager=vc.enforce_eager,
                              tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,
@@ -511,6 +554,22 @@ def sampler_logprobs(completions, engine: str) -> torch.Tensor:
     return torch.tensor([lp for c in completions for lp in c.logprobs], dtype=torch.float32)
 
 
+def resumed_rollouts(checkpoint: Path, info: DistInfo, sampler: PolicySampler) -> Future:
+    """The in-flight rollouts an async run saved in ``checkpoint`` (this rank's), as a done future;
+    the sampler learns the fingerprint the trainer synced for their version, to check them against."""
+    saved = json.loads((checkpoint / IN_FLIGHT_NAME).read_text())
+    if len(saved) != info.world:
+        raise ValueError(f"{checkpoint}: an async run's in-flight rollouts were sampled by {len(saved)} ranks; "
+                         f"resume it on {len(saved)} ranks (this run has {info.world})")
+    mine = saved[info.rank]
+    if mine["synced"] is not None:
+        sampler.fingerprints[mine["version"]] = mine["synced"]
+    batch = RolloutBatch([RolloutCompletion(**c) for c in mine["completions"]], mine["version"], mine["fingerprint"])
+    done: Future = Future()
+    done.set_result(batch)
+    return done
+
+
 def advance(epoch: int, sample: int, prompts_per_step: int, num_prompts: int) -> tuple[int, int]:
     """The (epoch, first prompt of the order) after a step: a new epoch when the next step's prompts do not fit."""
     sample += prompts_per_step
@@ -525,6 +584,7 @@ def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
 
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
 _RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
+                "rollout.engine", "rollout.async_",
                 "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
                 "rollout.max_new_tokens", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                 "init_adapter")

@@ -7,7 +7,7 @@ frozen adapter beside the trained one (a copy of the adapter training started fr
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterable, Iterator, Optional
+from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,15 @@ class GRPOObjective:
         self.logp: Optional[torch.Tensor] = None
         """The last training batch's (n,) log-probs, detached."""
 
+    @contextlib.contextmanager
+    def at_temperature(self, temperature: float) -> Iterator[None]:
+        """Compute log-probs at ``temperature`` in the block (1.0: the raw distribution, which engines report)."""
+        previous, self.temperature = self.temperature, temperature
+        try:
+            yield
+        finally:
+            self.temperature = previous
+
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logp = token_logprobs(model, batch, self.temperature)
         if "advantages" not in batch:
@@ -43,6 +52,30 @@ class GRPOObjective:
                                 batch.get("ref_logp"), self.beta)
         self.stats, self.logp = stats, logp.detach()
         return loss, int(logp.numel())
+
+
+@contextlib.contextmanager
+def adapter_weights(params: Sequence[nn.Parameter], values: Optional[Sequence[torch.Tensor]]) -> Iterator[None]:
+    """Run the block with ``params`` holding ``values`` (an earlier version of the adapter), then put
+    their own values back; ``values`` None leaves them as they are.
+
+    Args:
+        params: the trained adapter's parameters (FSDP2: their local shards, as DTensors).
+        values: one tensor per parameter, same shapes (a ``clone`` taken earlier).
+    """
+    if values is None:
+        yield
+        return
+    with torch.no_grad():
+        own = [p.detach().clone() for p in params]
+        for param, value in zip(params, values):
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, own):
+                param.copy_(value)
 
 
 def completion_logprobs(step_module: nn.Module, batches: Iterable[dict[str, torch.Tensor]],

@@ -11,13 +11,15 @@ travels: after an update the engine receives the adapter alone (or, for vLLM's m
 merged weights of the adapted layers).
 
 ``PolicySampler`` sits in front of the engine: it gathers the adapter once per step, and stamps
-each batch it returns with the version and fingerprint the engine says it holds, so a stale engine
-is caught (``check_batch``) rather than trained on.
+each batch it returns with the version of the last sync and the fingerprint the engine reports for
+the adapter it actually holds, computed on the engine's side (``held``): ``lorakit serve`` hashes
+the weights it read, vLLM's hand-over hashes the file vLLM was given, a local engine reports its
+own tensors. ``check_batch`` compares that with the trainer's own, so a stale engine is caught
+rather than trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -34,7 +36,9 @@ from torch import nn
 
 from ..distributed import DistInfo, barrier
 from ..generation import Engine, Request, SamplingParams
-from ..lora import LoraConfig, adapter_configs, adapter_state_dict, final_adapter, write_adapter
+from ..lora import (LoraConfig, adapter_configs, adapter_fingerprint, adapter_stamp, adapter_state_dict, final_adapter,
+                    write_adapter)
+from ..lora.io import _adapter_tensors
 
 @dataclass
 class RolloutCompletion:
@@ -58,20 +62,6 @@ class StaleRolloutError(RuntimeError):
     """A rollout batch did not come from the policy the trainer holds (a skipped or failed adapter sync)."""
 
 
-def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """A short hash of an adapter's tensors (names, shapes, fp32 values): equal iff the weights are.
-
-    Args:
-        tensors: PEFT-keyed tensors, any device or dtype (hashed as fp32 on the CPU).
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    for key in sorted(tensors):
-        value = tensors[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}:{tuple(value.shape)};".encode())
-        digest.update(value.numpy().tobytes())
-    return digest.hexdigest()
-
-
 @dataclass
 class PolicyUpdate:
     """What a sync hands an engine: one version of the policy."""
@@ -79,7 +69,8 @@ class PolicyUpdate:
     version: int
     """The policy version: training steps done when the adapter was taken."""
     fingerprint: str
-    """``adapter_fingerprint`` of the trained adapter's tensors at that version."""
+    """``adapter_fingerprint`` of the trained adapter's tensors at that version (``adapter_stamp`` of
+    them for an engine on the policy's own weights)."""
     config: Optional[LoraConfig] = None
     """The adapter's config (plain LoRA relative to the untouched base for 'lora' payloads)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -94,12 +85,15 @@ class RolloutEngine(Protocol):
     payload: Literal["none", "live", "lora", "merged"]
     """What ``sync`` needs in ``PolicyUpdate.tensors``."""
     version: Optional[int]
-    """The version of the last update the engine applied (None before the first)."""
-    fingerprint: Optional[str]
-    """That update's fingerprint."""
+    """The version of the last update the engine was handed (None before the first)."""
 
     def sync(self, update: PolicyUpdate) -> None:
         """Make ``update`` the policy that ``generate`` samples."""
+
+    def held(self) -> Optional[str]:
+        """The fingerprint of the adapter the engine samples with now, computed on the engine's side
+        from what it actually holds (never the trainer's value handed back); None when the engine
+        cannot tell (a server that reports no fingerprints, vLLM's merged weights)."""
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list["RolloutCompletion"]:
         """Complete ``prompts[i]`` with ``params[i]`` (token ids with their log-probs)."""
@@ -130,13 +124,25 @@ class LocalRollout:
         self.within = within
         self.payload: Literal["none", "live"] = "none" if shares_policy else "live"
         self.version: Optional[int] = None
-        self.fingerprint: Optional[str] = None
+        self._hashed: tuple[str, str] = ("", "")  # (stamp, fingerprint) of this engine's own adapter tensors
 
     def sync(self, update: PolicyUpdate) -> None:
         """Copy the new adapter weights in (none to copy when the engine shares the policy's weights)."""
         if self.payload == "live":
             self.engine.update_adapter(self.adapter, update.tensors)
-        self.version, self.fingerprint = update.version, update.fingerprint
+        self.version = update.version
+
+    def held(self) -> str:
+        """On the policy's own weights: the stamp of the tensors this engine samples with (which
+        tensors, written how often; the sampler compares it with the policy's at sync, so a write
+        after the sync shows). On a copy: the fingerprint of the copy's weights, hashed again only
+        when a tensor of it was written."""
+        stamp = adapter_stamp(self.engine.model, self.adapter)
+        if self.payload == "none":
+            return stamp
+        if self._hashed[0] != stamp:
+            self._hashed = (stamp, adapter_fingerprint(_adapter_tensors(self.engine.model, self.adapter)))
+        return self._hashed[1]
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
                  adapter: Optional[str] = "") -> list[RolloutCompletion]:
@@ -201,11 +207,12 @@ class ServerRollout:
         self.current: Optional[str] = None
         """The server's name for the adapter this engine samples with."""
         self.version: Optional[int] = None
-        self.fingerprint: Optional[str] = None
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: Optional[dict[str, Any]]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` (GET when ``body`` is None); the reply's JSON."""
         url = f"{self.base_url}{path}"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+        request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                         method="GET" if body is None else "POST",
                                          headers={"Content-Type": "application/json"})
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
@@ -252,7 +259,17 @@ class ServerRollout:
                 raise ValueError("ServerRollout.sync: the update carries no adapter config")
             self.load(name, update.config, update.tensors)
         self.current = name
-        self.version, self.fingerprint = update.version, update.fingerprint
+        self.version = update.version
+
+    def held(self) -> Optional[str]:
+        """The fingerprint the server reports (``/v1/models``) for the weights it loaded under this
+        engine's adapter name; None when the server reports none (vLLM's server)."""
+        if self.current is None:
+            return None
+        for entry in self._post("/models", None).get("data") or []:
+            if entry.get("id") == self.current:
+                return entry.get("fingerprint")
+        return f"absent: the server holds no adapter named {self.current!r}"
 
     def unload(self, name: str) -> None:
         try:
@@ -330,7 +347,8 @@ class PolicySampler:
         self.info = info or DistInfo()
         self.synced_step: Optional[int] = None
         self.fingerprints: dict[int, str] = {}
-        """Version -> fingerprint of every adapter this sampler synced."""
+        """Version -> fingerprint of every adapter this sampler synced (for an engine on the policy's
+        own weights, their ``adapter_stamp``: nothing is gathered or hashed)."""
         self.lock = threading.Lock()
         self.sync_s = 0.0
         """Seconds the last sync took (gather, fingerprint, transfer, load)."""
@@ -344,6 +362,9 @@ class PolicySampler:
         if payload == "lora":
             config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
             fingerprint = adapter_fingerprint(tensors)
+        elif payload == "none":  # the engine samples these very tensors: they must stay unwritten until it does
+            config, tensors = adapter_configs(self.policy)[self.adapter], {}
+            fingerprint = adapter_stamp(self.policy, self.adapter)
         else:
             config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
             fingerprint = adapter_fingerprint(tensors)
@@ -351,8 +372,6 @@ class PolicySampler:
                 from ..lora import merged_weights
 
                 tensors = merged_weights(self.policy, self.adapter)
-            elif payload == "none":
-                tensors = {}
         with self.lock:
             self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors))
         barrier(self.info)
@@ -361,23 +380,31 @@ class PolicySampler:
         self.sync_s = time.perf_counter() - start
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> "RolloutBatch":
-        """Complete ``prompts[i]`` with ``params[i]`` using the adapter of the last ``sync``."""
+        """Complete ``prompts[i]`` with ``params[i]`` using the adapter of the last ``sync``.
+
+        The batch carries what the engine reported holding before and after sampling; when the two
+        differ (the adapter changed under the batch) it carries both, so no fingerprint matches.
+        """
         with self.lock:
             if self.engine.version is None:
                 raise RuntimeError("PolicySampler.generate before sync: the engine holds no adapter of this run")
-            version, fingerprint = self.engine.version, self.engine.fingerprint
+            version, before = self.engine.version, self.engine.held()
             completions = self.engine.generate(prompts, params)
-        return RolloutBatch(completions, version, fingerprint or "")
+            after = self.engine.held()
+        held = before if after == before else f"{before} then {after} (changed while sampling)"
+        return RolloutBatch(completions, version, held)
 
     def check_batch(self, batch: "RolloutBatch", version: int) -> Optional[str]:
-        """Why ``batch`` is not from policy ``version`` as this sampler synced it (None: it is)."""
+        """Why ``batch`` is not from policy ``version`` as this sampler synced it (None: it is, or the
+        engine cannot tell which adapter it holds: ``batch.fingerprint`` None)."""
         if batch.version != version:
             return (f"the rollout batch was sampled by policy version {batch.version}, but the trainer expected "
                     f"version {version}: the adapter sync for step {version} did not reach the "
                     f"{type(self.engine).__name__} engine")
-        if batch.fingerprint != self.fingerprints.get(version):
-            return (f"the rollout engine's adapter fingerprint {batch.fingerprint} is not the trainer's "
-                    f"{self.fingerprints.get(version)} for version {version}")
+        expected = self.fingerprints.get(version)
+        if batch.fingerprint is not None and batch.fingerprint != expected:
+            return (f"the {type(self.engine).__name__} engine reports holding adapter {batch.fingerprint}, not the "
+                    f"trainer's {expected} of version {version}: it is sampling another adapter than the one synced")
         return None
 
     def close(self) -> None:
@@ -395,9 +422,10 @@ class RolloutBatch:
 
     completions: list[RolloutCompletion]
     version: int
-    """The policy version (training steps) of the adapter the engine held."""
-    fingerprint: str
-    """That adapter's fingerprint as the engine recorded it at its sync."""
+    """The policy version (training steps) of the last sync the engine was handed."""
+    fingerprint: Optional[str]
+    """The fingerprint of the adapter the engine reported holding while it sampled (``held``); None
+    when the engine cannot tell."""
 
     def __len__(self) -> int:
         return len(self.completions)

@@ -33,7 +33,7 @@ import torch
 
 from ..extras import require
 from ..generation import SamplingParams
-from ..lora import write_adapter
+from ..lora import adapter_fingerprint, read_adapter, write_adapter
 from .rollout import PolicyUpdate, RolloutCompletion
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
@@ -67,6 +67,12 @@ def vllm_lora_rank(r: int) -> int:
                      "(use rollout.sync: merged, or a smaller lora.r)")
 
 
+def handed_over_fingerprint(path: Path) -> str:
+    """``adapter_fingerprint`` of the adapter directory ``path`` as a reader finds it: the tensors in
+    its safetensors file, read back from disk (not the ones the trainer meant to write)."""
+    return adapter_fingerprint(read_adapter(path)[1])
+
+
 def ram_dir() -> Path:
     """A RAM-backed directory for adapter hand-over (``/dev/shm`` where it exists, else the temp dir)."""
     shm = Path("/dev/shm")
@@ -92,7 +98,8 @@ class VllmRollout:
     Args:
         model_dir: the base model's directory (the trainer's ``cfg.model``, resolved).
         eos_token_ids: every id that ends a completion (the generation config may list several).
-        lora_rank: the adapter's rank (``sync: lora``); None for ``sync: merged``.
+        lora_rank: the largest rank of the adapter vLLM receives (``sync: lora``: ``served_rank``, e.g.
+            2r for PiSSA); None for ``sync: merged``.
         dtype: vLLM's dtype ('float32', 'bfloat16', 'float16').
         max_model_len: the longest prompt + completion.
         gpu_memory_utilization, enforce_eager, tensor_parallel_size, seed: passed to ``vllm.LLM``.
@@ -114,7 +121,8 @@ class VllmRollout:
         self.payload: Literal["lora", "merged"] = "lora" if lora_rank else "merged"
         self.sleep = bool(sleep) and torch.cuda.is_available()
         self.version: Optional[int] = None
-        self.fingerprint: Optional[str] = None
+        self.loaded: Optional[str] = None
+        """``handed_over_fingerprint`` of the adapter files vLLM read at the last sync (None: merged weights)."""
         if cpu_kvcache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{cpu_kvcache_gib:g}"
         kwargs: dict[str, Any] = dict(
@@ -126,6 +134,7 @@ class VllmRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
+        self.max_lora_rank: Optional[int] = kwargs.get("max_lora_rank")
         key = repr(sorted(kwargs.items()))
         if _shared["llm"] is None or _shared["key"] != key or self.payload == "merged":
             release_vllm()  # one engine per process: the machine rarely holds two copies of the model
@@ -148,19 +157,27 @@ class VllmRollout:
         if self.payload == "lora":
             if update.config is None:
                 raise ValueError("VllmRollout.sync: the update carries no adapter config")
-            self._load_adapter(write_adapter(self.sync_dir, update.config, update.tensors))
+            path = write_adapter(self.sync_dir, update.config, update.tensors)
+            self._load_adapter(path)
+            self.loaded = handed_over_fingerprint(path)  # read back after vLLM read it: what it was given
         else:
             self._load_merged(update.tensors)
         self.llm.reset_prefix_cache()  # cached prompt blocks belong to the previous policy
-        self.version, self.fingerprint = update.version, update.fingerprint
+        self.version = update.version
+
+    def held(self) -> Optional[str]:
+        """The fingerprint of the adapter files vLLM loaded at the last sync, hashed from the files on
+        vLLM's side of the hand-over; None for merged weights (no adapter to hash: the log-prob check
+        is their guard)."""
+        return self.loaded if self.payload == "lora" else None
 
     def _load_adapter(self, path: Path) -> None:
         lora_request = self._vllm.lora.request.LoRARequest
         try:
             self.llm.llm_engine.add_lora(lora_request("policy", _LORA_ID, str(path), load_inplace=True))
         except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (vLLM serves LoRA on linear "
-                             "layers only: no DoRA, modules_to_save or embedding LoRA; try rollout.sync: merged)") from None
+            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (this engine serves LoRA of rank "
+                             f"<= {self.max_lora_rank} on linear layers; try rollout.sync: merged)") from None
         # Requests name the loaded id without load_inplace, so vLLM does not re-read the files per batch.
         self.request = lora_request("policy", _LORA_ID, str(path))
 
@@ -173,6 +190,8 @@ class VllmRollout:
         """Complete ``prompts[i]`` with ``params[i]``: token ids (stop token included) and their log-probs."""
         if self.payload == "lora" and self.request is None:
             raise RuntimeError("VllmRollout.generate before sync: vLLM holds no adapter of this run")
+        if not prompts:  # a rank without held-out prompts: each rank's engine is its own, nothing to join
+            return []
         self._wake()
         vparams = [self._vllm.SamplingParams(
             n=1, temperature=q.temperature, top_p=q.top_p, top_k=q.top_k if q.top_k > 0 else -1,

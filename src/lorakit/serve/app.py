@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Optional
 
 from ..generation import Completion, Delta, Engine, Request, SamplingParams
 from ..generation.simple import format_prompt
-from ..lora import delete_adapter, load_adapter
+from ..lora import adapter_fingerprint, delete_adapter, load_read_adapter, read_adapter
 from ..lora.layer import check_adapter_name
 from .metrics import ServerMetrics
 from .scheduler import AdapterUnloaded, LoopSink, QueueFull, Rejected, Scheduler, WorkerDead
@@ -86,6 +86,9 @@ class LoraServer:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         # Rows of the embedding table: an id past it fails the whole batch's forward, so it is refused here.
         self.vocab_size = int(getattr(embeddings, "num_embeddings", None) or model.config.vocab_size)
+        self.fingerprints: dict[str, str] = {}
+        """Adapter name -> ``adapter_fingerprint`` of the weights this server read for it (a trainer
+        compares it with its own, so a sync that did not land is caught)."""
 
     def health(self) -> tuple[int, dict]:
         """``/health``: 200 while the worker thread serves, 503 (with the reason) once it has stopped."""
@@ -105,7 +108,7 @@ class LoraServer:
                  "root": self.config.base_name, "parent": None}]
         for name in self.engine.adapters():
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "lorakit",
-                         "root": name, "parent": self.config.base_name})
+                         "root": name, "parent": self.config.base_name, "fingerprint": self.fingerprints.get(name)})
         return {"object": "list", "data": data}
 
     def adapter_for(self, model_name: Any) -> Optional[str]:
@@ -132,13 +135,17 @@ class LoraServer:
         def do_load() -> None:
             # load_adapter checks every key and shape against the base before changing anything,
             # and it runs between engine steps: it becomes visible whole or not at all.
-            load_adapter(self.model, resolved, adapter_name=name, activate=False)
+            read = read_adapter(resolved)
+            load_read_adapter(self.model, read, adapter_name=name, activate=False)
+            # Hashed from the tensors just loaded (as the file held them, before any cast to the
+            # server's dtype), so it says what this server serves, not what a client meant to send.
+            self.fingerprints[name] = adapter_fingerprint(read[1])
 
         try:
             _exclusive(self.scheduler, do_load)
         except (ValueError, FileNotFoundError) as err:
             raise ApiError(400, f"cannot load adapter '{name}': {err}", param="lora_path") from None
-        return {"status": "ok", "lora_name": name}
+        return {"status": "ok", "lora_name": name, "fingerprint": self.fingerprints[name]}
 
     def unload(self, body: dict) -> dict:
         name = body.get("lora_name")
@@ -147,6 +154,7 @@ class LoraServer:
         def do_unload() -> None:
             self.scheduler.fail_requests_using(name)  # they end with 404, the others go on
             delete_adapter(self.model, name)
+            self.fingerprints.pop(name, None)
 
         _exclusive(self.scheduler, do_unload)
         return {"status": "ok", "lora_name": name}

@@ -85,9 +85,11 @@ def save_checkpoint(
     config_yaml: Optional[str] = None,
     total_limit: Optional[int] = None,
     scaler: Optional[Any] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this); with an fp16
-    run's ``scaler`` (a ``torch.amp.GradScaler``) its state too."""
+    run's ``scaler`` (a ``torch.amp.GradScaler``) its state too, and ``extra_files`` (name -> text,
+    e.g. an async GRPO run's in-flight rollouts) inside the same atomic directory."""
     adapter = adapter_state_dict(model, adapter_name)  # gathers sharded weights
     tensors, meta = _optimizer_tensors(model, optimizer)
     rngs = gather_objects(_rng_state(), info)
@@ -106,6 +108,8 @@ def save_checkpoint(
                 (staging / SCALER_NAME).write_text(json.dumps(scaler.state_dict(), indent=1))
             if config_yaml is not None:
                 (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text, encoding="utf-8")
             (staging / STATE_NAME).write_text(json.dumps({**state, "world_size": info.world}, indent=1))
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
