@@ -3,6 +3,7 @@ hub id where a network exists."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -59,6 +60,7 @@ def resolve_model(name: str, log: Optional[Callable[[str], None]] = None) -> str
             exist; a GGUF file that cannot be used; a named model whose package is not installed.
             The message is one line naming the model and what to do.
     """
+    name = os.fspath(name)  # a Path from Python callers (tests and users pass directories as Paths)
     if name in (DEMO, DEMO_MOE):
         moe = name == DEMO_MOE
         if log is not None and not is_cached(demo_model_dir(moe)):
