@@ -122,7 +122,7 @@ def test_a_reload_that_skips_load_inplace_trips_the_sync_check(demo, engine, tmp
         self.llm.llm_engine.add_lora(vllm_rollout.import_vllm().lora.request.LoRARequest("policy", 1, str(path)))
 
     monkeypatch.setattr(VllmRollout, "_load_adapter", without_inplace)
-    with pytest.raises(StaleRolloutError, match=r"step 2: .* vllm engine's log-probs .* not sampling the current adapter"):
+    with pytest.raises(StaleRolloutError, match=r"step 2: .* vllm engine's log-probs .* not sampling that adapter"):
         grpo.run(_config(tmp_path, demo, "stale"), log=lambda _: None)
     assert [r["logprob_gap"] < 1e-3 for r in reward_steps(tmp_path / "stale")] == [True]  # step 1 was fine
 
