@@ -22,16 +22,13 @@ Tensor names: ``S`` = tokens * top_k pairs, ``E`` experts, ``r`` rank.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layer import RowRoutes, expand_routes
-
-if TYPE_CHECKING:
-    from .experts import LoraParameter
 
 # Implementations whose math is known here: the name in transformers' interface -> how LoRA joins it.
 # "eager" is transformers' loop over experts with a host sync; the grouped form computes the same.
@@ -138,7 +135,7 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
 
 
-def grouped_factors(wrapper: "LoraParameter", name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_factors(wrapper: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapter ``name``'s factors as grouped-GEMM weights: ``A^T (E, in, r)``, ``B^T (E, r, out)``.
 
     ``A^T`` is a view of the stored ``lora_A``; ``B^T`` is one copy of the (small) ``lora_B``,
@@ -151,7 +148,7 @@ def grouped_factors(wrapper: "LoraParameter", name: str) -> tuple[torch.Tensor, 
 # --- the experts' forward ------------------------------------------------------------------------
 def experts_forward(
     owner: nn.Module,
-    wrappers: dict[str, "LoraParameter"],
+    wrappers: dict[str, nn.Module],
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -185,7 +182,7 @@ def experts_forward(
     return run(owner, live, hidden, top_k_index, top_k_weights, slots, names)
 
 
-_Live = dict[str, list[tuple[str, "LoraParameter"]]]
+_Live = dict[str, list[tuple[str, nn.Module]]]
 
 
 def _grouped(owner: nn.Module, live: _Live, hidden: torch.Tensor, top_k_index: torch.Tensor,
