@@ -473,6 +473,12 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
             raise ValueError("rollout.engine: vllm with rollout.sync: lora cannot serve "
                              + ("DoRA (lora.use_dora)" if config.use_dora else "lora.modules_to_save")
                              + "; use rollout.sync: merged" + ("" if config.use_dora else " (without modules_to_save)"))
+        experts_only = ("gate_up_proj", "up_proj", "down_proj")
+        odd = [t for t in config.target_parameters or [] if t.rsplit(".", 1)[-1] not in experts_only]
+        if rc.sync == "lora" and odd:
+            raise ValueError(f"rollout.engine: vllm with rollout.sync: lora cannot serve LoRA on {odd} "
+                             "(lora.target_parameters): vLLM has MoE LoRA for the experts' gate/up/down weights only; "
+                             "use rollout.sync: merged, or leave them out")
         if config.modules_to_save:
             raise ValueError("rollout.sync: merged loads the adapted layers' merged weights only, not "
                              "lora.modules_to_save; train without it to sample with vLLM")

@@ -83,9 +83,12 @@ class PolicyUpdate:
     config: Optional[LoraConfig] = None
     """The adapter's config (plain LoRA relative to the untouched base for 'lora' payloads)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), the base
-    weights with the adapter merged in fp32 keyed like the base model's state dict ('merged'), or
-    nothing ('none': the engine reads the policy's own weights)."""
+    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), or
+    nothing ('merged': see ``weights``; 'none': the engine reads the policy's own weights)."""
+    weights: Optional[Iterator[tuple[str, torch.Tensor]]] = None
+    """'merged': the adapted layers' base weights with the adapter merged (fp32 math), in the engine's
+    ``weights_dtype``, under the base checkpoint's names, one layer at a time: a stream to consume
+    once, in order, keeping no weight after loading it (so at most one merged layer is alive)."""
 
 
 class RolloutEngine(Protocol):
@@ -347,14 +350,17 @@ class PolicySampler:
         else:
             config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
             fingerprint = adapter_fingerprint(tensors)
-            if payload == "merged":
-                from ..lora import merged_weights
-
-                tensors = merged_weights(self.policy, self.adapter)
-            elif payload == "none":
+            if payload in ("merged", "none"):
                 tensors = {}
+        weights = None
+        if payload == "merged":
+            from ..lora import iter_merged_weights
+            from ..models.checkpoint_names import checkpoint_weights
+
+            weights = checkpoint_weights(self.policy, iter_merged_weights(
+                self.policy, self.adapter, getattr(self.engine, "weights_dtype", None)))
         with self.lock:
-            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors))
+            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors, weights))
         barrier(self.info)
         self.synced_step = step
         self.fingerprints[step] = fingerprint

@@ -7,10 +7,16 @@ directory as the trainer, so after each update only the policy has to reach it:
   adapter only as a directory (``LoRARequest.lora_path``; no tensors in memory), so the adapter is
   written to a RAM-backed directory (``/dev/shm``) and reloaded in place under one LoRA id
   (``LoRARequest(load_inplace=True)``). No disk round trip, no base weight moved.
+  An adapter on fused MoE experts (``target_parameters``) is handed over in the per-expert layout
+  vLLM reads for Qwen3-MoE, Mixtral, DeepSeek and the other 2-D families
+  (``lorakit.lora.vllm_layout``); models vLLM marks ``is_3d_moe_weight`` get PEFT's 3-D layout.
 - ``sync: merged``: vLLM runs without LoRA; the adapted layers' weights, merged in fp32 by the
-  trainer (``lorakit.lora.merged_weights``), are loaded into vLLM's model with its own
-  ``load_weights`` (which packs q/k/v and gate/up as vLLM stores them). For serving paths that cannot
-  run LoRA; in bf16 the merged weight is rounded, so small updates partly vanish.
+  trainer and cast to vLLM's dtype, stream into vLLM's model one layer at a time
+  (``lorakit.lora.iter_merged_weights``), under the base checkpoint's names (per-expert for MoE
+  families; ``lorakit.models.checkpoint_names``), through vLLM's own ``load_weights`` (which packs
+  q/k/v and gate/up as vLLM stores them): at most one merged layer is alive beside vLLM's weights.
+  For serving paths that cannot run LoRA; in bf16 the merged weight is rounded, so small updates
+  partly vanish.
 
 After either sync the prefix cache is reset: cached blocks of a shared prompt were computed by the
 previous policy and would otherwise be reused under the same LoRA id.
@@ -22,17 +28,19 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 
 from ..generation import SamplingParams
-from ..lora import write_adapter
+from ..lora import LoraConfig, write_adapter
+from ..lora.vllm_layout import split_per_expert
 from .rollout import PolicyUpdate, RolloutCompletion
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
@@ -41,6 +49,11 @@ INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", torch.float32: "float32",
            torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM model classes marked is_3d_moe_weight (they read PEFT's fused 3-D expert LoRA): the fallback
+# when this vLLM's registry cannot be asked. Every other MoE family reads the per-expert layout.
+_VLLM_3D_MOE = frozenset({"GptOssForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM",
+                          "InternS1ProForConditionalGeneration"})
 _LORA_ID = 1
 
 # The one LLM this process holds, and what it was built with: a second run in the same process
@@ -90,6 +103,40 @@ def release_vllm() -> None:
             torch.cuda.empty_cache()
 
 
+def vllm_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor],
+                 experts_3d: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter (config, PEFT-keyed tensors) as vLLM reads it: fused MoE experts rewritten per
+    expert (``split_per_expert``, exact) unless vLLM reads this model's experts in 3-D (``experts_3d``)."""
+    if config.target_parameters and not experts_3d:
+        return split_per_expert(config, tensors, "the policy adapter")
+    return config, tensors
+
+
+def vllm_reads_3d_moe(vllm: Any, model_dir: str) -> bool:
+    """Whether vLLM reads expert LoRA for ``model_dir``'s architecture in PEFT's fused 3-D layout.
+
+    Asks vLLM's model registry for the class's ``is_3d_moe_weight``; where that private call is
+    missing, the classes known to set it (``_VLLM_3D_MOE``) decide.
+    """
+    try:
+        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    registry = getattr(getattr(vllm, "ModelRegistry", None), "_try_load_model_cls", None)
+    for arch in architectures:
+        cls = None
+        if callable(registry):
+            try:
+                cls = registry(arch)
+            except Exception:  # noqa: BLE001 - a registry that cannot load the class: use the list
+                cls = None
+        if cls is not None:
+            return bool(getattr(cls, "is_3d_moe_weight", False))
+        if arch in _VLLM_3D_MOE:
+            return True
+    return False
+
+
 class VllmRollout:
     """Sample with a vLLM engine in this process; ``sync`` hands it the adapter (or merged weights).
 
@@ -130,6 +177,10 @@ class VllmRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
+        self.weights_dtype: Optional[torch.dtype] = _TORCH_DTYPES.get(kwargs["dtype"])
+        """The dtype merged weights are handed over in (None: 'auto', the checkpoint's)."""
+        self.experts_3d = vllm_reads_3d_moe(vllm, model_dir)
+        """vLLM reads this model's expert LoRA in PEFT's 3-D layout (else per expert)."""
         key = repr(sorted(kwargs.items()))
         if _shared["llm"] is None or _shared["key"] != key or self.payload == "merged":
             release_vllm()  # one engine per process: the machine rarely holds two copies of the model
@@ -152,9 +203,9 @@ class VllmRollout:
         if self.payload == "lora":
             if update.config is None:
                 raise ValueError("VllmRollout.sync: the update carries no adapter config")
-            self._load_adapter(write_adapter(self.sync_dir, update.config, update.tensors))
+            self._load_adapter(write_adapter(self.sync_dir, *vllm_adapter(update.config, update.tensors, self.experts_3d)))
         else:
-            self._load_merged(update.tensors)
+            self._load_merged(update.weights if update.weights is not None else iter(update.tensors.items()))
         self.llm.reset_prefix_cache()  # cached prompt blocks belong to the previous policy
         self.version, self.fingerprint = update.version, update.fingerprint
 
@@ -168,10 +219,10 @@ class VllmRollout:
         # Requests name the loaded id without load_inplace, so vLLM does not re-read the files per batch.
         self.request = lora_request("policy", _LORA_ID, str(path))
 
-    def _load_merged(self, weights: dict[str, torch.Tensor]) -> None:
-        # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself.
-        items = [(name, value.detach().to("cpu")) for name, value in weights.items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True})
+    def _load_merged(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself; it reads
+        # the iterator lazily (in-process engine), so one merged layer at a time exists beside its weights.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
         """Complete ``prompts[i]`` with ``params[i]``: token ids (stop token included) and their log-probs."""
