@@ -21,6 +21,7 @@ its statistics) and ``HeldOutEval``; the config-reading glue is below the recipe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -43,7 +44,7 @@ from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
                   ServerRollout, StaleRolloutError, completion_logprobs, group_advantages, logprob_gap, reference_policy,
-                  token_weights)
+                  token_weights, trained_completions)
 from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
@@ -91,6 +92,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     out = Path(cfg.output_dir)
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
+    check_rollout_layout(cfg, info)
     if rc.engine == "vllm":
         import_vllm()  # not installed: say how to install it before any model loads
     run = start_run(cfg, info, device, log, sharded_load=True)
@@ -248,8 +250,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         advantages, zero_std = group_advantages(reward, G, gc.scale_rewards)
         batches = CompletionBatches(seq_prompts, completions, tc.batch_size, pad, padding_free, device)
         lengths = batches.lengths
-        truncated = torch.tensor([c.finish_reason == "length" for c in completions])
-        keep = ~truncated if gc.mask_truncated else torch.ones_like(truncated)
+        keep, truncated, aborted = trained_completions([c.finish_reason for c in completions], gc.mask_truncated)
 
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
         extra: dict[str, torch.Tensor] = {}
@@ -334,6 +335,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "zero_std_frac": total(float(zero_std.sum())) / (n / G),
             "completion_len": total(float(lengths.sum())) / n,
             "truncated_frac": total(float(truncated.sum())) / n,
+            "aborted_frac": total(float(aborted.sum())) / n,  # the engine gave up on them: not trained
             "clip_frac": total(totals["clipped"]) / max(trained_tokens, 1.0),
             "clip_low_frac": total(totals["clipped_low"]) / max(trained_tokens, 1.0),
             "clip_high_frac": total(totals["clipped_high"]) / max(trained_tokens, 1.0),
@@ -463,9 +465,8 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
     eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
     if rc.engine == "server":
         api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
         server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
-                               rc.timeout_s, rc.concurrency, name=run_name, main=info.main)
+                               rc.timeout_s, rc.concurrency, name=server_run_name(out), main=info.main)
         return PolicySampler(server, model, ADAPTER, info)
     if rc.engine == "vllm":
         config, vc = adapter_configs(model)[ADAPTER], rc.vllm
@@ -525,8 +526,39 @@ def advance(epoch: int, sample: int, prompts_per_step: int, num_prompts: int) ->
 
 def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
     """The sampling seed of completion ``g`` of the prompt in ``slot`` at ``step``: a function of these
-    alone, so a resumed run on any number of ranks draws the same rollouts."""
-    return (seed * 1_000_003 + step * 10_007 + slot * 101 + g) % (2 ** 63)
+    alone, so a resumed run on any number of ranks draws the same rollouts.
+
+    A hash, not a linear mix: any number of prompts per step and completions per prompt gets
+    seeds that no other (step, slot, g) of the run shares (a linear mix with fixed strides repeats
+    once slot or g passes the stride). Below 2**63, as engines take signed 64-bit seeds.
+    """
+    digest = hashlib.blake2b(f"{seed}/{step}/{slot}/{g}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def server_run_name(output_dir: Path) -> str:
+    """The adapter name a run uses on a shared rollout server: the output directory's name (readable
+    in the server's model list) and a hash of its absolute path, so two runs whose output
+    directories share a name (runs/a/grpo, runs/b/grpo) never load or unload each other's adapter."""
+    resolved = Path(output_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", resolved.name) or "grpo"
+    return f"{name}-{hashlib.blake2b(str(resolved).encode(), digest_size=4).hexdigest()}"
+
+
+def check_rollout_layout(cfg: RunConfig, info: DistInfo) -> None:
+    """Refuse rollout settings the launch cannot run correctly, before any model loads.
+
+    Raises:
+        ValueError: ``rollout.vllm.tensor_parallel_size > 1`` under torchrun: each rank holds its own
+            engine (vLLM's external launcher) and samples its own prompts, so a tensor-parallel
+            engine spanning ranks would be fed different prompts by each of them.
+    """
+    tp = cfg.rollout.vllm.tensor_parallel_size
+    if cfg.rollout.engine == "vllm" and tp > 1 and info.world > 1:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} with {info.world} torchrun ranks: each rank runs "
+                         "its own vLLM engine on its own prompts, so one tensor-parallel engine across ranks would "
+                         "mix their prompts; use tensor_parallel_size: 1 under torchrun (one engine per rank), or "
+                         "rollout.engine: server with a vLLM server that runs its own tensor parallelism")
 
 
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).

