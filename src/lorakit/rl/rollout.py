@@ -32,9 +32,10 @@ from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequenc
 import torch
 from torch import nn
 
-from ..distributed import DistInfo, barrier
+from ..distributed import DistInfo, barrier, broadcast_from_main, gather_objects, gather_to_main
 from ..generation import Engine, Request, SamplingParams
-from ..lora import LoraConfig, adapter_configs, adapter_state_dict, final_adapter, write_adapter
+from ..lora import LoraConfig, adapter_configs, adapter_state_dict, final_adapter, initial_adapter, write_adapter
+from ..lora.io import PEFT_PREFIX, _adapter_tensors
 
 @dataclass
 class RolloutCompletion:
@@ -80,6 +81,33 @@ def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}:{tuple(value.shape)};".encode())
         digest.update(value.numpy().tobytes())
     return digest.hexdigest()
+
+
+def shard_fingerprint(model: nn.Module, adapter: str, info: DistInfo) -> str:
+    """A fingerprint of ``adapter``'s weights that no rank gathers: under FSDP2 each rank hashes its
+    own shards and the per-rank digests (8 bytes each) are combined; otherwise the main rank hashes
+    the adapter (every rank holds it whole) and sends the digest. Equal iff the weights are, for a
+    given sharding (it is not ``adapter_fingerprint`` of the whole)."""
+    tensors = _adapter_tensors(model, adapter)
+    if not any(hasattr(v, "to_local") for v in tensors.values()):
+        return broadcast_from_main(adapter_fingerprint(tensors) if info.main else None, info)
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
+    digests = gather_objects(adapter_fingerprint(local), info)
+    return hashlib.blake2b("/".join(digests).encode(), digest_size=8).hexdigest()
+
+
+def final_adapter_on_main(model: nn.Module, adapter: str, info: DistInfo) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """``final_adapter`` assembled on the main rank only (the others get the config and no tensors):
+    each rank sends its shards to rank 0 (``gather_to_main``), so no other rank receives the adapter."""
+    from ..lora.residual import is_residual_init, to_plain_lora
+
+    config = adapter_configs(model)[adapter]
+    tensors = gather_to_main({PEFT_PREFIX + k: v for k, v in _adapter_tensors(model, adapter).items()}, info)
+    if tensors is None:
+        return config, {}
+    if not is_residual_init(config.init_lora_weights):
+        return config, tensors
+    return to_plain_lora(config, tensors, initial_adapter(model, adapter))
 
 
 @dataclass
@@ -199,6 +227,8 @@ class ServerRollout:
     """
 
     payload: Literal["lora"] = "lora"
+    tensors_on: Literal["main"] = "main"
+    """Only the main rank loads the adapter (``sync`` on the others records the name alone)."""
 
     def __init__(self, base_url: str, adapter_dir: Path, eos_token_ids: Sequence[int], api_key: Optional[str] = None,
                  timeout_s: float = 600.0, concurrency: int = 16, name: str = "policy", main: bool = True) -> None:
@@ -328,7 +358,11 @@ class PolicySampler:
     the engine's ``payload`` asks: nothing for a local engine on the policy's own weights, the live
     tensors for a local copy, plain LoRA (PiSSA/OLoRA converted) for a server or vLLM, or merged
     weights. Every rank calls ``sync`` (gathering a sharded adapter is a collective) and a barrier
-    follows it, so no rank samples before a shared server holds the new adapter.
+    follows it, so no rank samples before a shared server holds the new adapter. What travels does
+    not grow with the world size where it need not: nothing is gathered for an engine on the
+    policy's own weights or for merged weights (their fingerprint combines per-shard digests), a
+    server's adapter is assembled on the main rank alone, and a whole adapter is hashed on the main
+    rank only (the digest is broadcast).
 
     ``generate`` returns a ``RolloutBatch`` stamped with the version and fingerprint the engine says
     it sampled with; ``check_batch`` compares them with what the trainer synced. Calls are serialised
@@ -354,14 +388,17 @@ class PolicySampler:
             return
         start = time.perf_counter()
         payload = self.engine.payload
-        if payload == "lora":
-            config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
-            fingerprint = adapter_fingerprint(tensors)
-        else:
-            config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
-            fingerprint = adapter_fingerprint(tensors)
-            if payload in ("merged", "none"):
-                tensors = {}
+        if payload == "lora" and getattr(self.engine, "tensors_on", "every") == "main":
+            # A server is loaded by the main rank alone: the others send their shards and keep nothing.
+            config, tensors = final_adapter_on_main(self.policy, self.adapter, self.info)
+            fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
+        elif payload in ("lora", "live"):  # every rank's engine holds the whole adapter (vLLM per rank, a copy)
+            config, tensors = (final_adapter(self.policy, self.adapter) if payload == "lora"  # PiSSA/OLoRA: plain LoRA
+                               else (adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)))
+            fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
+        else:  # 'none', 'merged': no adapter tensors travel, nothing is gathered for the fingerprint
+            config, tensors = adapter_configs(self.policy)[self.adapter], {}
+            fingerprint = shard_fingerprint(self.policy, self.adapter, self.info)
         weights = None
         if payload == "merged":
             from ..lora import iter_merged_weights

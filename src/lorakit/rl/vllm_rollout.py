@@ -194,6 +194,9 @@ class VllmRollout:
             enable_sleep_mode=self.sleep)
         if external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # Workers in this process read the merged weights as they stream; worker processes (vLLM's
+        # own tensor parallelism) get them pickled, which a generator cannot be.
+        self.in_process_workers = external_launcher or tensor_parallel_size == 1
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         self.weights_dtype: Optional[torch.dtype] = _TORCH_DTYPES.get(kwargs["dtype"])
@@ -243,6 +246,8 @@ class VllmRollout:
     def _load_merged(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself; it reads
         # the iterator lazily (in-process engine), so one merged layer at a time exists beside its weights.
+        if not self.in_process_workers:
+            weights = iter(list(weights))  # every merged layer at once: the price of worker processes
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
