@@ -44,10 +44,17 @@ def _logits(model):
 
 
 def test_sampling_seeds_are_a_fixed_function_of_seed_step_slot_and_g():
-    assert grpo.sampling_seed(3, 2, 1, 3) == 3 * 1_000_003 + 2 * 10_007 + 101 + 3 == 3_020_127
-    assert grpo.sampling_seed(2 ** 62, 0, 0, 0) == 2 ** 62  # kept below 2**63 (1_000_003 is odd)
+    assert grpo.sampling_seed(3, 2, 1, 3) == grpo.sampling_seed(3, 2, 1, 3) != grpo.sampling_seed(4, 2, 1, 3)
     seeds = {grpo.sampling_seed(7, 5, slot, g) for slot in range(16) for g in range(16)}
     assert len(seeds) == 256  # every completion of a step gets its own
+
+
+def test_sampling_seeds_never_repeat_across_steps_with_many_prompts_per_step():
+    """128 prompts x 16 completions over 4 steps (a linear mix with strides 10_007 per step and 101 per
+    slot gave step s's slot 99+k, completion 8+g the seed of step s+1's slot k, completion g)."""
+    seeds = [grpo.sampling_seed(0, step, slot, g) for step in range(4) for slot in range(128) for g in range(16)]
+    assert len(set(seeds)) == len(seeds) == 8192
+    assert all(0 <= s < 2 ** 63 for s in seeds)  # engines take signed 64-bit seeds
 
 
 def test_prompts_are_tokenized_and_a_long_one_is_named(tmp_path, demo):
@@ -114,5 +121,28 @@ def test_the_rollout_engine_follows_the_config(tmp_path, demo):
     server = grpo.rollout_engine(_cfg(tmp_path, demo, "rollout.engine=server", "rollout.base_url=http://127.0.0.1:9/v1",
                                       output_dir=str(tmp_path / "my run.1")),
                                  model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
-    assert isinstance(server.engine, ServerRollout) and server.engine.name == "my-run-1"
+    assert isinstance(server.engine, ServerRollout) and server.engine.name.startswith("my-run-1-")
     assert server.engine.adapter_dir == tmp_path / "my run.1" / "rollout_adapters"
+
+
+def test_two_runs_with_the_same_output_dir_name_use_different_server_adapter_names(tmp_path, demo):
+    """On one shared server, runs a/grpo and b/grpo must not load or unload each other's adapter."""
+    tokenizer = load_tokenizer(demo)
+    model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))
+    names = []
+    for parent in ("a", "b", "a"):
+        cfg = _cfg(tmp_path, demo, "rollout.engine=server", "rollout.base_url=http://127.0.0.1:9/v1",
+                   output_dir=str(tmp_path / parent / "grpo"))
+        sampler = grpo.rollout_engine(cfg, model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
+        names.append(sampler.engine.name)
+    assert names[0] != names[1] and names[0] == names[2]  # per run, and stable across a resume
+    assert all(name.startswith("grpo-") for name in names)
+
+
+def test_a_tensor_parallel_vllm_engine_under_torchrun_is_refused_before_loading(tmp_path, demo):
+    cfg = _cfg(tmp_path, demo, "rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2")
+    with pytest.raises(ValueError, match=r"rollout.vllm.tensor_parallel_size=2 with 2 torchrun ranks"):
+        grpo.check_rollout_layout(cfg, DistInfo(rank=1, world=2, mode="ddp"))
+    grpo.check_rollout_layout(cfg, DistInfo())  # one process: vLLM's own tensor parallelism
+    one = _cfg(tmp_path, demo, "rollout.engine=vllm")
+    grpo.check_rollout_layout(one, DistInfo(rank=0, world=2, mode="ddp"))  # one engine per rank

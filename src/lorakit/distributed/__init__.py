@@ -8,6 +8,7 @@ injected before wrapping. On CPU the backend is gloo, on GPU nccl.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -305,6 +306,65 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
         return [obj]
     out: list[Optional[Any]] = [None] * info.world
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(tensors: dict[str, torch.Tensor], info: DistInfo) -> Optional[dict[str, torch.Tensor]]:
+    """The whole value of each tensor, on the main rank only (None on the others), on the CPU.
+
+    A sharded tensor (FSDP2's DTensor) travels as each rank's own shard, point to point, to rank 0,
+    which alone assembles it (the shards' offsets and shapes go first, gathered to rank 0): rank 0
+    receives the whole, every other rank receives nothing and sends only its shard, so the cost
+    per rank does not grow with the world size (an all-gather puts the whole on every rank). A
+    plain tensor is whole on every rank already: rank 0 takes its own. Every rank must call this
+    with the same keys (a collective when any tensor is sharded).
+    """
+    sharded = [k for k, v in tensors.items() if hasattr(v, "device_mesh")]
+    whole = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items() if k not in sharded} if info.main else {}
+    if sharded and info.mode == "none":  # a one-process mesh: the shard is the whole
+        whole.update({k: tensors[k].full_tensor().detach().to("cpu").contiguous() for k in sharded})
+    elif sharded:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = {k: tensors[k].to_local().detach().contiguous() for k in sharded}
+        offsets = {k: tuple(compute_local_shape_and_global_offset(tensors[k].shape, tensors[k].device_mesh,
+                                                                  tensors[k].placements)[1]) for k in sharded}
+        layout = gather_objects_to_main({k: (offsets[k], tuple(local[k].shape)) for k in sharded}, info)
+        for key in sharded:  # in the same order on every rank: the sends and receives pair up
+            if not info.main:
+                if local[key].numel():
+                    dist.send(local[key], dst=0)
+                continue
+            full = torch.empty(tensors[key].shape, dtype=tensors[key].dtype)
+            for rank, shards in enumerate(layout):
+                offset, shape = shards[key]
+                if not math.prod(shape):
+                    continue
+                if rank == 0:
+                    piece = local[key]
+                else:
+                    piece = torch.empty(shape, dtype=local[key].dtype, device=local[key].device)
+                    dist.recv(piece, src=rank)
+                full[tuple(slice(o, o + n) for o, n in zip(offset, shape))] = piece.to("cpu")
+            whole[key] = full
+    return {k: whole[k] for k in tensors} if info.main else None
+
+
+def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
+    """``obj`` as the main rank has it, on every rank (what the other ranks pass is ignored)."""
+    if info.mode == "none":
+        return obj
+    box = [obj if info.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects_to_main(obj: Any, info: DistInfo) -> Optional[list[Any]]:
+    """Every rank's ``obj`` on the main rank (rank order), None on the others."""
+    if info.mode == "none":
+        return [obj]
+    out: Optional[list[Any]] = [None] * info.world if info.main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -22,11 +22,11 @@ from .fingerprint import adapter_fingerprint, adapter_stamp
 from .io import adapter_state_dict, final_adapter, initial_adapter, load_adapter, load_read_adapter, read_adapter, save_adapter, set_adapter_weights, write_adapter
 from .experts import LoraParameter
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .merge import merge_lora, merged_weights, unload_lora, unmerge_lora
+from .merge import iter_merged_weights, merge_lora, merged_weights, unload_lora, unmerge_lora
 
 __all__ = [
     "LoraConfig", "inject_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
-    "unload_lora", "merged_weights", "set_active_adapters", "disable_adapters", "trainable_report",
+    "unload_lora", "merged_weights", "iter_merged_weights", "set_active_adapters", "disable_adapters", "trainable_report",
     "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict", "final_adapter", "initial_adapter",
     "adapter_fingerprint", "adapter_stamp", "load_read_adapter",
     "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "RowRouting", "set_adapter_trainable", "set_adapter_weights", "write_adapter",

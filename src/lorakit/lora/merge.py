@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,13 +81,35 @@ def merged_weights(model: nn.Module, adapter_name: str = "default") -> dict[str,
     """Each adapted layer's base weight with ``adapter_name`` merged in, computed aside (the model is
     not changed): what an inference engine that cannot run LoRA loads in place of its own weights.
 
+    Holds every merged layer at once; an engine that loads weights one by one takes
+    :func:`iter_merged_weights` instead.
+
     Returns:
-        ``{"<module path>.weight": fp32 tensor}``, keyed like the base model's state dict, shaped like
-        the base weight (a sharded weight is gathered whole: every rank must call this under FSDP2).
+        ``{"<module path>.weight": fp32 tensor}`` (``"<module path>.<parameter>"`` for a
+        ``target_parameters`` weight such as ``mlp.experts.gate_up_proj``), keyed like the base
+        model's state dict, shaped like the base weight (a sharded weight is gathered whole: every
+        rank must call this under FSDP2).
+    """
+    return dict(iter_merged_weights(model, adapter_name))
+
+
+def iter_merged_weights(model: nn.Module, adapter_name: str = "default",
+                        dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`merged_weights` one layer at a time: each merged weight is computed (fp32 math), cast to
+    ``dtype`` and yielded, and nothing of it is kept once the next one is asked for, so a consumer
+    that loads each weight and drops it holds one layer's merged weight at a time.
+
+    Args:
+        model: a model with LoRA layers (FSDP2-sharded allowed: every rank must iterate to the end,
+            each weight is gathered whole, after the cast, so the gather moves ``dtype`` bytes).
+        adapter_name: the adapter to merge.
+        dtype: the dtype of the yielded weights (the consumer's); None keeps fp32.
+
+    Yields:
+        ``(state-dict name, merged weight)``, in model order; the weight is shaped like the base weight.
     """
     from .tensors import full_tensor
 
-    out: dict[str, torch.Tensor] = {}
     for path, layer in lora_modules(unwrap_model(model)):
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
             continue
@@ -95,8 +117,22 @@ def merged_weights(model: nn.Module, adapter_name: str = "default") -> dict[str,
         if kind is not None:
             raise ValueError(f"cannot merge into '{path}': its base is quantized ({kind})")
         with torch.no_grad():
-            out[f"{path}.weight"] = full_tensor(_merged(layer, [adapter_name]).detach())
-    return out
+            value = _merged(layer, [adapter_name]).detach()
+            if dtype is not None:
+                value = value.to(dtype)  # before the gather: a sharded weight moves in the consumer's dtype
+            value = full_tensor(value)
+        yield _weight_name(path, layer), value
+        del value  # the consumer may have dropped it: do not keep it alive while merging the next layer
+
+
+def _weight_name(path: str, layer: LoraLayer) -> str:
+    """The state-dict name of the weight ``layer`` (at ``path``) adapts."""
+    param = getattr(layer, "param_name", None)
+    if param is None:
+        return f"{path}.weight"
+    while path.endswith(".base_layer"):  # nested parameter wrappers: the owner module's path
+        path = path[: -len(".base_layer")]
+    return f"{path}.{param}"
 
 
 def unmerge_lora(model: nn.Module) -> list[str]:

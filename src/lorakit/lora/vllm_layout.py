@@ -89,10 +89,30 @@ def export_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
             gate_up_proj/up_proj/down_proj (a router) that has no per-expert form.
     """
     config, tensors, source = read_adapter(src)
+    return write_adapter(dst, *split_per_expert(config, tensors, str(source)))
+
+
+def split_per_expert(config: LoraConfig, tensors: dict[str, torch.Tensor],
+                     source: str = "the adapter") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """:func:`export_per_expert` in memory: an adapter's config and PEFT-keyed tensors in vLLM's 2-D layout.
+
+    Args:
+        config: the adapter's config (with ``target_parameters``).
+        tensors: its PEFT-keyed tensors, fused experts as ``(experts * r, in)`` / ``(out, r * experts)``.
+        source: what the errors name (a file, or the in-memory adapter).
+
+    Returns:
+        The per-expert config and tensors (``experts.<e>.gate_proj`` / ``up_proj`` / ``down_proj``:
+        A (r, in), B (out, r)); other tensors are passed through.
+
+    Raises:
+        ValueError: as :func:`export_per_expert`.
+    """
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     wrappers = expert_wrappers(config, paths)
     if not wrappers:
-        raise ValueError(f"{src}: no fused expert weights (target_parameters) to export per expert")
+        raise ValueError(f"{source}: no fused expert weights (target_parameters) to export per expert")
     out: dict[str, torch.Tensor] = {}
     names = set(config.target_modules or []) if isinstance(config.target_modules, list) else set()
     ranks: dict[str, dict[str, int]] = defaultdict(dict)
@@ -124,8 +144,8 @@ def export_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
             ranks[proj][owner] = r
             alphas[proj][owner] = config.alpha_for(f"{owner}.{param}")
             for e in range(experts):
-                out[f"{PEFT_PREFIX}{owner}.{e}.{proj}.lora_A.weight"] = per_a[e].clone()  # gate and up share A: own copies
-                out[f"{PEFT_PREFIX}{owner}.{e}.{proj}.lora_B.weight"] = bs[e].clone()
+                out[f"{owner}.{e}.{proj}.lora_A.weight"] = per_a[e].clone()  # gate and up share A: own copies
+                out[f"{owner}.{e}.{proj}.lora_B.weight"] = bs[e].clone()
     rank_pattern = dict(config.rank_pattern)
     alpha_pattern = dict(config.alpha_pattern)
     for proj in ranks:
@@ -139,7 +159,7 @@ def export_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
                     table[rf"{re.escape(owner)}\.\d+\.{proj}"] = value
     exported = dataclasses.replace(config, target_modules=sorted(names), target_parameters=None,
                                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    return write_adapter(dst, exported, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()})
+    return exported, {PEFT_PREFIX + k: v for k, v in out.items()}
 
 
 def import_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
@@ -154,6 +174,18 @@ def import_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
             have different A or rank (one fused ``gate_up_proj`` pair cannot hold them exactly).
     """
     config, tensors, source = read_adapter(src)
+    return write_adapter(dst, *fuse_per_expert(config, tensors, str(source)))
+
+
+def fuse_per_expert(config: LoraConfig, tensors: dict[str, torch.Tensor],
+                    source: str = "the adapter") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """:func:`import_per_expert` in memory (the inverse of :func:`split_per_expert`): a per-expert
+    adapter's config and tensors in PEFT's fused ``target_parameters`` layout, PEFT-keyed.
+
+    Raises:
+        ValueError: as :func:`import_per_expert`.
+    """
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
     found: dict[str, dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(lambda: defaultdict(dict))
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -211,4 +243,4 @@ def import_per_expert(src: Union[str, Path], dst: Union[str, Path]) -> Path:
                                        target_parameters=sorted(params_seen, key=lambda p: conventional_order(
                                            {q.rsplit(".", 1)[-1] for q in params_seen}).index(p.rsplit(".", 1)[-1])),
                                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    return write_adapter(dst, fused_config, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()})
+    return fused_config, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()}

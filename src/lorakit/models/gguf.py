@@ -38,9 +38,9 @@ class GgufError(ValueError):
     """A GGUF file cannot be used as a base model; the message names the file and says why."""
 
 
-def is_gguf_name(name: str) -> bool:
+def is_gguf_name(name: Union[str, Path]) -> bool:
     """Whether ``model: name`` asks for a GGUF file (by its extension)."""
-    return name.lower().endswith(".gguf")
+    return str(name).lower().endswith(".gguf")
 
 
 def gguf_model_dir(path: Union[str, Path]) -> Path:

@@ -21,6 +21,7 @@ its statistics) and ``HeldOutEval``; the config-reading glue is below the recipe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
-from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects,
+from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects_to_main,
                            init_distributed, shutdown, through_root, wrap)
 from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
@@ -45,7 +46,7 @@ from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
                   RolloutCompletion, ServerRollout, StaleRolloutError, adapter_weights, completion_logprobs, group_advantages,
-                  logprob_gap, reference_policy, token_weights)
+                  logprob_gap, reference_policy, token_weights, trained_completions)
 from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
@@ -95,6 +96,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     out = Path(cfg.output_dir)
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
+    check_rollout_layout(cfg, info)
     if rc.engine == "vllm":
         if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* ranks were checked when it loaded
             rank = served_rank(LoraConfig.from_json(cfg.init_adapter))
@@ -224,7 +226,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         batch: RolloutBatch = pending.result()
         mine = {"version": batch.version, "fingerprint": batch.fingerprint,
                 "synced": sampler.fingerprints.get(batch.version), "completions": [vars(c) for c in batch]}
-        return {IN_FLIGHT_NAME: json.dumps(gather_objects(mine, info))}
+        saved = gather_objects_to_main(mine, info)  # rank 0 alone writes the checkpoint
+        return {IN_FLIGHT_NAME: json.dumps(saved)} if info.main else {}
 
     def stale(message: str) -> None:
         if rc.check_sync == "error":
@@ -279,8 +282,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         advantages, zero_std = group_advantages(reward, G, gc.scale_rewards)
         batches = CompletionBatches(seq_prompts, completions, tc.batch_size, pad, padding_free, device)
         lengths = batches.lengths
-        truncated = torch.tensor([c.finish_reason == "length" for c in completions])
-        keep = ~truncated if gc.mask_truncated else torch.ones_like(truncated)
+        keep, truncated, aborted = trained_completions([c.finish_reason for c in completions], gc.mask_truncated)
 
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
         extra: dict[str, torch.Tensor] = {}
@@ -376,6 +378,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "zero_std_frac": total(float(zero_std.sum())) / (n / G),
             "completion_len": total(float(lengths.sum())) / n,
             "truncated_frac": total(float(truncated.sum())) / n,
+            "aborted_frac": total(float(aborted.sum())) / n,  # the engine gave up on them: not trained
             "clip_frac": total(totals["clipped"]) / max(trained_tokens, 1.0),
             "clip_low_frac": total(totals["clipped_low"]) / max(trained_tokens, 1.0),
             "clip_high_frac": total(totals["clipped_high"]) / max(trained_tokens, 1.0),
@@ -505,9 +508,8 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
     eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
     if rc.engine == "server":
         api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        run_name = re.sub(r"[^A-Za-z0-9_-]", "-", out.resolve().name) or "grpo"
         server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
-                               rc.timeout_s, rc.concurrency, name=run_name, main=info.main)
+                               rc.timeout_s, rc.concurrency, name=server_run_name(out), main=info.main)
         return PolicySampler(server, model, ADAPTER, info)
     if rc.engine == "vllm":
         config, vc = adapter_configs(model)[ADAPTER], rc.vllm
@@ -515,6 +517,12 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
             raise ValueError("rollout.engine: vllm with rollout.sync: lora cannot serve "
                              + ("DoRA (lora.use_dora)" if config.use_dora else "lora.modules_to_save")
                              + "; use rollout.sync: merged" + ("" if config.use_dora else " (without modules_to_save)"))
+        experts_only = ("gate_up_proj", "up_proj", "down_proj")
+        odd = [t for t in config.target_parameters or [] if t.rsplit(".", 1)[-1] not in experts_only]
+        if rc.sync == "lora" and odd:
+            raise ValueError(f"rollout.engine: vllm with rollout.sync: lora cannot serve LoRA on {odd} "
+                             "(lora.target_parameters): vLLM has MoE LoRA for the experts' gate/up/down weights only; "
+                             "use rollout.sync: merged, or leave them out")
         if config.modules_to_save:
             raise ValueError("rollout.sync: merged loads the adapted layers' merged weights only, not "
                              "lora.modules_to_save; train without it to sample with vLLM")
@@ -578,8 +586,39 @@ def advance(epoch: int, sample: int, prompts_per_step: int, num_prompts: int) ->
 
 def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
     """The sampling seed of completion ``g`` of the prompt in ``slot`` at ``step``: a function of these
-    alone, so a resumed run on any number of ranks draws the same rollouts."""
-    return (seed * 1_000_003 + step * 10_007 + slot * 101 + g) % (2 ** 63)
+    alone, so a resumed run on any number of ranks draws the same rollouts.
+
+    A hash, not a linear mix: any number of prompts per step and completions per prompt gets
+    seeds that no other (step, slot, g) of the run shares (a linear mix with fixed strides repeats
+    once slot or g passes the stride). Below 2**63, as engines take signed 64-bit seeds.
+    """
+    digest = hashlib.blake2b(f"{seed}/{step}/{slot}/{g}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def server_run_name(output_dir: Path) -> str:
+    """The adapter name a run uses on a shared rollout server: the output directory's name (readable
+    in the server's model list) and a hash of its absolute path, so two runs whose output
+    directories share a name (runs/a/grpo, runs/b/grpo) never load or unload each other's adapter."""
+    resolved = Path(output_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", resolved.name) or "grpo"
+    return f"{name}-{hashlib.blake2b(str(resolved).encode(), digest_size=4).hexdigest()}"
+
+
+def check_rollout_layout(cfg: RunConfig, info: DistInfo) -> None:
+    """Refuse rollout settings the launch cannot run correctly, before any model loads.
+
+    Raises:
+        ValueError: ``rollout.vllm.tensor_parallel_size > 1`` under torchrun: each rank holds its own
+            engine (vLLM's external launcher) and samples its own prompts, so a tensor-parallel
+            engine spanning ranks would be fed different prompts by each of them.
+    """
+    tp = cfg.rollout.vllm.tensor_parallel_size
+    if cfg.rollout.engine == "vllm" and tp > 1 and info.world > 1:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} with {info.world} torchrun ranks: each rank runs "
+                         "its own vLLM engine on its own prompts, so one tensor-parallel engine across ranks would "
+                         "mix their prompts; use tensor_parallel_size: 1 under torchrun (one engine per rank), or "
+                         "rollout.engine: server with a vLLM server that runs its own tensor parallelism")
 
 
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).

@@ -3,7 +3,7 @@ trainer's side of the policy (objective, reference, completion batches, held-out
 
 from .batches import CompletionBatches, completion_rows, logprob_gap
 from .evaluate import HeldOutEval
-from .grpo import LossStats, group_advantages, grpo_loss, kl_k3, token_weights
+from .grpo import LossStats, group_advantages, grpo_loss, kl_k3, token_weights, trained_completions
 from .policy import GRPOObjective, adapter_weights, completion_logprobs, reference_policy
 from .rewards import (BUILTIN_REWARDS, RewardScore, RewardSet, answer_format, countdown, extract_number,
                       numeric_match, resolve_reward)
@@ -12,7 +12,8 @@ from .rollout import (LocalRollout, PolicySampler, PolicyUpdate, RolloutBatch, R
 
 __all__ = [
     "CompletionBatches", "completion_rows", "logprob_gap", "HeldOutEval", "LossStats", "group_advantages", "grpo_loss",
-    "kl_k3", "token_weights", "GRPOObjective", "adapter_weights", "completion_logprobs", "reference_policy", "BUILTIN_REWARDS",
+    "kl_k3", "token_weights", "trained_completions", "GRPOObjective", "adapter_weights", "completion_logprobs",
+    "reference_policy", "BUILTIN_REWARDS",
     "RewardScore", "RewardSet", "answer_format", "countdown", "extract_number", "numeric_match", "resolve_reward",
     "LocalRollout", "PolicySampler", "PolicyUpdate", "RolloutBatch", "RolloutCompletion", "RolloutEngine",
     "RolloutServerError", "ServerRollout", "StaleRolloutError", "adapter_fingerprint",

@@ -7,7 +7,7 @@ Shapes: B completions (``num_prompts x G``, grouped contiguously: completion i b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,26 @@ def token_weights(mask: torch.Tensor, aggregation: Literal["token", "sequence"],
         lengths = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         return mask / lengths / max(num_sequences, 1.0)
     raise ValueError(f"loss aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+def trained_completions(finish_reasons: Sequence[str], mask_truncated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which completions the loss trains on, from how each one ended.
+
+    'stop' (the model ended it) is trained; 'length' (cut at max_new_tokens) is trained unless
+    ``mask_truncated``; 'abort' (the engine gave up on the request: a vLLM abort, a server error
+    mid-sequence) is never trained: its end is not the policy's doing, and counting it as a length
+    cut would teach the policy from a sequence it did not finish.
+
+    Args:
+        finish_reasons: one per completion ('stop', 'length' or 'abort').
+        mask_truncated: drop 'length' completions from the loss (``grpo.mask_truncated``).
+    Returns:
+        ``(keep, truncated, aborted)``, each (n,) bool.
+    """
+    truncated = torch.tensor([reason == "length" for reason in finish_reasons], dtype=torch.bool)
+    aborted = torch.tensor([reason == "abort" for reason in finish_reasons], dtype=torch.bool)
+    keep = ~aborted & ~truncated if mask_truncated else ~aborted
+    return keep, truncated, aborted
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

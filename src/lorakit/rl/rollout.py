@@ -20,6 +20,7 @@ rather than trained on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -34,11 +35,11 @@ from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequenc
 import torch
 from torch import nn
 
-from ..distributed import DistInfo, barrier
+from ..distributed import DistInfo, barrier, broadcast_from_main, gather_objects, gather_to_main
 from ..generation import Engine, Request, SamplingParams
 from ..lora import (LoraConfig, adapter_configs, adapter_fingerprint, adapter_stamp, adapter_state_dict, final_adapter,
-                    write_adapter)
-from ..lora.io import _adapter_tensors
+                    initial_adapter, write_adapter)
+from ..lora.io import PEFT_PREFIX, _adapter_tensors
 
 @dataclass
 class RolloutCompletion:
@@ -55,11 +56,48 @@ class RolloutCompletion:
     logprobs: Optional[list[float]]
     """The engine's log-prob of each token (raw model distribution), when it reported them all."""
     finish_reason: str
-    """'stop' (the model ended it) or 'length' (cut at max_new_tokens)."""
+    """'stop' (the model ended it), 'length' (cut at max_new_tokens) or 'abort' (the engine gave up on
+    the request; never trained on: ``lorakit.rl.trained_completions``)."""
+
+
+def finish_reason(reason: Optional[str]) -> str:
+    """An engine's finish reason as the trainer reads it: 'stop', 'length', or 'abort' for anything
+    else an engine reports (vLLM's 'abort', an 'error'); a missing one is 'length' (the OpenAI
+    protocol leaves it out only while a sequence is still running)."""
+    if reason is None or reason in ("stop", "length"):
+        return reason or "length"
+    return "abort"
 
 
 class StaleRolloutError(RuntimeError):
     """A rollout batch did not come from the policy the trainer holds (a skipped or failed adapter sync)."""
+
+
+def shard_fingerprint(model: nn.Module, adapter: str, info: DistInfo) -> str:
+    """A fingerprint of ``adapter``'s weights that no rank gathers: under FSDP2 each rank hashes its
+    own shards and the per-rank digests (8 bytes each) are combined; otherwise the main rank hashes
+    the adapter (every rank holds it whole) and sends the digest. Equal iff the weights are, for a
+    given sharding (it is not ``adapter_fingerprint`` of the whole)."""
+    tensors = _adapter_tensors(model, adapter)
+    if not any(hasattr(v, "to_local") for v in tensors.values()):
+        return broadcast_from_main(adapter_fingerprint(tensors) if info.main else None, info)
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
+    digests = gather_objects(adapter_fingerprint(local), info)
+    return hashlib.blake2b("/".join(digests).encode(), digest_size=8).hexdigest()
+
+
+def final_adapter_on_main(model: nn.Module, adapter: str, info: DistInfo) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """``final_adapter`` assembled on the main rank only (the others get the config and no tensors):
+    each rank sends its shards to rank 0 (``gather_to_main``), so no other rank receives the adapter."""
+    from ..lora.residual import is_residual_init, to_plain_lora
+
+    config = adapter_configs(model)[adapter]
+    tensors = gather_to_main({PEFT_PREFIX + k: v for k, v in _adapter_tensors(model, adapter).items()}, info)
+    if tensors is None:
+        return config, {}
+    if not is_residual_init(config.init_lora_weights):
+        return config, tensors
+    return to_plain_lora(config, tensors, initial_adapter(model, adapter))
 
 
 @dataclass
@@ -74,9 +112,12 @@ class PolicyUpdate:
     config: Optional[LoraConfig] = None
     """The adapter's config (plain LoRA relative to the untouched base for 'lora' payloads)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), the base
-    weights with the adapter merged in fp32 keyed like the base model's state dict ('merged'), or
-    nothing ('none': the engine reads the policy's own weights)."""
+    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), or
+    nothing ('merged': see ``weights``; 'none': the engine reads the policy's own weights)."""
+    weights: Optional[Iterator[tuple[str, torch.Tensor]]] = None
+    """'merged': the adapted layers' base weights with the adapter merged (fp32 math), in the engine's
+    ``weights_dtype``, under the base checkpoint's names, one layer at a time: a stream to consume
+    once, in order, keeping no weight after loading it (so at most one merged layer is alive)."""
 
 
 class RolloutEngine(Protocol):
@@ -192,6 +233,8 @@ class ServerRollout:
     """
 
     payload: Literal["lora"] = "lora"
+    tensors_on: Literal["main"] = "main"
+    """Only the main rank loads the adapter (``sync`` on the others records the name alone)."""
 
     def __init__(self, base_url: str, adapter_dir: Path, eos_token_ids: Sequence[int], api_key: Optional[str] = None,
                  timeout_s: float = 600.0, concurrency: int = 16, name: str = "policy", main: bool = True) -> None:
@@ -291,7 +334,7 @@ class ServerRollout:
         reply = self._post("/completions", body)
         try:
             choice = reply["choices"][0]
-            text, finish = choice.get("text") or "", choice.get("finish_reason") or "length"
+            text, finish = choice.get("text") or "", finish_reason(choice.get("finish_reason"))
             logprobs = choice.get("logprobs") or {}
             tokens = logprobs.get("tokens")
             if tokens is None:
@@ -332,7 +375,12 @@ class PolicySampler:
     the engine's ``payload`` asks: nothing for a local engine on the policy's own weights, the live
     tensors for a local copy, plain LoRA (PiSSA/OLoRA converted) for a server or vLLM, or merged
     weights. Every rank calls ``sync`` (gathering a sharded adapter is a collective) and a barrier
-    follows it, so no rank samples before a shared server holds the new adapter.
+    follows it, so no rank samples before a shared server holds the new adapter. What travels does
+    not grow with the world size where it need not: nothing is gathered for an engine on the
+    policy's own weights (its fingerprint is each rank's ``adapter_stamp``) or for merged weights
+    (their fingerprint combines per-shard digests), a
+    server's adapter is assembled on the main rank alone, and a whole adapter is hashed on the main
+    rank only (the digest is broadcast).
 
     ``generate`` returns a ``RolloutBatch`` stamped with the version and fingerprint the engine says
     it sampled with; ``check_batch`` compares them with what the trainer synced. Calls are serialised
@@ -359,21 +407,30 @@ class PolicySampler:
             return
         start = time.perf_counter()
         payload = self.engine.payload
-        if payload == "lora":
-            config, tensors = final_adapter(self.policy, self.adapter)  # PiSSA/OLoRA: plain LoRA for the engine's base
-            fingerprint = adapter_fingerprint(tensors)
+        if payload == "lora" and getattr(self.engine, "tensors_on", "every") == "main":
+            # A server is loaded by the main rank alone: the others send their shards and keep nothing.
+            config, tensors = final_adapter_on_main(self.policy, self.adapter, self.info)
+            fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
+        elif payload in ("lora", "live"):  # every rank's engine holds the whole adapter (vLLM per rank, a copy)
+            config, tensors = (final_adapter(self.policy, self.adapter) if payload == "lora"  # PiSSA/OLoRA: plain LoRA
+                               else (adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)))
+            fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
         elif payload == "none":  # the engine samples these very tensors: they must stay unwritten until it does
+            # The stamp of this rank's own tensors (what the engine's ``held`` reports): nothing gathered.
             config, tensors = adapter_configs(self.policy)[self.adapter], {}
             fingerprint = adapter_stamp(self.policy, self.adapter)
-        else:
-            config, tensors = adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)
-            fingerprint = adapter_fingerprint(tensors)
-            if payload == "merged":
-                from ..lora import merged_weights
+        else:  # 'merged': no adapter tensors travel, nothing is gathered for the fingerprint
+            config, tensors = adapter_configs(self.policy)[self.adapter], {}
+            fingerprint = shard_fingerprint(self.policy, self.adapter, self.info)
+        weights = None
+        if payload == "merged":
+            from ..lora import iter_merged_weights
+            from ..models.checkpoint_names import checkpoint_weights
 
-                tensors = merged_weights(self.policy, self.adapter)
+            weights = checkpoint_weights(self.policy, iter_merged_weights(
+                self.policy, self.adapter, getattr(self.engine, "weights_dtype", None)))
         with self.lock:
-            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors))
+            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors, weights))
         barrier(self.info)
         self.synced_step = step
         self.fingerprints[step] = fingerprint

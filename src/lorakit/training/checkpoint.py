@@ -2,8 +2,10 @@
 
 ``output_dir/checkpoint-N/`` is built in a hidden temp dir and renamed into place, so a kill at any
 moment leaves every existing checkpoint whole and never a half one under the final name. Only
-safetensors and JSON are written. Under DDP/FSDP2 every rank joins the gathers and rank 0 writes;
-the optimizer state is saved whole (LoRA state is small), so a checkpoint resumes on any world size.
+safetensors and JSON are written. Under DDP/FSDP2 every rank sends its shards to rank 0, which
+alone assembles and writes them (no rank but the writer ever holds the whole adapter or optimizer
+state, so a save costs the other ranks their shards, at any world size); the optimizer state is
+saved whole, so a checkpoint resumes on any world size.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..distributed import DistInfo, barrier, full_tensor, gather_objects, like_param
-from ..lora import adapter_configs, adapter_state_dict, initial_adapter, load_adapter, set_adapter_weights, write_adapter
+from ..distributed import DistInfo, barrier, gather_objects_to_main, gather_to_main, like_param
+from ..lora import adapter_configs, adapter_names, initial_adapter, load_adapter, set_adapter_weights, write_adapter
+from ..lora.io import PEFT_PREFIX, _adapter_tensors
 from ..lora.atomic import atomic_directory
 from ..lora.config import is_residual_init
 
@@ -52,6 +55,8 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
 
 def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state tensors keyed ``<param name>::<field>`` as the optimizer holds them
+    (sharded ones still sharded), and its param groups."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
     groups = []
@@ -63,7 +68,7 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"{names[id(p)]}::{key}"] = full_tensor(tensor).detach().to("cpu").contiguous()
+                tensors[f"{names[id(p)]}::{key}"] = tensor.detach()
     return tensors, {"param_groups": groups}
 
 
@@ -89,10 +94,14 @@ def save_checkpoint(
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this); with an fp16
     run's ``scaler`` (a ``torch.amp.GradScaler``) its state too, and ``extra_files`` (name -> text,
-    e.g. an async GRPO run's in-flight rollouts) inside the same atomic directory."""
-    adapter = adapter_state_dict(model, adapter_name)  # gathers sharded weights
+    e.g. an async GRPO run's in-flight rollouts; read on the main rank, which alone writes) inside
+    the same atomic directory."""
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
+    adapter = gather_to_main({PEFT_PREFIX + k: v for k, v in _adapter_tensors(model, adapter_name).items()}, info)
     tensors, meta = _optimizer_tensors(model, optimizer)
-    rngs = gather_objects(_rng_state(), info)
+    tensors = gather_to_main(tensors, info)
+    rngs = gather_objects_to_main(_rng_state(), info)
     initial = {f"{path}.{kind}.weight": t.detach().to("cpu").contiguous()
                for path, pair in initial_adapter(model, adapter_name).items() for kind, t in zip(("lora_A", "lora_B"), pair)}
     final = output_dir / f"checkpoint-{step}"
