@@ -285,6 +285,9 @@ def test_an_async_run_killed_after_step_2_resumes_exactly(server, tmp_path, monk
 
     whole, resumed = reward_steps(tmp_path / "whole"), reward_steps(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    # The resumed run's first step checks the in-flight batch's log-probs too: under the adapter that
+    # sampled it, which the checkpoint keeps (without it that step would go unchecked).
+    assert all(r["logprob_gap"] < 1e-5 for r in resumed), [r.get("logprob_gap") for r in resumed]
     for a, b in zip(whole, resumed):
         for key in ("reward_mean", "completion_len", "loss", "grad_norm", "policy_version", "staleness"):
             assert a[key] == b[key], (a["step"], key)

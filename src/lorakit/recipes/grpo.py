@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import RunConfig, dump_config
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects_to_main,
-                           init_distributed, shutdown, through_root, wrap)
+                           init_distributed, like_param, shutdown, through_root, wrap)
 from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
 from ..lora import (LoraConfig, adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
@@ -68,6 +69,7 @@ from ..training.setup import choose_padding_free
 ADAPTER = "default"
 REFERENCE = "reference"
 IN_FLIGHT_NAME = "inflight_rollouts.json"
+IN_FLIGHT_ADAPTER = "inflight_adapter.safetensors"  # the adapter that sampled them (async's old policy)
 """An async run's checkpoint: the rollouts already sampled for the next step (per rank)."""
 # Below this, an lr is a full fine-tune's; LoRA's updates need about 10x more to move as far.
 FULL_FINETUNE_LR = 1e-5
@@ -218,16 +220,18 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                     for slot in slots for g in range(G)]
         return mine, [prompt_ids[index] for index in mine for _ in range(G)], sampling
 
-    def in_flight(pending: Optional[Future]) -> dict[str, str]:
-        """async: the next step's rollouts, sampled already, as a checkpoint file (waits for them): a
-        resumed run trains on these very completions, as this one will."""
+    def in_flight(pending: Optional[Future]) -> tuple[dict[str, str], dict[str, dict[str, torch.Tensor]]]:
+        """async: the next step's rollouts, sampled already, and the adapter that sampled them, as
+        checkpoint files (waits for them): a resumed run trains on these very completions, as this
+        one will, and checks their log-probs under the same adapter."""
         if pending is None:
-            return {}
+            return {}, {}
         batch: RolloutBatch = pending.result()
         mine = {"version": batch.version, "fingerprint": batch.fingerprint,
                 "synced": sampler.fingerprints.get(batch.version), "completions": [vars(c) for c in batch]}
         saved = gather_objects_to_main(mine, info)  # rank 0 alone writes the checkpoint
-        return {IN_FLIGHT_NAME: json.dumps(saved)} if info.main else {}
+        held = dict(zip(param_names, held_versions[batch.version]))
+        return ({IN_FLIGHT_NAME: json.dumps(saved)} if info.main else {}), {IN_FLIGHT_ADAPTER: held}
 
     def stale(message: str) -> None:
         if rc.check_sync == "error":
@@ -239,11 +243,14 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     max_gap = rc.max_logprob_gap or (1e-3 if sampler_dtype(cfg, dtype) == torch.float32 else 5e-2)
     background = ThreadPoolExecutor(max_workers=1) if rc.async_ else None
     pending: Optional[Future] = None  # async: the next step's rollouts, sampled while this step trains
-    if resumed_from is not None and (resumed_from / IN_FLIGHT_NAME).is_file():
-        pending = resumed_rollouts(resumed_from, info, sampler)
     # async: the trained adapter's weights at each version still sampling, to compare the sampler's
     # log-probs with the trainer's under the very adapter that sampled (one adapter copy per rank)
     held_versions: dict[int, list[torch.Tensor]] = {}
+    names_by_id = {id(p): n for n, p in model.named_parameters()}
+    param_names = [names_by_id[id(p)] for p in params]
+    if resumed_from is not None and (resumed_from / IN_FLIGHT_NAME).is_file():
+        pending = resumed_rollouts(resumed_from, info, sampler)
+        held_versions[pending.result().version] = resumed_sampling_adapter(resumed_from, params, param_names)
     unverified = False  # warned that the engine cannot report which adapter it holds
     while state["step"] < total_steps:
         step_start = time.perf_counter()
@@ -294,10 +301,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # untempered (engines report the raw distribution's): equal up to numerics unless the engine
         # sampled another adapter. Read off the first training pass when that is the same forward.
         mismatch, mismatch_n = 0.0, 0
-        # Resumed async: the in-flight batch's sampling adapter was not kept; its fingerprint was checked.
-        unknown = sampled_by is None and rollout.version != state["step"]
-        from_training = rc.temperature == 1.0 and sampled_by is None and updates_per_step == 1 and not unknown
-        if not from_training and not unknown:
+        from_training = rc.temperature == 1.0 and sampled_by is None and updates_per_step == 1
+        if not from_training:
             if rc.temperature == 1.0 and sampled_by is None:
                 trainer_logp = extra["old_logp"]
             else:
@@ -411,8 +416,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             sampler.sync(step)
             log_metrics({"step": step, evaluate.key: evaluate(sampler.generate)})
         if tc.save_steps and step % tc.save_steps == 0:
+            files, tensors = in_flight(pending)
             save_checkpoint(out, step, model, optimizer, dict(state), info, ADAPTER, config_yaml=dump_config(cfg),
-                            total_limit=tc.save_total_limit, scaler=scaler, extra_files=in_flight(pending))
+                            total_limit=tc.save_total_limit, scaler=scaler, extra_files=files, extra_tensors=tensors)
             last_saved = step
     if progress is not None:
         progress.close()
@@ -576,6 +582,21 @@ def resumed_rollouts(checkpoint: Path, info: DistInfo, sampler: PolicySampler) -
     done: Future = Future()
     done.set_result(batch)
     return done
+
+
+def resumed_sampling_adapter(checkpoint: Path, params: list[torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+    """The adapter that sampled an async run's in-flight rollouts, as saved in ``checkpoint``, one
+    tensor per trained parameter, sharded like it (FSDP2: this rank's shard)."""
+    path = checkpoint / IN_FLIGHT_ADAPTER
+    if not path.is_file():
+        raise ValueError(f"{checkpoint}: in-flight rollouts without {IN_FLIGHT_ADAPTER}, the adapter that sampled them "
+                         "(a checkpoint of an older lorakit); resume from a checkpoint this version wrote")
+    saved = load_file(str(path))
+    missing = [name for name in names if name not in saved]
+    if missing:
+        raise ValueError(f"{path}: no tensor for {len(missing)} trained parameters (e.g. {missing[0]}): "
+                         "it was written for another adapter")
+    return [like_param(saved[name], param).detach() for name, param in zip(names, params)]
 
 
 def advance(epoch: int, sample: int, prompts_per_step: int, num_prompts: int) -> tuple[int, int]:

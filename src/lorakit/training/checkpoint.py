@@ -91,17 +91,20 @@ def save_checkpoint(
     total_limit: Optional[int] = None,
     scaler: Optional[Any] = None,
     extra_files: Optional[dict[str, str]] = None,
+    extra_tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (every rank must call this); with an fp16
     run's ``scaler`` (a ``torch.amp.GradScaler``) its state too, and ``extra_files`` (name -> text,
-    e.g. an async GRPO run's in-flight rollouts; read on the main rank, which alone writes) inside
-    the same atomic directory."""
+    e.g. an async GRPO run's in-flight rollouts; read on the main rank, which alone writes) and
+    ``extra_tensors`` (file name -> tensors, sharded ones assembled on the main rank; every rank
+    passes the same names and keys) inside the same atomic directory."""
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
     adapter = gather_to_main({PEFT_PREFIX + k: v for k, v in _adapter_tensors(model, adapter_name).items()}, info)
     tensors, meta = _optimizer_tensors(model, optimizer)
     tensors = gather_to_main(tensors, info)
     rngs = gather_objects_to_main(_rng_state(), info)
+    more = {name: gather_to_main(group, info) for name, group in (extra_tensors or {}).items()}
     initial = {f"{path}.{kind}.weight": t.detach().to("cpu").contiguous()
                for path, pair in initial_adapter(model, adapter_name).items() for kind, t in zip(("lora_A", "lora_B"), pair)}
     final = output_dir / f"checkpoint-{step}"
@@ -119,6 +122,8 @@ def save_checkpoint(
                 (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")
+            for name, group in more.items():
+                save_file(group, str(staging / name))
             (staging / STATE_NAME).write_text(json.dumps({**state, "world_size": info.world}, indent=1))
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
