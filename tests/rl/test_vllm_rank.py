@@ -54,3 +54,26 @@ def test_a_rank_vllm_cannot_serve_is_a_config_error(tmp_path, demo, lora, named)
     with pytest.raises(ConfigError, match=rf"'lora.r' .*{named}.* rank-\d+ adapter, over 512.*rollout.sync: merged"):
         _config(tmp_path, demo, **lora)
     assert _config(tmp_path, demo, sync="merged", **lora).rollout.sync == "merged"  # merged weights have no rank limit
+
+
+@pytest.mark.parametrize("router", ["mlp.gate.weight", "mlp.router.weight"])
+def test_lora_on_a_router_under_vllm_lora_sync_is_a_config_error(tmp_path, demo, router):
+    # vLLM's LoRA has a form for MoE expert weights only: the hand-over would fail at the first sync,
+    # after the model (and vLLM) loaded; the config is refused before, naming the parameter and the way out.
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with pytest.raises(ConfigError, match=rf"'lora.target_parameters'.*'{router}'.*rollout.sync: merged"):
+        _config(tmp_path, demo, r=4, target_parameters=[*experts, router])
+    assert _config(tmp_path, demo, r=4, target_parameters=experts).lora.target_parameters == experts
+    assert _config(tmp_path, demo, sync="merged", r=4, target_parameters=[router]).rollout.sync == "merged"
+
+
+def test_an_init_adapter_with_router_lora_under_vllm_lora_sync_is_refused_before_loading(tmp_path, demo):
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "target_parameters": ["mlp.experts.down_proj", "mlp.gate.weight"]}))
+    cfg = _config(tmp_path, demo, r=4)
+    cfg.init_adapter = str(init)
+    with pytest.raises(ValueError, match=r"init_adapter .*'mlp.gate.weight' is not an MoE expert weight.*sync: merged"):
+        grpo.run(cfg, log=lambda _: None)

@@ -358,6 +358,8 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
     rc = cfg.rollout
     if cfg.recipe == "grpo" and rc.engine == "vllm" and rc.sync == "lora" and not cfg.init_adapter:
         _validate_vllm_rank(lora, fail)  # init_adapter's own config: checked by the recipe before any model loads
+    if cfg.recipe == "grpo" and rc.engine == "vllm" and rc.sync == "lora":
+        _validate_vllm_targets(lora, fail)
 
 
 def _validate_variants(cfg: RunConfig, fail: Any) -> None:
@@ -506,6 +508,20 @@ def _validate_vllm_rank(config: Any, fail: Any) -> None:
             why.append(f"lora.init_lora_weights={config.init_lora_weights!r} (handed over as plain LoRA of twice the rank)")
         fail("lora.r", f"{', '.join(why)}: vLLM receives a rank-{rank} adapter, over {VLLM_MAX_LORA_RANKS[-1]}, the "
              "largest max_lora_rank vLLM accepts; use rollout.sync: merged or a smaller rank")
+
+
+# The fused MoE expert weights vLLM's LoRA has a form for (per expert, or PEFT's 3-D layout).
+VLLM_EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _validate_vllm_targets(config: Any, fail: Any) -> None:
+    """vLLM applies LoRA to linear layers and MoE expert weights only: a router (or any other raw
+    parameter in target_parameters) would fail the first hand-over, after everything has loaded."""
+    for name in config.target_parameters or []:
+        if name.rsplit(".", 1)[-1] not in VLLM_EXPERT_PARAMETERS:
+            fail("lora.target_parameters", f"'{name}': vLLM's LoRA covers only MoE expert weights "
+                 f"({' / '.join(VLLM_EXPERT_PARAMETERS)}) among target_parameters, not a router or another raw "
+                 "parameter; use rollout.sync: merged (vLLM then receives the merged weights) or leave it out")
 
 
 def dump_config(cfg: RunConfig) -> str:

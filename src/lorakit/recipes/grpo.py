@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import RunConfig, dump_config
+from ..config.loader import VLLM_EXPERT_PARAMETERS
 from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects_to_main,
                            init_distributed, like_param, shutdown, through_root, wrap)
@@ -100,11 +101,16 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     G = rc.num_generations
     check_rollout_layout(cfg, info)
     if rc.engine == "vllm":
-        if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* ranks were checked when it loaded
-            rank = served_rank(LoraConfig.from_json(cfg.init_adapter))
+        if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* was checked when it loaded
+            init = LoraConfig.from_json(cfg.init_adapter)
+            rank = served_rank(init)
             if vllm_max_lora_rank(rank) is None:
                 raise ValueError(f"init_adapter {cfg.init_adapter}: vLLM would receive a rank-{rank} adapter, over "
                                  f"{VLLM_MAX_LORA_RANKS[-1]}, the largest max_lora_rank vLLM accepts; use rollout.sync: merged")
+            raw = [p for p in init.target_parameters or [] if p.rsplit(".", 1)[-1] not in VLLM_EXPERT_PARAMETERS]
+            if raw:
+                raise ValueError(f"init_adapter {cfg.init_adapter}: target_parameters '{raw[0]}' is not an MoE expert "
+                                 "weight, and vLLM's LoRA covers no other raw parameter (a router); use rollout.sync: merged")
         import_vllm()  # not installed: say how to install it before any model loads
     run = start_run(cfg, info, device, log, sharded_load=True)
     device, dtype, tokenizer, model, log = run.device, run.dtype, run.tokenizer, run.model, run.log
