@@ -124,3 +124,25 @@ def test_demo_config_names_its_architecture_so_servers_pick_the_causal_lm(tmp_pa
         config = json.loads((path / "config.json").read_text())
         expected = "Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"
         assert config.get("architectures") == [expected], config.get("architectures")
+
+
+def test_merge_sets_the_config_dtype_without_the_deprecated_name(tmp_path, caplog):
+    # transformers 5 renamed config.torch_dtype to config.dtype and logs a deprecation for the old name.
+    import transformers
+
+    from lorakit.lora import LoraConfig, inject_lora, save_adapter
+    from lorakit.models import load_model, write_demo_model
+    from lorakit.models.export import export_merged
+
+    demo = write_demo_model(tmp_path / "demo")
+    model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))
+    inject_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter")
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            export_merged(demo, tmp_path / "adapter", tmp_path / "merged", dtype="bf16")
+    finally:
+        transformers.logging.disable_propagation()
+    assert not [r for r in caplog.records if "torch_dtype" in r.getMessage()]
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -55,7 +55,7 @@ def export_merged(model_dir: Union[str, Path], adapter: Union[str, Path], out: U
             if p.is_floating_point() and target != torch.float32:
                 error = max(error, (p - p.to(target).float()).abs().max().item())
     plain.to(target)
-    plain.config.torch_dtype = target
+    plain.config.dtype = target  # transformers 5 name (torch_dtype is deprecated)
     with atomic_directory(out) as staging:
         plain.save_pretrained(staging, max_shard_size="2GB")
         tokenizer.save_pretrained(staging)
