@@ -289,3 +289,27 @@ def test_resume_under_other_settings_is_refused(tmp_path, demo):
     reseeded = load_config(_config(tmp_path, demo, max_steps=4, save_steps=1, seed=8))
     with pytest.raises(ValueError, match=r"train.seed: 7 -> 8"):
         run(reseeded, resume=True, log=lambda _: None)
+
+
+def test_a_token_id_outside_the_models_vocabulary_is_a_located_error(tmp_path, demo):
+    # A tokenizer with tokens the model lacks (added tokens, no resized embeddings): one located error
+    # before training, not an IndexError from inside the embedding (or, under FSDP2, silent zeros).
+    from transformers import AutoTokenizer
+
+    from lorakit.models import load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(demo, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    vocab = load_model(base, dtype=torch.float32, device=torch.device("cpu")).get_input_embeddings().num_embeddings
+    tokenizer.add_tokens([f"<tool_{k}>" for k in range(vocab - len(tokenizer))] + ["<tool_last>"])  # id = vocab
+    assert len(tokenizer) == vocab + 1
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    fine = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<tool_last> hi"}]}
+    data.write_text("\n".join(json.dumps(r) for r in (fine, fine, bad)) + "\n")
+    cfg = load_config(_config(tmp_path, base), ["data.train=" + str(data)])
+    with pytest.raises(ValueError, match=rf"{data.name}:3: token id {vocab} is outside the model's vocabulary "
+                                         rf"\({vocab} embedding rows\)"):
+        run(cfg, log=lambda _: None)

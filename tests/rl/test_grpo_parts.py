@@ -72,6 +72,9 @@ def test_prompts_are_tokenized_and_a_long_one_is_named(tmp_path, demo):
     short = _cfg(tmp_path, demo, "grpo.chat_template=false", f"grpo.max_prompt_len={len(ids[0]) - 1}")
     with pytest.raises(ValueError, match=r"p.jsonl:1: the prompt has \d+ tokens, over grpo.max_prompt_len"):
         grpo.load_prompts(short, tokenizer, short.data.train, "train", lines.append)
+    top = max(ids[0])  # a model with no embedding row for this id cannot read "12+7="
+    with pytest.raises(ValueError, match=rf"p.jsonl:1: token id {top} is outside the model's vocabulary \({top} embedding"):
+        grpo.load_prompts(cfg, tokenizer, cfg.data.train, "train", lines.append, vocab_size=top)
 
 
 def test_a_new_adapter_has_the_base_as_reference(tmp_path, demo):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -121,13 +121,15 @@ def encode_example(tokenizer: Any, sample: Example, max_seq_len: int, eos_token_
 
 
 def encode_all(tokenizer: Any, samples: Sequence[Example], max_seq_len: int,
-               eos_token_ids: Sequence[int] = ()) -> tuple[list[Encoded], int]:
-    """Encode samples (see ``encode_example``), dropping those left with no label after truncation.
+               eos_token_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> tuple[list[Encoded], int]:
+    """Encode samples (see ``encode_example``), dropping those left with no label after truncation;
+    with ``vocab_size`` (the model's embedding rows), an id past it is an error naming the sample.
     Returns (encoded, dropped)."""
     out, dropped = [], 0
     for sample in samples:
         try:
             enc = encode_example(tokenizer, sample, max_seq_len, eos_token_ids)
+            check_vocab(enc.input_ids, vocab_size)
         except DataError as err:
             raise DataError(f"{sample.source}: {err}") from None
         if enc.num_labels == 0:
@@ -212,3 +214,24 @@ def pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0  # pragma: no cover
+
+
+def check_vocab(ids: Sequence[int], vocab_size: Optional[int]) -> None:
+    """Refuse token ids the model has no embedding row for, naming where they came from.
+
+    A tokenizer with tokens the model lacks (added tokens, embeddings not resized) would otherwise
+    fail inside the embedding lookup (an IndexError in one process) or, with a vocabulary-sharded
+    embedding, silently read zeros.
+
+    Raises:
+        DataError: the largest id, when >= ``vocab_size`` (None: nothing to check); the caller
+            names the sample.
+    """
+    if vocab_size is None or not ids:
+        return
+    top = max(ids)
+    if top >= vocab_size:
+        raise DataError(f"token id {top} is outside the model's vocabulary ({vocab_size} embedding rows): "
+                        "the tokenizer has tokens the model lacks (added tokens? resize the model's embeddings, "
+                        "or use the model's own tokenizer)")
+

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from ..config import RunConfig, dump_config
 from ..config.loader import VLLM_EXPERT_PARAMETERS
-from ..data import PromptRecord, collect_eos_ids, pad_token_id, read_prompts, render_chat
+from ..data import PromptRecord, check_vocab, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects_to_main,
                            init_distributed, like_param, shutdown, through_root, wrap)
 from ..distributed.sharded_load import init_meta_adapters, load_report
@@ -65,6 +65,7 @@ from ..training import (
     save_checkpoint,
     warmup_steps_for,
 )
+from ..training.rows import vocab_rows
 from ..training.setup import choose_padding_free
 
 ADAPTER = "default"
@@ -122,8 +123,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "more (RL with LoRA: 1e-5 to 1e-4 on large models, more on small ones)")
 
     # --- prompts and rewards --------------------------------------------------------------------
-    prompts, prompt_ids = load_prompts(cfg, tokenizer, cfg.data.train, "train", log)
-    evals, eval_ids = load_prompts(cfg, tokenizer, cfg.data.eval, "eval", log) if cfg.data.eval else ([], [])
+    vocab = vocab_rows(model)
+    prompts, prompt_ids = load_prompts(cfg, tokenizer, cfg.data.train, "train", log, vocab)
+    evals, eval_ids = load_prompts(cfg, tokenizer, cfg.data.eval, "eval", log, vocab) if cfg.data.eval else ([], [])
     if len(prompts) < gc.prompts_per_step:
         raise ValueError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than grpo.prompts_per_step={gc.prompts_per_step}")
     rewards = RewardSet(gc.rewards)
@@ -459,10 +461,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     return adapter_dir
 
 
-def load_prompts(cfg: RunConfig, tokenizer, path: str, what: str,
-                 log: Callable[[str], None] = print) -> tuple[list[PromptRecord], list[list[int]]]:
+def load_prompts(cfg: RunConfig, tokenizer, path: str, what: str, log: Callable[[str], None] = print,
+                 vocab_size: Optional[int] = None) -> tuple[list[PromptRecord], list[list[int]]]:
     """Read a prompts file and tokenize each prompt (chat-rendered with a generation prompt when
-    ``grpo.chat_template``); a prompt over ``grpo.max_prompt_len`` tokens is an error naming its line."""
+    ``grpo.chat_template``); a prompt over ``grpo.max_prompt_len`` tokens, or with a token id past
+    ``vocab_size`` (the model's embedding rows), is an error naming its line."""
     records, skipped = read_prompts(path, cfg.data.skip_invalid)
     ids = []
     for record in records:
@@ -477,6 +480,10 @@ def load_prompts(cfg: RunConfig, tokenizer, path: str, what: str,
         if len(tokens) > cfg.grpo.max_prompt_len:
             raise ValueError(f"{record.source}: the prompt has {len(tokens)} tokens, over grpo.max_prompt_len="
                              f"{cfg.grpo.max_prompt_len}")
+        try:
+            check_vocab(tokens, vocab_size)
+        except ValueError as err:
+            raise ValueError(f"{record.source}: {err}") from None
         ids.append(tokens)
     log(f"{what} prompts: {path}: {len(records)} ({skipped} invalid lines skipped)")
     return records, ids

@@ -45,7 +45,7 @@ from ..training import (
     warmup_steps_for,
 )
 from ..training.jobs import adapter_parameters, advance, labelled_tokens, mixed_batch, next_window, train_only
-from ..training.rows import load_rows
+from ..training.rows import load_rows, vocab_rows
 from .sft import _RESUME_KEYS
 
 
@@ -127,14 +127,17 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     device, dtype, tokenizer, model, log = start.device, start.dtype, start.tokenizer, start.model, start.log
     pad = pad_token_id(tokenizer)
     eos_ids = collect_eos_ids(tokenizer, model.generation_config)  # instruct models may list several
+    vocab = vocab_rows(model)
 
     # --- data: every job's, checked before anything trains ------------------------------------------
     jobs: list[Job] = []
     for spec in cfg.jobs:
         job_cfg = job_run_config(cfg, spec)
         try:
-            rows = load_rows(job_cfg.data.train, job_cfg.data, job_cfg.train, tokenizer, f"[{spec.name}] train", log, eos_ids)
-            evals = (load_rows(job_cfg.data.eval, job_cfg.data, job_cfg.train, tokenizer, f"[{spec.name}] eval", log, eos_ids)
+            rows = load_rows(job_cfg.data.train, job_cfg.data, job_cfg.train, tokenizer, f"[{spec.name}] train", log, eos_ids,
+                             vocab)
+            evals = (load_rows(job_cfg.data.eval, job_cfg.data, job_cfg.train, tokenizer, f"[{spec.name}] eval", log, eos_ids,
+                                vocab)
                      if job_cfg.data.eval else [])
         except ValueError as err:
             raise ValueError(f"job '{spec.name}': {err}") from None

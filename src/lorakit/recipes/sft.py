@@ -40,6 +40,7 @@ from ..training import (
 from ..training.rows import epoch_order
 from ..training.setup import choose_padding_free
 from ..training.rows import load_rows as read_rows
+from ..training.rows import vocab_rows
 
 ADAPTER = "default"
 
@@ -75,7 +76,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     # --- data -----------------------------------------------------------------------------------
     def load_rows(path: str, what: str) -> list[Row]:
         eos_ids = collect_eos_ids(tokenizer, model.generation_config)  # instruct models may list several
-        return read_rows(path, cfg.data, tc, tokenizer, what, log, eos_ids)
+        return read_rows(path, cfg.data, tc, tokenizer, what, log, eos_ids, vocab_rows(model))
 
     train_rows = load_rows(cfg.data.train, "train")
     eval_rows = load_rows(cfg.data.eval, "eval") if cfg.data.eval else []
