@@ -24,7 +24,7 @@ from ..data.tokenize import collect_eos_ids
 from ..lora import RowRouting, adapter_names, route_adapters, set_adapter_weights
 from .cache import RowCache, check_full_attention, new_cache
 from .detok import TextState
-from .sampling import BatchParams, choose
+from .sampling import BatchParams, SeedStream, choose
 
 
 @dataclass
@@ -101,7 +101,7 @@ class _Row:
         self.stop_token: Optional[int] = None
         self.stop_logprob: Optional[float] = None
         seed = request.params.seed
-        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.stream = SeedStream(seed) if seed is not None else None
         self.prefilled = 0  # prompt tokens already in ``cache`` (chunked prefill)
         self.cache: Any = None  # this row's own cache until its prefill is done and it joins the batch
         self.next_token = 0  # fed to the model at the next decode step
@@ -475,4 +475,4 @@ def _reserved(request: Request) -> int:
 def _batch_params(rows: Sequence[_Row], device: torch.device) -> BatchParams:
     params = [r.request.params for r in rows]
     return BatchParams([p.temperature for p in params], [p.top_p for p in params], [p.top_k for p in params],
-                       [r.generator for r in rows], device)
+                       [r.stream for r in rows], device)
