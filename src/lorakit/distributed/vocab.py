@@ -7,6 +7,9 @@ vocabulary, more than a transformer block. Here the ranks of the shard group exc
 small instead (token ids, hidden rows: tokens x H), each rank works on its own vocabulary rows for
 everyone's tokens, and the results go back to their owners with one reduce-scatter. Every rank
 must call these as often as the others, which FSDP2's forward already requires.
+
+The loss's chunked log-probs live here for a whole head too (``chunked_logprobs``): one autograd
+function serves both, so the one-process and the sharded paths cannot drift apart.
 """
 
 from __future__ import annotations
@@ -99,47 +102,83 @@ def sharded_lookup(ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return _return_rows(rows, most, flat.numel(), shard).reshape(*ids.shape, -1)
 
 
-class _ShardedLogProb(torch.autograd.Function):
-    """Per-row ``log_softmax(hidden @ weight.T / temperature)[target]`` with ``weight`` sharded by
-    vocabulary rows across the group; the gradient w.r.t. ``hidden`` is formed in the forward pass
-    (as in ``training.loss``), so the backward needs no collective. ``weight`` is frozen."""
+class _ChunkedLogProb(torch.autograd.Function):
+    """Per-row ``log_softmax(hidden @ weight.T / temperature)[target]``, chunk by chunk, never the
+    whole (rows, vocab) logits; the gradient w.r.t. ``hidden`` is formed in the forward pass, so the
+    backward keeps (M, H) rather than (M, vocab) and needs no collective. ``weight`` is frozen.
+
+    ``shard`` None: ``weight`` is the whole (vocab, H) head. Otherwise ``weight`` is this rank's
+    vocabulary rows (``shard.local``): the ranks exchange their hidden rows and targets, each works
+    on its own rows of the vocabulary for everyone's tokens (the max and the sums all-reduced), and
+    the gradients go back to their owners with one reduce-scatter.
+    """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-                shard: VocabShard) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                shard: Optional[VocabShard]) -> torch.Tensor:
         count = hidden.shape[0]
-        every, most = _gather_rows(hidden.detach(), shard)
-        wanted, _ = _gather_rows(targets, shard, most)  # as many rows as the hidden states
-        weight = shard.local.to(hidden.device)
+        if shard is None:
+            every, wanted, most, first = hidden.detach(), targets, count, 0
+        else:
+            every, most = _gather_rows(hidden.detach(), shard)
+            wanted, _ = _gather_rows(targets, shard, most)  # as many rows as the hidden states
+            first = shard.start
+        weight = weight.to(hidden.device)
         rows = weight.shape[0]
         out = torch.empty(every.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.zeros(every.shape, dtype=torch.float32, device=hidden.device) if hidden.requires_grad else None
+        grad = None
+        if hidden.requires_grad:  # partial sums across ranks stay fp32 until they are reduced
+            grad = torch.zeros(every.shape, dtype=hidden.dtype if shard is None else torch.float32, device=hidden.device)
         for start in range(0, every.shape[0], CHUNK_ROWS):
             h = every[start:start + CHUNK_ROWS]
-            y = wanted[start:start + CHUNK_ROWS] - shard.start
-            inside = (y >= 0) & (y < rows)
-            logits = (h @ weight.T).float() / temperature  # (chunk, rows of this shard)
-            top = logits.amax(-1) if rows else torch.full((h.shape[0],), -torch.inf, device=h.device)
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
-            picked = logits.gather(1, y.clamp(0, max(rows - 1, 0))[:, None]).squeeze(1) if rows else top * 0
-            sums = torch.stack([torch.exp(logits - top[:, None]).sum(-1), torch.where(inside, picked, 0.0)])
-            dist.all_reduce(sums, group=shard.group)
-            lse = top + torch.log(sums[0])
-            out[start:start + CHUNK_ROWS] = sums[1] - lse
-            if grad is not None:
-                # d logp / d logits = onehot - softmax, restricted to this shard's columns
-                probs = -torch.exp(logits - lse[:, None])
+            y = wanted[start:start + CHUNK_ROWS] - first
+            logits = (h @ weight.T).float() / temperature  # (chunk, vocabulary rows held here)
+            if shard is None:
+                lse = torch.logsumexp(logits, dim=-1)
+                out[start:start + CHUNK_ROWS] = logits.gather(1, y[:, None]).squeeze(1) - lse
+                hit = torch.arange(len(y), device=y.device)
+            else:
+                inside = (y >= 0) & (y < rows)
+                top = logits.amax(-1) if rows else torch.full((h.shape[0],), -torch.inf, device=h.device)
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
+                picked = logits.gather(1, y.clamp(0, max(rows - 1, 0))[:, None]).squeeze(1) if rows else top * 0
+                sums = torch.stack([torch.exp(logits - top[:, None]).sum(-1), torch.where(inside, picked, 0.0)])
+                dist.all_reduce(sums, group=shard.group)
+                lse = top + torch.log(sums[0])
+                out[start:start + CHUNK_ROWS] = sums[1] - lse
                 hit = inside.nonzero().squeeze(1)
+            if grad is not None:
+                # d logp / d logits = onehot - softmax (over the columns held here); the 1/temperature
+                # comes from the chain rule
+                probs = -torch.exp(logits - lse[:, None])
                 probs[hit, y[hit]] += 1.0
-                grad[start:start + CHUNK_ROWS] = ((probs / temperature).to(weight.dtype) @ weight).float()
-        mine = out[shard.rank * most:shard.rank * most + count].clone()
-        ctx.save_for_backward(_return_rows(grad, most, count, shard).to(hidden.dtype) if grad is not None else None)
-        return mine
+                grad[start:start + CHUNK_ROWS] = ((probs / temperature).to(weight.dtype) @ weight).to(grad.dtype)
+        if shard is not None:
+            out = out[shard.rank * most:shard.rank * most + count].clone()
+            grad = _return_rows(grad, most, count, shard).to(hidden.dtype) if grad is not None else None
+        ctx.save_for_backward(grad)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output[:, None].to(grad.dtype), None, None, None
+        return grad * grad_output[:, None].to(grad.dtype), None, None, None, None
+
+
+def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under a whole, frozen head, chunk by chunk.
+
+    Args:
+        hidden: (M, H) final hidden states.
+        weight: (vocab, H) the head's weight.
+        targets: (M,) long token ids.
+        temperature: logits are divided by it first.
+
+    Returns:
+        (M,) fp32 log-probs; differentiable w.r.t. ``hidden``.
+    """
+    return _ChunkedLogProb.apply(hidden, weight, targets, float(temperature), None)
 
 
 def sharded_logprobs(hidden: torch.Tensor, targets: torch.Tensor, shard: VocabShard,
@@ -155,7 +194,7 @@ def sharded_logprobs(hidden: torch.Tensor, targets: torch.Tensor, shard: VocabSh
     Returns:
         (M,) fp32 log-probs; differentiable w.r.t. ``hidden``.
     """
-    return _ShardedLogProb.apply(hidden, targets, float(temperature), shard)
+    return _ChunkedLogProb.apply(hidden, shard.local, targets, float(temperature), shard)
 
 
 class ShardedEmbedding(nn.Module):

@@ -14,43 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
-from ..distributed.vocab import sharded_logprobs, vocab_shard
+from ..distributed.vocab import chunked_logprobs, sharded_logprobs, vocab_shard
 from ..models.attention import isolation_tolerance
 from ..models.head import is_fsdp_unit, plain_head
-
-# Rows of (tokens x vocab) fp32 logits materialised at once: bounds the loss's peak memory.
-CHUNK_ROWS = 512
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
-
-    The gradient w.r.t. ``hidden`` is computed in the forward pass (softmax minus one-hot, times
-    the weight), so the backward stores (M, H) instead of (M, vocab). ``weight`` is frozen.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if hidden.requires_grad else None
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            h = hidden[start:start + CHUNK_ROWS]
-            y = targets[start:start + CHUNK_ROWS]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad is not None:
-                probs = torch.exp(logits - lse[:, None])
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[start:start + CHUNK_ROWS] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
-
 
 def _sharded_head(model: nn.Module) -> Optional[Any]:
     """The head's ``vocab.VocabShard`` when FSDP2 holds it sharded by vocabulary rows (its own
@@ -110,7 +76,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         return -sharded_logprobs(selected, targets[keep], shard).sum(), n
     if n == 0:
         return selected.sum() * 0.0, 0
-    return _LinearCrossEntropy.apply(selected, model.get_output_embeddings().weight, targets[keep]), n
+    return -chunked_logprobs(selected, model.get_output_embeddings().weight, targets[keep]).sum(), n
 
 
 def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor,
@@ -158,40 +124,8 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         if selected.shape[0] == 0:  # still in the graph: every adapter used gets a (zero) gradient
             sums.append(selected.sum().float() * 0.0)
         else:
-            sums.append(_LinearCrossEntropy.apply(selected, weight, targets[chosen]))
+            sums.append(-chunked_logprobs(selected, weight, targets[chosen]).sum())
     return torch.stack(sums), counts
-
-
-class _LinearLogProb(torch.autograd.Function):
-    """Per-row ``log_softmax(hidden @ weight.T / temperature)[target]``, chunk by chunk.
-
-    As in ``_LinearCrossEntropy``, the per-row gradient w.r.t. ``hidden`` is formed in the forward
-    pass, so the backward keeps (M, H) rather than (M, vocab); ``weight`` is frozen.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                temperature: float) -> torch.Tensor:
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if hidden.requires_grad else None
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            h = hidden[start:start + CHUNK_ROWS]
-            y = targets[start:start + CHUNK_ROWS]
-            logits = (h @ weight.T).float() / temperature
-            lse = torch.logsumexp(logits, dim=-1)
-            out[start:start + CHUNK_ROWS] = logits.gather(1, y[:, None]).squeeze(1) - lse
-            if grad is not None:
-                # d logp / d logits = onehot - softmax; the 1/temperature comes from the chain rule.
-                probs = -torch.exp(logits - lse[:, None])
-                probs[torch.arange(len(y), device=y.device), y] += 1.0
-                grad[start:start + CHUNK_ROWS] = ((probs / temperature).to(weight.dtype) @ weight).to(hidden.dtype)
-        ctx.save_for_backward(grad)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output[:, None].to(grad.dtype), None, None, None
 
 
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -218,4 +152,4 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature
     shard = _sharded_head(model)
     if shard is not None:
         return sharded_logprobs(hidden, targets[keep], shard, temperature)
-    return _LinearLogProb.apply(hidden, model.get_output_embeddings().weight, targets[keep], float(temperature))
+    return chunked_logprobs(hidden, model.get_output_embeddings().weight, targets[keep], temperature)
