@@ -35,6 +35,7 @@ RANK = dist.get_rank()
 
 from lorakit import LoraConfig  # noqa: E402
 from lorakit.distributed import DistInfo, LossModule, full_tensor, through_root, wrap  # noqa: E402
+from lorakit.distributed import vocab  # noqa: E402
 from lorakit.lora import inject_lora  # noqa: E402
 from lorakit.training.loss import causal_lm_loss, token_logprobs  # noqa: E402
 from tests.models import tiny_qwen3  # noqa: E402
@@ -52,15 +53,16 @@ def batch_for(seed: int, length: int, unlabelled: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
-def check(tie: bool, uneven: bool) -> dict:
+def check(tie: bool, uneven: bool, long: bool = False) -> dict:
     """``uneven``: each rank its own batch (rank 1: other lengths, no labelled token at all), the
-    summed loss; else the same batch on both ranks, the mean loss."""
+    summed loss; else the same batch on both ranks, the mean loss. ``long``: rows enough that the
+    vocabulary-sharded loss gathers the head rather than exchanging the ranks' hidden rows."""
     model = tiny_qwen3(seed=1, vocab=96, tie=tie)
     torch.manual_seed(2)
     # B random too, so every LoRA weight gets a gradient
     inject_lora(model, LoraConfig(r=4, alpha=8, init_lora_weights=False), adapter_name="default")
     reference = copy.deepcopy(model)
-    batches = [batch_for(3, 12, 3), batch_for(4, 7, 7 if uneven else 3)]
+    batches = [batch_for(3, 60 if long else 12, 3), batch_for(4, 7, 7 if uneven else 3)]
     mine = batches[RANK] if uneven else batches[0]
 
     # The oracle: FSDP2 averages gradients over the 2 ranks
@@ -84,6 +86,7 @@ def check(tie: bool, uneven: bool) -> dict:
     last.register_full_backward_pre_hook(lambda *_: seen.update(in_backward_last=sharded(embed) and sharded(head)))
     first.register_full_backward_pre_hook(lambda *_: seen.update(in_backward_first=sharded(embed) and sharded(head)))
     first.register_forward_pre_hook(lambda *_: seen.update(in_forward=sharded(embed) and sharded(head)))
+    before = dict(vocab.stats)
     loss_sum, n = root(mine)
     seen["after_forward"] = sharded(embed) and sharded(head)
     (loss_sum if uneven else loss_sum / n).backward()
@@ -91,6 +94,8 @@ def check(tie: bool, uneven: bool) -> dict:
     grads = {n: full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad}
     logp = through_root(root, info, lambda m: token_logprobs(m.eval(), mine, temperature=0.7))
     return {
+        "head_gathers": vocab.stats["head_gathers"] - before["head_gathers"],
+        "row_exchanges": vocab.stats["row_exchanges"] - before["row_exchanges"],
         "loss_diff": abs(loss_sum.item() - ref_loss),
         "grad_names_match": sorted(grads) == sorted(ref_grads),
         "grad_diff": max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads),
@@ -103,12 +108,12 @@ def check(tie: bool, uneven: bool) -> dict:
 
 out = Path(ARGS.out)
 for tie in (False, True):
-    for uneven in (False, True):
+    for uneven, long in ((False, False), (True, False), (False, True)):
         try:
-            result = check(tie, uneven)
+            result = check(tie, uneven, long)
         except Exception:  # the test prints it
             result = {"error": traceback.format_exc()}
-        name = f"{'tied' if tie else 'untied'}{'_uneven' if uneven else ''}"
+        name = f"{'tied' if tie else 'untied'}{'_uneven' if uneven else ''}{'_long' if long else ''}"
         (out / f"results_{name}_rank{RANK}.json").write_text(json.dumps(result))
 dist.barrier()
 dist.destroy_process_group()

@@ -17,7 +17,7 @@ import lorakit
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fsdp_units_worker.py"
-CASES = ["untied", "tied", "untied_uneven", "tied_uneven"]
+CASES = ["untied", "tied", "untied_uneven", "tied_uneven", "untied_long", "tied_long"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,12 @@ def test_loss_grads_and_logprobs_match_the_whole_model(results, tie):
         assert r["grad_diff"] <= 1e-5, r
         assert r["logprobs"] > 0 or (tie.endswith("uneven") and rank == 1)
         assert r["logprob_diff"] <= 1e-5, r
+        # few rows: the ranks exchange hidden rows; many (2 x 114 rows vs a 96-token vocabulary):
+        # the head is gathered instead (the loss and the log-probs: at least one call each)
+        if tie.endswith("long"):
+            assert r["head_gathers"] >= 1 and r["row_exchanges"] == 0, r
+        else:
+            assert r["row_exchanges"] >= 1 and r["head_gathers"] == 0, r
 
 
 @pytest.mark.parametrize("tie", CASES)

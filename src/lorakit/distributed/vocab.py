@@ -36,6 +36,13 @@ class VocabShard:
     """The first vocabulary row held here."""
     local: torch.Tensor
     """(rows, H): this rank's rows."""
+    param: Any = None
+    """The sharded parameter itself (a DTensor), to gather whole when that is cheaper."""
+
+    @property
+    def vocab(self) -> int:
+        """Rows of the whole weight."""
+        return int(self.param.shape[0]) if self.param is not None else self.local.shape[0] * self.world
 
 
 def vocab_shard(weight: torch.Tensor) -> Optional[VocabShard]:
@@ -52,17 +59,22 @@ def vocab_shard(weight: torch.Tensor) -> Optional[VocabShard]:
     mesh = weight.device_mesh
     group = mesh.get_group(dims[0])
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
-    return VocabShard(group, dist.get_rank(group), dist.get_world_size(group), offset[0], weight.to_local())
+    return VocabShard(group, dist.get_rank(group), dist.get_world_size(group), offset[0], weight.to_local(), weight)
+
+
+def _most_rows(count: int, shard: VocabShard, device: torch.device) -> int:
+    """The largest row count of any rank of the shard group (a collective)."""
+    mine = torch.tensor([count], device=device)
+    counts = [torch.zeros_like(mine) for _ in range(shard.world)]
+    dist.all_gather(counts, mine, group=shard.group)
+    return int(max(c.item() for c in counts))
 
 
 def _gather_rows(x: torch.Tensor, shard: VocabShard, most: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """Every rank's ``x`` (rows may differ in number), each padded to the longest:
     (world * most, ...), and ``most`` (pass it when known: it costs a collective)."""
     if most is None:
-        count = torch.tensor([x.shape[0]], device=x.device)
-        counts = [torch.zeros_like(count) for _ in range(shard.world)]
-        dist.all_gather(counts, count, group=shard.group)
-        most = int(max(c.item() for c in counts))
+        most = _most_rows(x.shape[0], shard, x.device)
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[:x.shape[0]] = x
     every = x.new_empty((shard.world * most, *x.shape[1:]))
@@ -115,12 +127,12 @@ class _ChunkedLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                shard: Optional[VocabShard]) -> torch.Tensor:
+                shard: Optional[VocabShard], most: Optional[int] = None) -> torch.Tensor:
         count = hidden.shape[0]
         if shard is None:
             every, wanted, most, first = hidden.detach(), targets, count, 0
         else:
-            every, most = _gather_rows(hidden.detach(), shard)
+            every, most = _gather_rows(hidden.detach(), shard, most)
             wanted, _ = _gather_rows(targets, shard, most)  # as many rows as the hidden states
             first = shard.start
         weight = weight.to(hidden.device)
@@ -162,7 +174,7 @@ class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output[:, None].to(grad.dtype), None, None, None, None
+        return grad * grad_output[:, None].to(grad.dtype), None, None, None, None, None
 
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -181,9 +193,22 @@ def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return _ChunkedLogProb.apply(hidden, weight, targets, float(temperature), None)
 
 
+# Exchange hidden rows while the group's rows (world x most) stay under this fraction of the
+# vocabulary; past it, gather the head instead. Per rank, the exchange moves ~world x most x H in
+# (the rows) and as much out (their fp32 gradients, reduce-scattered), the head gather vocab x H in;
+# the logits' compute is the same either way (most x vocab per rank).
+GATHER_HEAD_ABOVE = 0.5
+stats = {"head_gathers": 0, "row_exchanges": 0}  # which path ran, for tests and logs
+
+
 def sharded_logprobs(hidden: torch.Tensor, targets: torch.Tensor, shard: VocabShard,
                      temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities of ``targets`` under a head sharded by vocabulary rows.
+
+    Exchanges the ranks' hidden rows (each rank scores everyone's tokens on its own vocabulary
+    rows) while they are few; once ``world x most rows`` passes ``GATHER_HEAD_ABOVE`` of the
+    vocabulary, gathering the (frozen) head whole costs less and each rank scores its own rows.
+    Every rank takes the same path (the decision uses the group's largest row count).
 
     Args:
         hidden: (M, H) this rank's final hidden states (M may differ between ranks, or be 0).
@@ -194,7 +219,14 @@ def sharded_logprobs(hidden: torch.Tensor, targets: torch.Tensor, shard: VocabSh
     Returns:
         (M,) fp32 log-probs; differentiable w.r.t. ``hidden``.
     """
-    return _ChunkedLogProb.apply(hidden, shard.local, targets, float(temperature), shard)
+    most = _most_rows(hidden.shape[0], shard, hidden.device)
+    if shard.param is not None and shard.world * most > GATHER_HEAD_ABOVE * shard.vocab:
+        stats["head_gathers"] += 1
+        with torch.no_grad():
+            whole = shard.param.full_tensor()
+        return _ChunkedLogProb.apply(hidden, whole, targets, float(temperature), None)
+    stats["row_exchanges"] += 1
+    return _ChunkedLogProb.apply(hidden, shard.local, targets, float(temperature), shard, most)
 
 
 class ShardedEmbedding(nn.Module):
