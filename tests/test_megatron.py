@@ -83,7 +83,8 @@ def test_gpt_model_from_hf_qwen3_and_exported_adapter(runs, tp):
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (8, 16, "LORA", "CAUSAL_LM")
     assert r["offline_export_equal"]
     # nothing in it that vLLM would refuse (the check behind `lorakit inspect --check vllm`)
-    from lorakit.lora.describe import describe_adapter, vllm_problems
+    from lorakit.lora.describe import describe_adapter
+    from lorakit.lora.vllm_format import vllm_problems
 
     assert vllm_problems(describe_adapter(runs[0] / f"tp{tp}" / "adapter")) == []
     # Megatron dist-checkpoint entries: base keys as without LoRA; qkv B split on rows, proj A on columns

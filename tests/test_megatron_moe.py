@@ -79,7 +79,8 @@ def test_export_to_peft_target_parameters_and_back(runs, run):
     assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     # what `lorakit inspect --check vllm` would say: nothing vLLM refuses (no router, gate/up and down)
-    from lorakit.lora.describe import describe_adapter, vllm_problems
+    from lorakit.lora.describe import describe_adapter
+    from lorakit.lora.vllm_format import vllm_problems
 
     assert vllm_problems(describe_adapter(runs[0] / run / "adapter")) == []
     for rank in range(1 if run == "ep1" else 2):

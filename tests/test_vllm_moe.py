@@ -28,7 +28,7 @@ PROMPTS = ["Hello there, who", "1 + 2 =", "The capital of"]
 def _adapter(tmp_path):
     """A lorakit all-linear adapter (attention + every expert) on the demo MoE model, random B."""
     from lorakit import LoraConfig, inject_lora, save_adapter
-    from lorakit.lora.vllm_layout import export_per_expert
+    from lorakit.lora.vllm_format import export_per_expert
     from lorakit.models.loading import load_model, load_tokenizer, resolve_model
 
     model_dir = resolve_model("demo-moe")

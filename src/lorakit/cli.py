@@ -24,7 +24,7 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .lora.describe import vllm_max_lora_rank, vllm_rank
+    from .lora.vllm_format import vllm_max_lora_rank, vllm_rank
 
     status, ranks = 0, []
     for path in args.adapter:
@@ -42,7 +42,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_one(args: argparse.Namespace, path: str) -> tuple[int, Any]:
     """Print one adapter's description (and vLLM check); returns (exit status, its description)."""
-    from .lora.describe import describe_adapter, variant_name, vllm_notes, vllm_problems
+    from .lora.describe import describe_adapter, variant_name
+    from .lora.vllm_format import vllm_notes, vllm_problems
 
     desc = describe_adapter(path)
     cfg = desc.config
@@ -209,7 +210,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
-    from .lora.vllm_layout import export_per_expert, import_per_expert
+    from .lora.vllm_format import export_per_expert, import_per_expert
 
     if args.format == "peft":
         path = import_per_expert(args.adapter, args.out)

@@ -102,7 +102,7 @@ def test_per_expert_layout_imports_back_to_peft_layout(tmp_path, capsys, family)
 
 def test_per_expert_import_refuses_gate_and_up_with_different_a(tmp_path):
     from lorakit.lora.io import read_adapter, write_adapter
-    from lorakit.lora.vllm_layout import export_per_expert, import_per_expert
+    from lorakit.lora.vllm_format import export_per_expert, import_per_expert
 
     _, path = _saved(tmp_path, r=4, target_modules=[], target_parameters=EXPERTS)
     export_per_expert(path, tmp_path / "vllm")

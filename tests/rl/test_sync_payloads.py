@@ -100,8 +100,8 @@ def test_lora_sync_hands_vllm_the_per_expert_layout_it_reads(tmp_path):
 
     from lorakit import save_adapter
     from lorakit.lora import final_adapter, read_adapter, write_adapter
-    from lorakit.lora.vllm_layout import export_per_expert
-    from lorakit.rl.vllm_rollout import vllm_adapter, vllm_reads_3d_moe
+    from lorakit.lora.vllm_format import export_per_expert
+    from lorakit.lora.vllm_format import vllm_adapter, vllm_reads_3d_moe
 
     model = _adapted("qwen3_moe")
     save_adapter(model, tmp_path / "fused")

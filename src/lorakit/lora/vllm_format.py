@@ -1,7 +1,11 @@
-"""MoE adapters for vLLM: which expert layout it loads, and the per-expert export.
+"""What lorakit knows about vLLM's LoRA, in one place: the ranks it accepts, what it refuses, and
+the MoE expert layouts it loads (with the exact per-expert export and its inverse).
 
-vLLM (``vllm/lora/model_manager.py``) loads MoE LoRA in one of two layouts, chosen per model class
-by its ``is_3d_moe_weight`` flag:
+Ranks: vLLM's ``--max-lora-rank`` takes one of ``VLLM_MAX_LORA_RANKS`` and serves any adapter of
+rank at most that value.
+
+MoE: vLLM (``vllm/lora/model_manager.py``) loads MoE LoRA in one of two layouts, chosen per model
+class by its ``is_3d_moe_weight`` flag:
 
 - 3-D, PEFT's ``target_parameters`` layout (what lorakit and PEFT save): ``experts.base_layer.lora_A``
   / ``lora_B`` hold ``gate_up_proj``, ``experts.lora_A`` / ``lora_B`` hold ``down_proj``, each
@@ -15,23 +19,35 @@ by its ``is_3d_moe_weight`` flag:
 ``export_per_expert`` rewrites the first into the second exactly: ``gate_up_proj``'s expert-``e``
 pair (A_e, B_e) becomes ``gate_proj`` (A_e, B_e[:I]) and ``up_proj`` (A_e, B_e[I:]), which adds the
 same update to each half (transformers concatenates [gate; up]; gpt-oss interleaves them and is
-served 3-D, so it is not exported).
+served 3-D, so it is not exported). vLLM's LoRA covers no other raw parameter (a router).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 
-from .config import LoraConfig
+from .config import LoraConfig, is_residual_init
 from .experts import conventional_order, general_name, wrapper_paths
 from .io import PEFT_PREFIX, read_adapter, write_adapter
 
+# The values vLLM's `--max-lora-rank` may take (vllm/config/lora.py, MaxLoRARanks). It is an upper
+# bound: vLLM serves any adapter whose rank is at most the server's max_lora_rank (peft_helper.py,
+# validate_legal), whatever the rank itself is.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+# The fused MoE expert weights vLLM's LoRA has a form for (per expert, or PEFT's 3-D layout).
+VLLM_EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
+# vLLM model classes marked is_3d_moe_weight (they read PEFT's fused 3-D expert LoRA): the fallback
+# when this vLLM's registry cannot be asked. Every other MoE family reads the per-expert layout.
+VLLM_3D_MOE = frozenset({"GptOssForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM",
+                         "InternS1ProForConditionalGeneration"})
 _PER_EXPERT_KEY = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.lora_[AB]\.weight$")
 
 
@@ -244,3 +260,114 @@ def fuse_per_expert(config: LoraConfig, tensors: dict[str, torch.Tensor],
                                            {q.rsplit(".", 1)[-1] for q in params_seen}).index(p.rsplit(".", 1)[-1])),
                                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return fused_config, {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in out.items()}
+
+
+def vllm_problems(desc: Any) -> list[str]:
+    """Reasons vLLM would refuse to serve this adapter (empty when it serves it).
+
+    Args:
+        desc: the adapter's ``describe.AdapterDescription``.
+    """
+    problems = []
+    raw = desc.raw_config
+    if desc.config.modules_to_save:
+        problems.append(f"modules_to_save={desc.config.modules_to_save}: vLLM serves LoRA A/B weights only")
+    if desc.config.use_dora:
+        problems.append("use_dora=true: vLLM does not serve DoRA unmerged (merge it into the base: lorakit merge)")
+    if is_residual_init(desc.config.init_lora_weights):
+        problems.append(f"init_lora_weights={desc.config.init_lora_weights!r} (not converted): it only fits the residual "
+                        "base it was trained on; save it converted to plain LoRA (save_adapter's default) or merge it")
+    if raw.get("bias", "none") != "none" or desc.variants.get("lora_bias"):
+        problems.append("trained biases (bias/lora_bias): vLLM does not serve LoRA biases")
+    rank = vllm_rank(desc)
+    if vllm_max_lora_rank(rank) is None:
+        problems.append(f"rank {rank} exceeds {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM accepts")
+    fused = {param.rsplit(".", 1)[-1] for param, n in desc.experts.values() if n > 1}
+    routers = sorted({p for p, n in desc.experts.values() if n == 1})
+    if routers:
+        problems.append(f"LoRA on router/2-D parameters ({', '.join(routers[:3])}): vLLM serves no router adapter")
+    if fused and ("down_proj" not in fused or not fused & {"gate_up_proj", "up_proj"}):
+        problems.append(f"expert LoRA on {sorted(fused)} only: vLLM loads MoE adapters with both the gate/up and "
+                        "the down projection of the experts")
+    problems += per_expert_problems(sorted(desc.ranks))
+    return problems
+
+
+VLLM_MOE_VERIFIED = (
+    "verified so far: the layouts above come from vLLM's loader source; vLLM's CPU build (0.32.0) cannot run an MoE "
+    "model with LoRA enabled (its MoE LoRA layer needs Triton's fused-MoE kernel, which has no CPU backend); the "
+    "GPU comparison (tests/test_vllm_moe.py) has not run yet"
+)
+
+
+def vllm_rank(desc: Any) -> int:
+    """The rank vLLM compares with its ``--max-lora-rank``: the largest of the config's ``r``, its
+    ``rank_pattern`` values (what vLLM reads) and the ranks of the saved tensors."""
+    return max([desc.config.r, *desc.config.rank_pattern.values(), *desc.ranks.values()])
+
+
+def served_rank(config: LoraConfig) -> int:
+    """The rank of the adapter a server or vLLM receives from a run with this (training) config:
+    the largest of ``r`` and the ``rank_pattern`` values, doubled for PiSSA/OLoRA, which are handed
+    over converted to plain LoRA of rank 2r for the untouched base (``final_adapter``)."""
+    rank = max([config.r, *config.rank_pattern.values()])
+    return 2 * rank if is_residual_init(config.init_lora_weights) else rank
+
+
+def vllm_max_lora_rank(rank: int) -> Optional[int]:
+    """The smallest ``--max-lora-rank`` that lets vLLM serve a rank-``rank`` adapter (None: none does)."""
+    return next((value for value in VLLM_MAX_LORA_RANKS if value >= rank), None)
+
+
+def vllm_notes(desc: Any) -> list[str]:
+    """What vLLM does with this adapter's MoE experts (empty for a dense adapter)."""
+    return _layout_notes(desc) + ([VLLM_MOE_VERIFIED] if _layout_notes(desc) else [])
+
+
+def _layout_notes(desc: Any) -> list[str]:
+    if desc.experts:
+        return [
+            "experts are in PEFT's 3-D layout (experts.base_layer = gate_up_proj, experts = down_proj): vLLM reads "
+            "it for models it marks is_3d_moe_weight (gpt-oss, Qwen3.5-MoE, ...), or for any MoE model when served "
+            "with --enable-mixed-moe-lora-format and requests declare is_3d_lora_weight",
+            "for Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek and the other per-expert families, write vLLM's per-expert "
+            "layout (experts.<e>.gate_proj/up_proj/down_proj, same logits): lorakit export-adapter ADAPTER OUT --format vllm",
+        ]
+    if any(_PER_EXPERT.search(p) for p in desc.ranks):
+        return ["experts are in vLLM's per-expert layout (experts.<e>.gate_proj/up_proj/down_proj): the default "
+                "MoE LoRA path of vLLM; for 3-D models (gpt-oss, Qwen3.5-MoE) serve with --enable-mixed-moe-lora-format"]
+    return []
+
+
+def vllm_reads_3d_moe(vllm: Any, model_dir: str) -> bool:
+    """Whether vLLM reads expert LoRA for ``model_dir``'s architecture in PEFT's fused 3-D layout.
+
+    Asks vLLM's model registry for the class's ``is_3d_moe_weight``; where that private call is
+    missing, the classes known to set it (``VLLM_3D_MOE``) decide.
+    """
+    try:
+        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    registry = getattr(getattr(vllm, "ModelRegistry", None), "_try_load_model_cls", None)
+    for arch in architectures:
+        cls = None
+        if callable(registry):
+            try:
+                cls = registry(arch)
+            except Exception:  # noqa: BLE001 - a registry that cannot load the class: use the list
+                cls = None
+        if cls is not None:
+            return bool(getattr(cls, "is_3d_moe_weight", False))
+        if arch in VLLM_3D_MOE:
+            return True
+    return False
+
+
+def vllm_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor],
+                 experts_3d: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter (config, PEFT-keyed tensors) as vLLM reads it: fused MoE experts rewritten per
+    expert (``split_per_expert``, exact) unless vLLM reads this model's experts in 3-D (``experts_3d``)."""
+    if config.target_parameters and not experts_3d:
+        return split_per_expert(config, tensors, "the policy adapter")
+    return config, tensors
