@@ -86,6 +86,8 @@ class LoraServer:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         # Rows of the embedding table: an id past it fails the whole batch's forward, so it is refused here.
         self.vocab_size = int(getattr(embeddings, "num_embeddings", None) or model.config.vocab_size)
+        self.tinker: Any = None
+        """The Tinker API (``serve.tinker.TinkerService``) when it is served beside the OpenAI one."""
         self.fingerprints: dict[str, str] = {}
         """Adapter name -> ``adapter_fingerprint`` of the weights this server read for it (a trainer
         compares it with its own, so a sync that did not land is caught)."""
