@@ -97,6 +97,10 @@ class LoraServer:
         scheduler = self.scheduler
         body = {"status": "ok" if scheduler.alive else "error", "running": scheduler.running,
                 "waiting": scheduler.waiting, "steps_run": self.engine.steps, "largest_batch": self.engine.largest_batch}
+        if self.tinker is not None:
+            trainer = self.tinker.trainer
+            body["tinker"] = {"models": len(trainer.models), "train_steps": trainer.steps,
+                              "largest_train_step": trainer.largest_step}
         if not scheduler.alive:
             cause = scheduler.error
             body["error"] = (f"the engine's worker thread has stopped: {type(cause).__name__}: {cause}"

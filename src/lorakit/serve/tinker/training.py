@@ -11,17 +11,20 @@ on the engine's worker thread between two sampling steps (``Scheduler.exclusive`
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ...lora import LoraConfig, active_adapters, adapter_state_dict, delete_adapter, inject_lora, set_active_adapters
 from ...lora import load_read_adapter, set_adapter_weights
+from ...lora.inject import iter_modules
 from ...lora.io import PEFT_PREFIX, read_adapter
+from ...lora.layer import LoraLayer
 from ...training.tokenwise import AdamStep, AdapterOptimizer, LossRequest, TokenDatum, check_datum, check_loss
 from ...training.tokenwise import forward_backward
 from . import checkpoints
@@ -68,18 +71,20 @@ class TrainingModel:
 
 
 def lora_targets(model: torch.nn.Module, train_mlp: bool, train_attn: bool, train_unembed: bool) -> list[str]:
-    """The leaf names of the linear layers to wrap: attention projections, MLP projections, the head."""
+    """The leaf names of the linear layers to wrap: attention projections, MLP projections, the head
+    (layers already wrapped for other adapters count by their base layer)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names: set[str] = set()
-    for path, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+    for path, module in iter_modules(model):
+        base = getattr(module, "base_layer", module) if isinstance(module, LoraLayer) else module
+        if not isinstance(base, torch.nn.Linear):
             continue
         leaf = path.rsplit(".", 1)[-1]
         parts = path.lower().split(".")
-        if module is head:
+        if module is head or base is head:
             if train_unembed:
                 names.add(leaf)
-        elif any(p.endswith(_ATTN) or p in _ATTN for p in parts):
+        elif any(p.endswith(_ATTN) for p in parts):
             if train_attn:
                 names.add(leaf)
         elif any(p in _MLP or p.endswith("mlp") or p == "experts" for p in parts):
@@ -107,6 +112,7 @@ class Trainer:
         self.on_snapshot = on_snapshot
         self.models: dict[str, TrainingModel] = {}
         self._cond = threading.Condition()
+        self._held = 0
         self._snapshots = 0
         pad = server.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
@@ -210,6 +216,20 @@ class Trainer:
                 delete_adapter(self.server.model, name)
         self.server.scheduler.exclusive(drop)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Queue requests without running them inside the block; on leaving, whatever is ready runs,
+        several clients' forward/backward requests as one step (a maintenance pause; tests use it
+        to make clients' requests arrive together)."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify_all()
+
     # --- queue ----------------------------------------------------------------------------------------
     def submit(self, model_id: Any, seq: Any, kind: str, record: FutureRecord, payload: dict) -> None:
         """Queue a request; it runs once every request of its model before ``seq`` has."""
@@ -227,7 +247,8 @@ class Trainer:
         while True:
             with self._cond:
                 while True:
-                    ready = [(m, m.queue.pop(m.next_seq)) for m in self.models.values() if m.next_seq in m.queue]
+                    ready = ([] if self._held else
+                             [(m, m.queue.pop(m.next_seq)) for m in self.models.values() if m.next_seq in m.queue])
                     if ready:
                         break
                     self._cond.wait()
