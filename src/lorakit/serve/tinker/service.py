@@ -195,6 +195,7 @@ class TinkerService:
         return _json({"type": "create_session", "session_id": session.session_id})
 
     async def _post_session_heartbeat(self, body: dict) -> Response:
+        await self._expire()
         session = self.sessions.get(body.get("session_id"))
         if session is None:
             return _json({"error": f"unknown or finished session {body.get('session_id')!r}", "category": USER}, 410)
