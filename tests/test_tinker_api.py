@@ -345,3 +345,44 @@ def test_state_round_trip_and_openai_serving(setup):
         body = json.loads(response.read())
     assert body["model"] == client.model_id and body["usage"]["completion_tokens"] >= 1
     assert math.isfinite(body["usage"]["total_tokens"])
+
+
+def test_sessions_polls_and_snapshot_lifetimes(setup):
+    """Capabilities name the base; a pending future answers try_again within the poll timeout; a
+    training client keeps its two newest sampler snapshots (older ones are freed, with a clear error);
+    finishing a session frees its adapters, and its heartbeat then answers 410."""
+    url, server, tok = setup["url"], setup["server"], setup["tokenizer"]
+    caps = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [BASE]
+    service = tinker.ServiceClient(base_url=url, api_key=KEY)
+    client = service.create_lora_training_client(base_model=BASE, rank=2).result()
+    trainer, service_state = server.tinker.trainer, server.tinker
+    old_timeout = service_state.config.poll_timeout
+    service_state.config.poll_timeout = 0.3
+    try:
+        with trainer.hold():
+            future = client.forward([_datum(tok(TEXT)["input_ids"])], "cross_entropy")
+            for _ in range(100):
+                if trainer.models[client.model_id].queue:
+                    break
+                threading.Event().wait(0.05)
+            op = next(iter(trainer.models[client.model_id].queue.values()))
+            status, body = _post(url, "retrieve_future", {"request_id": op.record.request_id})
+            assert status == 200 and body["type"] == "try_again"
+        assert future.result().metrics["loss:sum"] > 0
+    finally:
+        service_state.config.poll_timeout = old_timeout
+    samplers = [client.save_weights_and_get_sampling_client().result() for _ in range(3)]
+    prompt = types.ModelInput.from_ints(tok("hi")["input_ids"])
+    params = types.SamplingParams(max_tokens=2)
+    assert all(len(s.sample(prompt, 1, params).result().sequences) == 1 for s in samplers[1:])
+    with pytest.raises(Exception, match="unknown sampling session"):
+        samplers[0].sample(prompt, 1, params).result()
+    adapters = server.engine.adapters()
+    assert client.model_id in adapters and sum(a.startswith(client.model_id + "-sampler-") for a in adapters) == 2
+    session_id = service.holder.get_session_id()
+    status, _ = _post(url, f"sessions/{session_id}/finish", {"reason": {"type": "success"}})
+    assert status == 200
+    assert not any(a.startswith(client.model_id) for a in server.engine.adapters())
+    status, body = _post(url, "session_heartbeat", {"session_id": session_id})
+    assert status == 410 and "finished" in body["error"]
