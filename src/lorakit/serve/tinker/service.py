@@ -79,6 +79,7 @@ class TinkerService:
         config.tinker_dir.mkdir(parents=True, exist_ok=True)
         self.futures = Futures()
         self.sessions: dict[str, Session] = {}
+        self._tasks: set[asyncio.Task] = set()  # background operations (the loop only holds them weakly)
         self.samplers = Samplers(server, self.futures, config.tinker_dir, config.max_snapshots)
         self.trainer = Trainer(server, self.futures, config.tinker_dir, config.max_lora_rank,
                                config.max_datum_tokens or server.config.context_length,
@@ -242,7 +243,9 @@ class TinkerService:
                     self.futures.fail(record, err)
                 except Exception as err:
                     self.futures.fail(record, TinkerError(f"internal error: {type(err).__name__}: {err}", SERVER))
-            self.samplers._tasks.add(asyncio.get_running_loop().create_task(run()))
+            task = asyncio.get_running_loop().create_task(run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return self._future(record)
 
     async def _post_retrieve_future(self, body: dict) -> Response:

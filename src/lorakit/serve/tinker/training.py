@@ -25,11 +25,11 @@ from ...lora import load_read_adapter, set_adapter_weights
 from ...lora.inject import iter_modules
 from ...lora.io import PEFT_PREFIX, read_adapter
 from ...lora.layer import LoraLayer
-from ...training.tokenwise import AdamStep, AdapterOptimizer, LossRequest, TokenDatum, check_datum, check_loss
+from ...training.tokenwise import AdamStep, AdapterOptimizer, LossRequest, check_datum, check_loss
 from ...training.tokenwise import forward_backward
 from . import checkpoints
 from .codec import encode_forward_backward
-from .futures import SERVER, USER, FutureRecord, Futures, TinkerError
+from .futures import SERVER, FutureRecord, Futures, TinkerError
 
 LORA_ALPHA = 32.0
 """LoRA alpha of every Tinker adapter (Tinker's own choice, so learning rates carry over)."""
