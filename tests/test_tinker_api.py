@@ -243,11 +243,12 @@ def _result(url, request_id):
 
 def test_raw_submit_retried_with_the_same_seq_id_runs_once(setup):
     """A forward_backward submitted twice with the same (model_id, seq_id) gets one request id and
-    runs once: after an optimizer step the adapter equals one trained on a single submit."""
+    runs once: after an optimizer step the adapter equals one trained on a single submit (whose
+    optimizer step arrived before it, and waited for it: requests run in seq_id order)."""
     url, tok = setup["url"], setup["tokenizer"]
     ids = tok(TEXT)["input_ids"]
     _, session = _post(url, "create_session", {"tags": [], "user_metadata": {}, "sdk_version": "raw"})
-    adapters = []
+    adapters, norms = [], []
     for model_seq, submits in ((0, 2), (1, 1)):
         _, created = _post(url, "create_model", {"session_id": session["session_id"], "model_seq_id": model_seq,
                                                  "base_model": BASE, "lora_config": {"rank": 4, "seed": 5}})
@@ -260,6 +261,9 @@ def test_raw_submit_retried_with_the_same_seq_id_runs_once(setup):
                                              ("weights", [1.0] * (len(ids) - 1), pb.DTYPE_FLOAT32, np.float32)):
             datum.loss_fn_inputs[key].CopyFrom(pb.Tensor(dense=np.asarray(values, dtype=np_dtype).tobytes(),
                                                          dtype=dtype, shape=[len(values)]))
+        step_body = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}}
+        if submits == 1:  # the optimizer step arrives first: it waits for seq_id 1
+            _, step = _post(url, "optim_step", step_body)
         request_ids = {_post(url, "forward_backward", None, proto=msg.SerializeToString())[1]["request_id"]
                        for _ in range(submits)}
         assert len(request_ids) == 1
@@ -267,10 +271,12 @@ def test_raw_submit_retried_with_the_same_seq_id_runs_once(setup):
         out = pb.ForwardBackwardOutput()
         out.ParseFromString(raw)
         assert out.metrics["loss:sum"] > 0
-        _, step = _post(url, "optim_step", {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}})
-        assert _result(url, step["request_id"])[1]["metrics"]
+        if submits != 1:
+            _, step = _post(url, "optim_step", step_body)
+        norms.append(_result(url, step["request_id"])[1]["metrics"]["optim/grad_norm:mean"])
         _, saved = _post(url, "save_weights_for_sampler", {"model_id": model_id, "seq_id": 3, "path": "once"})
         adapters.append(_tensors(_path_of(setup, _result(url, saved["request_id"])[1]["path"])))
+    assert norms[0] > 0 and norms[0] == norms[1]  # a second run would have doubled the gradient
     for key, value in adapters[0].items():
         assert torch.equal(value, adapters[1][key]), key
 
