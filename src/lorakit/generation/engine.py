@@ -45,6 +45,10 @@ class SamplingParams:
     """Seed of this request's own generator: the same seed gives the same sample, whatever the batch."""
     ignore_eos: bool = False
     """Keep going past end-of-sequence tokens (benchmarks)."""
+    stop_token_ids: Optional[Sequence[int]] = None
+    """Token ids that end the completion (reported as ``Completion.stop_token_id``, not in its
+    tokens); None: the tokenizer's end-of-sequence ids. ``[]`` stops only at ``max_new_tokens``
+    or a stop string (the Tinker API's ``stop=[]``)."""
 
 
 @dataclass
@@ -94,7 +98,9 @@ class _Row:
     """Decoding state of one request: its prefill progress, output text, stop state and generator."""
 
     def __init__(self, ident: int, request: Request, tokenizer: Any, eos: set[int], device: torch.device) -> None:
-        self.id, self.request, self.eos = ident, request, eos
+        stop_ids = request.params.stop_token_ids
+        self.id, self.request = ident, request
+        self.eos = eos if stop_ids is None else set(stop_ids)
         self.out = TextState(tokenizer, tuple(request.params.stop))
         self.logprobs: list[float] = []
         self.finish: Optional[str] = None

@@ -86,6 +86,8 @@ class LoraServer:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         # Rows of the embedding table: an id past it fails the whole batch's forward, so it is refused here.
         self.vocab_size = int(getattr(embeddings, "num_embeddings", None) or model.config.vocab_size)
+        self.tinker: Any = None
+        """The Tinker API (``serve.tinker.TinkerService``) when it is served beside the OpenAI one."""
         self.fingerprints: dict[str, str] = {}
         """Adapter name -> ``adapter_fingerprint`` of the weights this server read for it (a trainer
         compares it with its own, so a sync that did not land is caught)."""
@@ -95,6 +97,10 @@ class LoraServer:
         scheduler = self.scheduler
         body = {"status": "ok" if scheduler.alive else "error", "running": scheduler.running,
                 "waiting": scheduler.waiting, "steps_run": self.engine.steps, "largest_batch": self.engine.largest_batch}
+        if self.tinker is not None:
+            trainer = self.tinker.trainer
+            body["tinker"] = {"models": len(trainer.models), "train_steps": trainer.steps,
+                              "largest_train_step": trainer.largest_step}
         if not scheduler.alive:
             cause = scheduler.error
             body["error"] = (f"the engine's worker thread has stopped: {type(cause).__name__}: {cause}"

@@ -2,7 +2,8 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 ``stream: true`` as server-sent events), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
-(vLLM's names), GET /health, GET /metrics (Prometheus text). ``/v1`` routes need the API key when
+(vLLM's names), GET /health, GET /metrics (Prometheus text); with ``server.tinker`` set, the Tinker
+API under ``/api/v1/`` (``serve.tinker``). ``/v1`` routes need the API key when
 one is set. A client that disconnects cancels its request: its batch slot is free at the next
 engine step, and a stream dropped before its first token leaves the queue without being prefilled.
 A full waiting queue answers 429 with ``Retry-After``. Once the engine's worker thread has died,
@@ -68,6 +69,8 @@ def make_app(server: LoraServer) -> Starlette:
 
     async def endpoint(request: HttpRequest) -> Response:
         path = request.url.path.rstrip("/") or "/"
+        if path.startswith("/api/v1/") and server.tinker is not None:
+            return await server.tinker.handle(request)
         try:
             if path.startswith("/v1/") and not authorised(request):
                 raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
