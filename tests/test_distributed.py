@@ -165,3 +165,38 @@ def test_cpu_offload_on_gpu_matches_no_offload(tmp_path, demo):
         assert abs(plain[step] - offload[step]) <= 1e-4, (step, plain[step], offload[step])
     ref, got = _adapter(tmp_path / "plain"), _adapter(tmp_path / "offload")
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
+
+
+def test_fsdp2_loads_a_per_expert_moe_checkpoint_sharded_and_matches_one_process(tmp_path):
+    # transformers saves MoE experts one by one (the hub layout) and fuses them while loading; the
+    # sharded load reads each rank's experts from those tensors instead of falling back to a whole
+    # base on every rank. LoRA on attention and on every expert (all-linear).
+    from lorakit.models import write_demo_model
+
+    from transformers import AutoModelForCausalLM
+
+    fused = write_demo_model(tmp_path / "demo-moe", moe=True)  # lorakit writes the fused layout
+    moe = tmp_path / "hub-moe"
+    loaded = AutoModelForCausalLM.from_pretrained(fused, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config)  # built, not loaded: saved in the hub layout
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(moe)
+    for extra in fused.iterdir():
+        if not (moe / extra.name).exists():
+            shutil.copy(extra, moe / extra.name)  # tokenizer, chat template
+    assert any(".experts.0." in k for k in load_file(moe / "model.safetensors"))
+    cfg = _config(tmp_path, moe, grad_accum=1, lr=2e-4, max_steps=2)
+    _run(cfg, 1, f"output_dir={tmp_path / 'single'}", "train.batch_size=4")
+    log = _run(cfg, 2, f"output_dir={tmp_path / 'fsdp2'}", "train.distributed=fsdp2")
+    assert "loads the whole base on every rank" not in log, log
+    whole = sum(t.numel() * t.element_size() for t in load_file(moe / "model.safetensors").values()) / 2 ** 20
+    per_rank, _ = _read_per_rank(log)
+    assert max(per_rank) <= 0.6 * whole and abs(sum(per_rank) - whole) <= 0.01 * whole + 0.2, (per_rank, whole)
+    single, dist = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp2")
+    assert sorted(single) == sorted(dist) == [1, 2]
+    for step in single:
+        assert abs(single[step] - dist[step]) <= 1e-4, (step, single[step], dist[step])
+    ref, got = _adapter(tmp_path / "single"), _adapter(tmp_path / "fsdp2")
+    assert ref.keys() == got.keys() and any("experts" in k for k in ref)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5

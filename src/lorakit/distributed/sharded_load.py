@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch import nn
 
 from ..lora import adapter_configs, lora_modules
 from ..lora.config import is_residual_init
+from ..lora.experts import LoraParameter
 from ..lora.layer import LoraLayer
 
 _LORA_PART = ".base_layer"
@@ -63,15 +65,32 @@ class TensorEntry:
 
 
 @dataclass
-class CheckpointIndex:
-    """Where each tensor of a safetensors checkpoint lives (read from the files' headers)."""
+class FusedExperts:
+    """A fused ``(experts, rows, cols)`` MoE weight that the checkpoint holds per expert (the hub
+    layout transformers converts while loading): expert ``e``'s slice is ``parts[e]`` stacked along
+    its rows (gate then up for ``gate_up_proj``; the one down projection for ``down_proj``)."""
 
-    entries: dict[str, TensorEntry]
+    parts: list[list[TensorEntry]]
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class CheckpointIndex:
+    """Where each tensor of a safetensors checkpoint lives (read from the files' headers), plus
+    ``FusedExperts`` entries under the model's fused names for experts stored one by one."""
+
+    entries: dict[str, Any]
 
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors together (the whole state a rank must never hold)."""
-        return sum(e.nbytes for e in self.entries.values())
+        stored = {id(e): e for e in self.entries.values() if isinstance(e, TensorEntry)}  # aliases once
+        return sum(e.nbytes for e in stored.values())
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape
@@ -111,19 +130,71 @@ def checkpoint_index(model_dir: str) -> Optional[CheckpointIndex]:
         paths = [root / "model.safetensors"]
     else:
         return None
-    entries: dict[str, TensorEntry] = {}
+    entries: dict[str, Any] = {}
     for path in paths:
         entries.update(_header(path))
+    entries.update(fused_expert_entries(entries))
+    # Mixtral's checkpoint names its MoE block block_sparse_moe; transformers' model calls it mlp
+    entries.update({k.replace(".block_sparse_moe.", ".mlp."): e for k, e in list(entries.items())
+                    if ".block_sparse_moe." in k and isinstance(e, TensorEntry)})
     return CheckpointIndex(entries)
 
 
-def read_rows(entry: TensorEntry, rows: slice, out: torch.Tensor) -> int:
+# Per-expert checkpoint names (Qwen2/3-MoE, DeepSeek, OLMoE, ...: gate/up/down_proj; Mixtral: w1/w3/w2
+# under block_sparse_moe) and the fused parameters transformers builds from them while loading.
+_EXPERT_KEY = re.compile(r"^(?P<owner>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_FUSED_FROM = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def fused_expert_entries(entries: dict[str, TensorEntry]) -> dict[str, FusedExperts]:
+    """``FusedExperts`` entries for MoE experts a checkpoint holds one by one, keyed by the fused
+    parameter names transformers gives them (``<owner>.experts.gate_up_proj`` / ``down_proj``;
+    Mixtral's ``block_sparse_moe`` is the model's ``mlp``), so a sharded load reads each rank's
+    experts straight from the per-expert tensors. Owners with a gap in their expert numbers or
+    unequal shapes are left out (the load then falls back, saying so)."""
+    found: dict[tuple[str, str], dict[int, TensorEntry]] = {}
+    for key, entry in entries.items():
+        match = _EXPERT_KEY.match(key)
+        if match:
+            found.setdefault((match["owner"], match["proj"]), {})[int(match["e"])] = entry
+    fused: dict[str, FusedExperts] = {}
+    owners = {owner for owner, _ in found}
+    for owner in sorted(owners):
+        for name, spellings in _FUSED_FROM.items():
+            for projs in spellings:
+                per = [found.get((owner, proj)) for proj in projs]
+                if any(p is None for p in per) or len({len(p) for p in per}) != 1:
+                    continue
+                experts = len(per[0])
+                if any(sorted(p) != list(range(experts)) for p in per):
+                    continue
+                parts = [[p[e] for p in per] for e in range(experts)]
+                first = parts[0]
+                if any([(t.shape, t.dtype) for t in row] != [(t.shape, t.dtype) for t in first] for row in parts) or \
+                        any(len(t.shape) != 2 or t.shape[1] != first[0].shape[1] for t in first):
+                    continue
+                rows = sum(t.shape[0] for t in first)
+                target = owner.replace(".block_sparse_moe", ".mlp")
+                fused[f"{target}.experts.{name}"] = FusedExperts(parts, first[0].dtype, (experts, rows, first[0].shape[1]))
+    return fused
+
+
+def read_rows(entry: Any, rows: slice, out: torch.Tensor) -> int:
     """Copy rows ``rows`` (dim 0) of a checkpoint tensor into ``out`` with plain file reads.
 
     Rows of a row-major tensor are one contiguous byte range, so a rank reads exactly its shard and
     nothing else, straight into the shard's storage when the dtypes match. No memory map: the pages
-    it touches would count against the process. Returns the bytes read.
+    it touches would count against the process. A ``FusedExperts`` entry's rows are experts: each
+    of them is read from its own per-expert tensors. Returns the bytes read.
     """
+    if isinstance(entry, FusedExperts):
+        done = 0
+        for i, expert in enumerate(range(rows.start, rows.stop)):
+            offset = 0
+            for part in entry.parts[expert]:
+                done += read_rows(part, slice(0, part.shape[0]), out[i, offset:offset + part.shape[0]])
+                offset += part.shape[0]
+        return done
     row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
     count = (rows.stop - rows.start) * row
     direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
@@ -251,7 +322,7 @@ def init_meta_adapters(model: nn.Module) -> None:
     So the adapters, and the RNG state after, are exactly those of the one-process run.
     """
     configs = adapter_configs(model)
-    layers = list(lora_modules(model))
+    layers = _injection_order(list(lora_modules(model)))
     for name, config in configs.items():
         for path, layer in layers:
             if not isinstance(layer, LoraLayer):
@@ -269,6 +340,22 @@ def init_meta_adapters(model: nn.Module) -> None:
                 elif item.is_meta:
                     store[name] = nn.Parameter(torch.empty_like(item, device="cpu"), requires_grad=item.requires_grad)
             layer.reset_adapter(name, config.init_lora_weights)
+
+
+def _injection_order(layers: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """LoRA wrappers in the order ``inject_lora`` gives them their weights (so a replay draws the
+    same random numbers for the same tensors): the parameter wrappers (MoE experts) first, owner by
+    owner, each owner's chain from the innermost wrapper (its first parameter) out; then the
+    layers, in module order."""
+    chains: dict[str, list[tuple[str, Any]]] = {}
+    rest = []
+    for path, layer in layers:
+        if isinstance(layer, LoraParameter):
+            chains.setdefault(path.split(_LORA_PART)[0], []).append((path, layer))
+        else:
+            rest.append((path, layer))
+    wrapped = [item for chain in chains.values() for item in sorted(chain, key=lambda pl: -pl[0].count(_LORA_PART))]
+    return wrapped + rest
 
 
 def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
