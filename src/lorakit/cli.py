@@ -211,6 +211,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export_adapter(args: argparse.Namespace) -> int:
     from .lora.vllm_layout import export_per_expert, import_per_expert
 
+    if args.format == "gguf":
+        from .models.gguf_adapter import export_adapter_gguf
+
+        export_adapter_gguf(args.adapter, args.out, base=args.base, outtype=args.outtype or "f32", log=print)
+        return 0
+    if args.base or args.outtype:
+        raise ValueError(f"--base and --outtype are for --format gguf, not --format {args.format}")
     if args.format == "peft":
         path = import_per_expert(args.adapter, args.out)
         print(f"Wrote {path}: MoE experts in PEFT's fused target_parameters layout (mlp.experts.gate_up_proj/down_proj)")
@@ -408,12 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")
+    p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert; "
+                                              "llama.cpp / Ollama: a GGUF LoRA adapter)")
     p.add_argument("adapter")
-    p.add_argument("out")
-    p.add_argument("--format", choices=["vllm", "peft"], default="vllm",
+    p.add_argument("out", help="output directory (vllm, peft) or .gguf file (gguf; an Ollama <name>.Modelfile is "
+                               "written beside it); must not exist")
+    p.add_argument("--format", choices=["vllm", "peft", "gguf"], default="vllm",
                    help="vllm: fused expert LoRA (target_parameters) split into experts.<e>.gate_proj/up_proj/down_proj; "
-                        "peft: the inverse (a per-expert adapter back to PEFT's fused target_parameters layout)")
+                        "peft: the inverse (a per-expert adapter back to PEFT's fused target_parameters layout); "
+                        "gguf: a llama.cpp LoRA adapter for the base's GGUF (Llama, Mistral, Qwen2, Qwen3, Gemma)")
+    p.add_argument("--base", help="gguf: the base model (.gguf file, model directory, demo or a named model); default: "
+                                  "the adapter's base_model_name_or_path. A .gguf base is checked tensor by tensor")
+    p.add_argument("--outtype", choices=["f32", "f16"], help="gguf: the adapter tensors' type (default f32)")
     p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")
