@@ -34,8 +34,9 @@ def _fields(path: Path) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}, {t.name: t for t in reader.tensors}
 
 
-def _peft_adapter(model, directory: Path, targets, seed: int = 1, **extra) -> Path:
-    """A PEFT adapter on ``model`` (in place) with random A and B, saved to ``directory``."""
+def _peft_adapter(model, directory: Path, targets, seed: int = 1, save_embedding_layers="auto", **extra) -> Path:
+    """A PEFT adapter on ``model`` (in place) with random A and B, saved to ``directory`` (PEFT's default
+    saves a copy of the base embedding / head next to their LoRA; lorakit's loader does not take it)."""
     torch.manual_seed(seed)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
     wrapped = peft.get_peft_model(model, config)
@@ -43,7 +44,7 @@ def _peft_adapter(model, directory: Path, targets, seed: int = 1, **extra) -> Pa
         for name, p in wrapped.named_parameters():
             if "lora_" in name:
                 p.mul_(0.3)
-    wrapped.save_pretrained(str(directory))
+    wrapped.save_pretrained(str(directory), save_embedding_layers=save_embedding_layers)
     return directory
 
 
@@ -260,3 +261,108 @@ def test_the_cli_exports_with_the_base_from_the_adapter_config_and_refuses_in_on
     assert main(["export-adapter", str(adapter), str(tmp_path / "k3"), "--base", str(base_file)]) == 2
     assert "--base and --outtype are for --format gguf" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "k2.gguf")
+
+
+# --- merged models ------------------------------------------------------------------------------------------
+def _merged_oracle(model, adapter: Path, tokenizer, path: Path, arch: str):
+    """PEFT's merge of ``adapter`` into a copy of ``model``, written by the test's GGUF writer."""
+    import copy
+
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).merge_and_unload()
+    return write_gguf(merged, tokenizer, path, arch)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_merged_gguf_over_a_gguf_base_is_peft_merge_with_the_base_metadata(tmp_path, variant):
+    """Base: a tiny Llama GGUF (tied head). The merged file has every metadata key of the base
+    (tokenizer, chat template, hyper-parameters) and the tensors of PEFT's merge written as GGUF; DoRA
+    (which no llama.cpp adapter holds) merges too."""
+    from lorakit.models.gguf_merged import export_merged_gguf
+
+    tokenizer = tiny_bpe_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer))
+    base_file = write_gguf(model, tokenizer, tmp_path / "base.gguf", "llama")
+    targets = ["q_proj", "k_proj", "down_proj"] + (["gate_proj"] if variant == "lora" else [])
+    adapter = _peft_adapter(tiny_model("llama", vocab=len(tokenizer)), tmp_path / "adapter", targets,
+                            use_dora=variant == "dora")
+    out, modelfile = export_merged_gguf(str(base_file), adapter, tmp_path / "merged.gguf")
+    assert modelfile.read_text().splitlines()[-1] == "FROM ./merged.gguf"
+
+    fields, tensors = _fields(out)
+    base_fields, base_tensors = _fields(base_file)
+    for key, value in base_fields.items():
+        if not key.startswith("GGUF."):
+            assert fields[key] == value, key
+    assert "tokenizer.chat_template" in fields and len(fields["tokenizer.ggml.tokens"]) == len(tokenizer)
+    _, oracle = _fields(_merged_oracle(model, adapter, tokenizer, tmp_path / "oracle.gguf", "llama"))
+    assert list(tensors) == list(base_tensors) == list(oracle)
+    changed = 0
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(tensor.data, oracle[name].data, rtol=0, atol=1e-5, err_msg=name)
+        changed += not np.array_equal(tensor.data, base_tensors[name].data)
+    assert changed == len(targets) * 2  # two layers each
+
+
+def test_a_merged_gguf_from_a_directory_base_builds_the_vocabulary_and_quantizes_q8_0(tmp_path):
+    """Base: a tiny Qwen2 Hugging Face directory. Hyper-parameters, the byte-level BPE vocabulary
+    (tokens, merges, special ids, chat template) and the merged tensors match what the test's writer
+    makes of PEFT's merge; with q8_0 each 2-D weight holds exactly gguf's Q8_0 blocks of it."""
+    from gguf import quants
+
+    from lorakit.models.gguf_merged import export_merged_gguf
+
+    tokenizer = tiny_bpe_tokenizer()
+    model = tiny_model("qwen2", vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    adapter = _peft_adapter(tiny_model("qwen2", vocab=len(tokenizer)), tmp_path / "adapter", ATTN + ["lm_head"],
+                            save_embedding_layers=False)
+    oracle_file = _merged_oracle(model, adapter, tokenizer, tmp_path / "oracle.gguf", "qwen2")
+    oracle_fields, oracle = _fields(oracle_file)
+    for outtype in ("f32", "q8_0"):
+        out, _ = export_merged_gguf(str(tmp_path / "qwen2"), adapter, tmp_path / f"merged-{outtype}.gguf", outtype)
+        fields, tensors = _fields(out)
+        for key in ("general.architecture", "qwen2.block_count", "qwen2.embedding_length", "qwen2.attention.head_count",
+                    "qwen2.attention.head_count_kv", "qwen2.feed_forward_length", "qwen2.rope.freq_base",
+                    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                    "tokenizer.chat_template"):
+            assert fields[key] == pytest.approx(oracle_fields[key]) if isinstance(fields[key], float) else \
+                fields[key] == oracle_fields[key], key
+        # transformers loads a qwen2 directory's tokenizer with Qwen2's split pattern; llama.cpp names it qwen2
+        assert fields["tokenizer.ggml.pre"] == "qwen2"
+        assert set(tensors) == set(oracle)
+        for name, tensor in tensors.items():
+            want = np.asarray(oracle[name].data, dtype=np.float32)
+            if outtype == "q8_0" and want.ndim == 2:
+                assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                got = quants.dequantize(tensor.data, q8).reshape(want.shape)
+                np.testing.assert_allclose(got, quants.dequantize(quants.quantize(want, q8), q8).reshape(want.shape),
+                                           rtol=0, atol=2e-3 * np.abs(want).max(), err_msg=name)
+            else:
+                np.testing.assert_allclose(tensor.data, want, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_merge_to_gguf_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    import transformers as T
+
+    tokenizer = tiny_bpe_tokenizer()
+    torch.manual_seed(0)
+    config = T.Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = T.Gemma2ForCausalLM(config)
+    model.save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    adapter = _peft_adapter(model, tmp_path / "adapter", ["q_proj"])
+    out = tmp_path / "out" / "m.gguf"
+    argv = ["merge", "--model", str(tmp_path / "gemma2"), "--adapter", str(adapter), "--out", str(out), "--format", "gguf"]
+    capsys.readouterr()  # the setup's progress bars
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "writing a gemma2 model from a Hugging Face directory is not supported" in err[0], err
+    assert main(argv + ["--dtype", "bf16"]) == 2
+    assert "--dtype and --quantization are for --format hf" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--outtype", "f16"]) == 2
+    assert "--outtype is for --format gguf" in capsys.readouterr().err
+    assert not out.parent.exists()

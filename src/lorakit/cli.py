@@ -242,11 +242,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .models.export import export_merged
 
     _quiet_transformers()
+    if args.format == "gguf":
+        from .models.gguf_merged import export_merged_gguf
+
+        if args.dtype or args.quantization:
+            raise ValueError("--dtype and --quantization are for --format hf; a GGUF's weights are chosen with "
+                             "--outtype f32|f16|q8_0")
+        export_merged_gguf(args.model, args.adapter, args.out, outtype=args.outtype or "f32", log=_note)
+        return 0
+    if args.outtype:
+        raise ValueError("--outtype is for --format gguf; a Hugging Face directory's weights are chosen with --dtype")
+    dtype = args.dtype or "fp32"
     resolve_model(args.model, log=_note)
-    error = export_merged(args.model, args.adapter, args.out, args.dtype, args.quantization, log=print)
-    print(f"Wrote the merged model ({args.dtype}) to {args.out}")
-    if args.dtype != "fp32":
-        print(f"Merged in fp32; casting to {args.dtype} changed weights by at most {error:.3g} (max abs)")
+    error = export_merged(args.model, args.adapter, args.out, dtype, args.quantization, log=print)
+    print(f"Wrote the merged model ({dtype}) to {args.out}")
+    if dtype != "fp32":
+        print(f"Merged in fp32; casting to {dtype} changed weights by at most {error:.3g} (max abs)")
     return 0
 
 
@@ -375,11 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model")
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model (or one GGUF file)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf; an Ollama <name>.Modelfile "
+                                                "is written beside it); must not exist")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face model directory; gguf: one GGUF file for llama.cpp and Ollama (a GGUF base's "
+                        "metadata, tokenizer and chat template are carried over)")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf: the 2-D weights' type (default f32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="hf: dtype of the written weights (default fp32)")
     p.add_argument("--quantization", choices=["nf4", "fp4", "int8"],
                    help="the adapter was trained on this quantized base (QLoRA): quantize the base as in training, "
                         "dequantize, then merge in fp32")

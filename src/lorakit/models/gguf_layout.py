@@ -67,30 +67,34 @@ class BaseLayout:
     """GGUF tensor name -> shape in GGML order (``ne``: ``(in, out)`` for a weight); None for a
     directory base (then only the name map is checked)."""
 
-    def tensor_name(self, module_path: str) -> Optional[str]:
-        """The GGUF tensor holding the weight of HF module ``module_path``
-        (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``), or None if the layout has none."""
+    def tensor_stem(self, module_path: str) -> Optional[str]:
+        """The GGUF name of HF module ``module_path`` without ``.weight`` / ``.bias``
+        (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q``), or None if the layout has none."""
         import gguf
 
         for prefix, replacement in _PREFIXES:
             if module_path.startswith(prefix):
                 module_path = replacement + module_path[len(prefix):]
                 break
-        names = gguf.get_tensor_name_map(_model_arch(self.architecture), self.n_layers)
-        name = names.get_name(module_path)
-        return None if name is None else f"{name}.weight"
+        return gguf.get_tensor_name_map(_model_arch(self.architecture), self.n_layers).get_name(module_path)
+
+    def tensor_name(self, module_path: str) -> Optional[str]:
+        """The GGUF tensor holding the weight of HF module ``module_path``
+        (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``), or None if the layout has none."""
+        stem = self.tensor_stem(module_path)
+        return None if stem is None else f"{stem}.weight"
 
     def permute_rows(self, tensor_name: str, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (out, ...) of tensor ``tensor_name`` in the row order llama.cpp's file has.
 
-        For a Llama-architecture q/k weight: each head's rows go from HF's [first half; second half]
+        For a Llama-architecture q/k weight or bias: each head's rows go from HF's [first half; second half]
         to interleaved pairs (llama.cpp's ``LlamaModel.permute``); otherwise ``rows`` unchanged.
         """
         if self.architecture not in PERMUTED:
             return rows
-        if tensor_name.endswith(".attn_q.weight"):
+        if tensor_name.endswith((".attn_q.weight", ".attn_q.bias")):
             heads = self.n_head
-        elif tensor_name.endswith(".attn_k.weight"):
+        elif tensor_name.endswith((".attn_k.weight", ".attn_k.bias")):
             heads = self.n_head_kv
         else:
             return rows
