@@ -366,3 +366,21 @@ def test_merge_to_gguf_refusals_are_one_line_and_write_nothing(tmp_path, capsys)
     assert main(argv[:-2] + ["--outtype", "f16"]) == 2
     assert "--outtype is for --format gguf" in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_a_tokenizer_without_merges_gets_a_merges_key_that_never_applies(tmp_path):
+    """The demo model's byte tokenizer has no BPE merges; llama.cpp refuses a gpt2 vocabulary without
+    the key ("cannot find tokenizer merges") and gguf writes no empty array: one merge of a special
+    token with itself, which BPE over ordinary text can never apply."""
+    from lorakit import LoraConfig, inject_lora, save_adapter
+    from lorakit.models import load_model
+    from lorakit.models.gguf_merged import export_merged_gguf
+
+    model = load_model("demo")
+    inject_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter")
+    out, _ = export_merged_gguf("demo", tmp_path / "adapter", tmp_path / "demo.gguf", outtype="f16")
+    fields, _ = _fields(out)
+    assert fields["tokenizer.ggml.merges"] == ["<|endoftext|> <|endoftext|>"]
+    assert fields["tokenizer.ggml.pre"] == "default" and fields["general.architecture"] == "qwen3"
+    assert fields["qwen3.attention.key_length"] == 64 and fields["qwen3.embedding_length"] == 256

@@ -175,3 +175,23 @@ def test_a_q8_0_merged_gguf_stays_close(tmp_path, cache):
     logits, _ = _llama_run(_llama(out))
     want, _ = _lorakit_run(model)
     assert np.abs(logits - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_llama_cpp_runs_the_demo_model_merged_and_tokenizes_as_transformers(tmp_path, cache):
+    """The quick start's model, merged to GGUF from its directory: llama.cpp loads its vocabulary (a
+    byte tokenizer with no merges), tokenizes text and the chat prompt as transformers does, and
+    computes lorakit's logits."""
+    from lorakit.models import load_tokenizer
+
+    model = load_model("demo")
+    tokenizer = load_tokenizer("demo")
+    base_logits, _ = _lorakit_run(model)
+    adapter = _train_like_adapter(model, tmp_path / "adapter", "all-linear", seed=5)
+    out, _ = export_merged_gguf("demo", adapter, tmp_path / "demo.gguf")
+    llm = _llama(out)
+    _compare(_llama_run(llm), _lorakit_run(model), base_logits)
+    text = "Hello world, who are you? 123 <|im_end|> é"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer(chat)["input_ids"]

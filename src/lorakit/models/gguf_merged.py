@@ -290,6 +290,15 @@ def _hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, log: Callable[[s
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if not merges:
+        # llama.cpp's gpt2 vocabulary needs a merges key, and gguf writes no empty array. A tokenizer
+        # without merges (the demo model's: bytes only) gets one that can never apply: a special
+        # token with itself (BPE only ever merges pieces of ordinary text).
+        control = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
+        if not control:
+            raise GgufExportError("--model: the tokenizer has no BPE merges and no special token; llama.cpp's "
+                                  "vocabulary needs merges")
+        merges = [f"{control[0]} {control[0]}"]
     writer.add_token_merges(merges)
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
