@@ -195,3 +195,25 @@ def test_llama_cpp_runs_the_demo_model_merged_and_tokenizes_as_transformers(tmp_
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
                                          tokenize=False)
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer(chat)["input_ids"]
+
+
+def test_a_head_trained_in_full_on_a_tied_base_merges_as_its_own_output_tensor(tmp_path, cache):
+    """modules_to_save=["lm_head"] on a tied base (no llama.cpp adapter can hold it): the merged file
+    gets an output.weight of its own next to the unchanged token embedding, and llama.cpp uses it."""
+    import gguf
+
+    tokenizer = tiny_bpe_tokenizer()
+    base_file = write_gguf(tiny_model("llama", vocab=len(tokenizer)), tokenizer, tmp_path / "llama.gguf", "llama")
+    model = load_model(str(base_file))
+    base_logits, _ = _lorakit_run(model)
+    torch.manual_seed(6)
+    inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape) * 0.05)
+    save_adapter(model, tmp_path / "adapter")
+    out, _ = export_merged_gguf(str(base_file), tmp_path / "adapter", tmp_path / "merged.gguf")
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    _compare(_llama_run(_llama(out)), _lorakit_run(model), base_logits)

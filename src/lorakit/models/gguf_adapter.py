@@ -123,7 +123,9 @@ def gguf_lora_pairs(config: LoraConfig, tensors: dict, base: BaseLayout, source:
                                   f"layout; {merge_hint}")
         if tensor == "output.weight" and base.tied:
             raise GgufExportError(f"{source}: module '{module}' (LoRA on the output head) cannot be applied by "
-                                  f"llama.cpp: base '{base.name}' ties the head to the token embedding; {merge_hint}")
+                                  f"llama.cpp: base '{base.name}' ties the head to the token embedding (no merge can "
+                                  "change one without the other either); train without lm_head in target_modules, or "
+                                  "with lm_head in modules_to_save and lorakit merge --format gguf")
         a, b = parts["a"].float(), parts["b"].float()
         if parts["embedding"]:  # PEFT: A (r, vocab), B (dim, r); llama.cpp gathers A's rows by token
             a = a.T.contiguous()
