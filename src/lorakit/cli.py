@@ -212,6 +212,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export_adapter(args: argparse.Namespace) -> int:
     from .lora.vllm_format import export_per_expert, import_per_expert
 
+    if args.format == "gguf":
+        from .models.gguf_adapter import export_adapter_gguf
+
+        export_adapter_gguf(args.adapter, args.out, base=args.base, outtype=args.outtype or "f32", log=print)
+        return 0
+    if args.base or args.outtype:
+        raise ValueError(f"--base and --outtype are for --format gguf, not --format {args.format}")
     if args.format == "peft":
         path = import_per_expert(args.adapter, args.out)
         print(f"Wrote {path}: MoE experts in PEFT's fused target_parameters layout (mlp.experts.gate_up_proj/down_proj)")
@@ -236,11 +243,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .models.export import export_merged
 
     _quiet_transformers()
+    if args.format == "gguf":
+        from .models.gguf_merged import export_merged_gguf
+
+        if args.dtype or args.quantization:
+            raise ValueError("--dtype and --quantization are for --format hf; a GGUF's weights are chosen with "
+                             "--outtype f32|f16|q8_0")
+        export_merged_gguf(args.model, args.adapter, args.out, outtype=args.outtype or "f32", log=_note)
+        return 0
+    if args.outtype:
+        raise ValueError("--outtype is for --format gguf; a Hugging Face directory's weights are chosen with --dtype")
+    dtype = args.dtype or "fp32"
     resolve_model(args.model, log=_note)
-    error = export_merged(args.model, args.adapter, args.out, args.dtype, args.quantization, log=print)
-    print(f"Wrote the merged model ({args.dtype}) to {args.out}")
-    if args.dtype != "fp32":
-        print(f"Merged in fp32; casting to {args.dtype} changed weights by at most {error:.3g} (max abs)")
+    error = export_merged(args.model, args.adapter, args.out, dtype, args.quantization, log=print)
+    print(f"Wrote the merged model ({dtype}) to {args.out}")
+    if dtype != "fp32":
+        print(f"Merged in fp32; casting to {dtype} changed weights by at most {error:.3g} (max abs)")
     return 0
 
 
@@ -382,11 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model")
+    p = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model (or one GGUF file)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf; an Ollama <name>.Modelfile "
+                                                "is written beside it); must not exist")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face model directory; gguf: one GGUF file for llama.cpp and Ollama (a GGUF base's "
+                        "metadata, tokenizer and chat template are carried over)")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf: the 2-D weights' type (default f32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="hf: dtype of the written weights (default fp32)")
     p.add_argument("--quantization", choices=["nf4", "fp4", "int8"],
                    help="the adapter was trained on this quantized base (QLoRA): quantize the base as in training, "
                         "dequantize, then merge in fp32")
@@ -428,12 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert)")
+    p = sub.add_parser("export-adapter", help="rewrite an adapter for a server's layout (vLLM: MoE experts per expert; "
+                                              "llama.cpp / Ollama: a GGUF LoRA adapter)")
     p.add_argument("adapter")
-    p.add_argument("out")
-    p.add_argument("--format", choices=["vllm", "peft"], default="vllm",
+    p.add_argument("out", help="output directory (vllm, peft) or .gguf file (gguf; an Ollama <name>.Modelfile is "
+                               "written beside it); must not exist")
+    p.add_argument("--format", choices=["vllm", "peft", "gguf"], default="vllm",
                    help="vllm: fused expert LoRA (target_parameters) split into experts.<e>.gate_proj/up_proj/down_proj; "
-                        "peft: the inverse (a per-expert adapter back to PEFT's fused target_parameters layout)")
+                        "peft: the inverse (a per-expert adapter back to PEFT's fused target_parameters layout); "
+                        "gguf: a llama.cpp LoRA adapter for the base's GGUF (Llama, Mistral, Qwen2, Qwen3, Gemma)")
+    p.add_argument("--base", help="gguf: the base model (.gguf file, model directory, demo or a named model); default: "
+                                  "the adapter's base_model_name_or_path. A .gguf base is checked tensor by tensor")
+    p.add_argument("--outtype", choices=["f32", "f16"], help="gguf: the adapter tensors' type (default f32)")
     p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("demo-model", help="write lorakit's tiny demo model (random init) to DIR")

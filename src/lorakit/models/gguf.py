@@ -80,6 +80,26 @@ def ensure_gguf_model(path: Union[str, Path], log: Optional[Callable[[str], None
     return ensure_cached(target, lambda staging: _convert(path, config, staging))
 
 
+def check_gguf_file(path: Union[str, Path]) -> str:
+    """The architecture of the GGUF file ``path`` (``general.architecture``), after checking that it is
+    a whole GGUF file: the magic, a header that parses, tensors that lie within the file.
+
+    Raises:
+        GgufError: no such file, not GGUF, truncated or corrupt, no tensors or no architecture; one
+            line naming the file. Needs the ``gguf`` package (not transformers).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GgufError(f"model '{path}': no such file" if not path.exists() else
+                        f"model '{path}': a directory, not a GGUF file")
+    _check_magic(path)
+    try:
+        importlib.import_module("gguf")
+    except ImportError:
+        raise GgufError(f"model '{path}': reading a GGUF file needs gguf, not installed: {INSTALL}") from None
+    return _check_readable(path)
+
+
 def _sha256(path: Path) -> str:
     stat = path.stat()
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
