@@ -129,3 +129,23 @@ def test_training_matches_peft_step_for_step(ids):
     assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-6)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p, their_params[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens", "lm_head"]])
+def test_peft_adapter_saved_with_the_base_head_and_embedding_loads(tmp_path, ids, targets):
+    # save_embedding_layers=True (PEFT's choice for a resized vocabulary) writes the head's and the
+    # embedding's base weights next to their LoRA; the head's copy was refused as an unexpected key.
+    base = tiny_qwen3()
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomize_peft(peft_model)
+    with torch.no_grad():  # a "resized" head: its base weight differs from the base model's
+        peft_model.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    expected = _peft_logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    ours = tiny_qwen3()
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)

@@ -289,14 +289,15 @@ def load_read_adapter(model: nn.Module, read: tuple[LoraConfig, dict[str, torch.
         layers = [(p, m) for p, m in lora_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r]
         if any(adapter_name in m.merged_adapters for _, m in layers):
             raise RuntimeError(f"adapter '{adapter_name}' is merged; unmerge before loading new weights into it")
-        embeddings = [p for p, m in layers if isinstance(m, LoraEmbedding)]
-        base_weights = {p: m.base_layer.weight for p, m in layers if isinstance(m, LoraEmbedding)}
+        base_weights = {p: m.base_layer.weight for p, m in layers if _vocabulary_layer(model, m.base_layer)}
     else:
         targets, saved = plan_injection(model, config, adapter_name)
         expected = _expected_shapes(targets, saved, config.use_dora)
-        embeddings = [t.path for t in targets if isinstance(getattr(t.module, "base_layer", t.module), nn.Embedding)]
-        base_weights = {t.path: getattr(t.module, "base_layer", t.module).weight for t in targets if t.path in embeddings}
-    # PEFT saves the embedding's base weight next to its LoRA (for resized vocabularies); accept it.
+        bases = {t.path: getattr(t.module, "base_layer", t.module) for t in targets if t.param is None}
+        base_weights = {p: b.weight for p, b in bases.items() if _vocabulary_layer(model, b)}
+    embeddings = list(base_weights)
+    # PEFT saves the embedding's and the head's base weights next to their LoRA (save_embedding_layers,
+    # for resized vocabularies); accept them, and load them into the base as PEFT does.
     optional = {f"{p}.base_layer.weight": tuple(base_weights[p].shape) for p in embeddings}
     _check_fit(expected, optional, tensors, source)
 
@@ -320,6 +321,15 @@ def load_read_adapter(model: nn.Module, read: tuple[LoraConfig, dict[str, torch.
     _weights_changed(model, adapter_name)
     set_active_adapters(model, [adapter_name] if activate else [n for n in previous if n != adapter_name])
     return config
+
+
+def _vocabulary_layer(model: nn.Module, base: nn.Module) -> bool:
+    """Whether ``base`` is the input embedding or the output head (the layers PEFT may save whole)."""
+    if isinstance(base, nn.Embedding):
+        return True
+    get_head = getattr(unwrap_model(model), "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head is not None and (head is base or getattr(head, "base_layer", None) is base)  # wrapped already
 
 
 def save_adapter(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None,
