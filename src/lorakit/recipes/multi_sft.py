@@ -29,6 +29,7 @@ from ..distributed import all_reduce_sum, barrier, full_tensor, init_distributed
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, route_adapters, trainable_report,
                     write_adapter)
 from ..models import resolve_device
+from ..models.packed_attention import register_packed_sdpa
 from ..training import (
     MetricsWriter,
     Progress,
@@ -155,6 +156,12 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     train_only(model, [job.name for job in jobs])
     log(str(trainable_report(model)))
     log("=" * 72)
+    if tc.padding_free and start.attention.implementation == "sdpa":
+        # Jobs' rows go end to end in one row: plain sdpa would keep the samples apart with a dense
+        # (T, T) mask over the whole row, quadratic in all jobs' tokens together; this runs sdpa on
+        # each sample, what the jobs' own (padded) batches cost. The check below runs on it.
+        model.set_attn_implementation(register_packed_sdpa())
+        log("Attention: sdpa one packed sample at a time (no dense mask over the jobs' row)")
     isolated = packed_attention_is_isolated(model)
     for job in jobs:
         if job.train.packing and not isolated:
