@@ -13,7 +13,13 @@ wall time from process start to exit (imports, model load, data, training, savin
 loop alone, and peak RSS (together: its one process; sequential: the largest of the 4 processes).
 Throughput ratio = sequential wall / together wall (same total tokens trained).
 
-    python benchmarks/multi_job.py [--steps 30] [--repeats 3] [--threads 1]
+Then (``--step-repeats``, 0 to skip) the step alone, in one process: one mixed forward + backward of
+the 4 jobs' micro-batches (as ``jobs:`` lays it out: every job's rows end to end in one row, each
+token routed to its adapter) against the 4 jobs' own forward + backward (as the SFT recipe lays each
+out), alternating, on the same micro-batches, in CPU time (a busy machine's waiting is not counted);
+ratio = the 4 separate steps' time / the mixed step's.
+
+    python benchmarks/multi_job.py [--steps 30] [--repeats 3] [--threads 1] [--step-repeats 5]
 """
 
 from __future__ import annotations
@@ -100,14 +106,79 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}..{max(values):.2f}]"
 
 
+def step_compare(config: Path, repeats: int, batches: int = 8) -> list[tuple[float, float]]:
+    """(mixed step s, 4 separate steps s) per repeat, each over the same ``batches`` micro-batches."""
+    import torch
+
+    from lorakit.config import job_run_config, load_config
+    from lorakit.data import collate, pad_token_id
+    from lorakit.lora import inject_lora, route_adapters, set_active_adapters
+    from lorakit.models import load_model, load_tokenizer, resolve_model
+    from lorakit.models.packed_attention import register_packed_sdpa
+    from lorakit.training.jobs import mixed_batch, next_window, train_only
+    from lorakit.training.loss import causal_lm_loss, causal_lm_loss_by_group
+    from lorakit.training.rows import load_rows
+
+    cfg = load_config(str(config))
+    path = resolve_model(cfg.model)
+    tokenizer, model = load_tokenizer(path), load_model(path, attn_implementation="sdpa")
+    pad = pad_token_id(tokenizer)
+    jobs = []
+    for spec in cfg.jobs:
+        job = job_run_config(cfg, spec)
+        torch.manual_seed(job.train.seed)
+        inject_lora(model, job.lora.to_lora_config(task_type="CAUSAL_LM"), adapter_name=spec.name)
+        jobs.append((spec.name, load_rows(job.data.train, job.data, job.train, tokenizer, spec.name, lambda _: None),
+                     job.train.batch_size))
+    names = [name for name, _, _ in jobs]
+    train_only(model, names)
+    model.train()
+    windows = [[next_window(rows, {"epoch": 0, "sample": k * size}, cfg.train.seed, size, 1)[0] for _, rows, size in jobs]
+               for k in range(batches)]
+
+    def mixed() -> None:  # as multi_sft runs it on this machine: one row, packed sdpa, per-token routes
+        model.set_attn_implementation(register_packed_sdpa())
+        for groups in windows:
+            batch = mixed_batch(groups, pad, packed=True, concat=True, fill_empty=False, one_row=True)
+            with route_adapters(model, [names[g] for g in batch["row_group"].flatten().tolist()]):
+                sums, _ = causal_lm_loss_by_group(model, batch, batch["row_group"], len(jobs))
+                sums.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def separate() -> None:  # as the SFT recipe runs each job here: padded rows (sdpa is not varlen)
+        model.set_attn_implementation("sdpa")
+        for groups in windows:
+            for name, rows in zip(names, groups):
+                set_active_adapters(model, [name])
+                loss, _ = causal_lm_loss(model, collate(rows, pad, packed=False))
+                loss.backward()
+        set_active_adapters(model, names)
+        model.zero_grad(set_to_none=True)
+
+    mixed(), separate()  # warm-up
+    out = []
+    for _ in range(repeats):  # CPU time of this process: time spent waiting for a busy machine's cores is not counted
+        t0 = time.process_time()
+        mixed()
+        t1 = time.process_time()
+        separate()
+        out.append((t1 - t0, time.process_time() - t1))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per job")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every training process")
+    parser.add_argument("--step-repeats", type=int, default=5, help="repeats of the in-process step comparison (0: skip)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--job", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-steps", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
+    if args.child_steps:
+        print(json.dumps(step_compare(Path(args.child_steps), args.step_repeats)))
+        return
     if args.child:
         from lorakit.config import load_config
 
@@ -141,6 +212,14 @@ def main() -> None:
             print(f"repeat {repeat + 1}: together {r['together_wall']:.1f}s (loop {r['together_loop']:.1f}s, "
                   f"{r['together_rss']:.0f} MB) | sequential {r['seq_wall']:.1f}s (loop {r['seq_loop']:.1f}s, "
                   f"peak {r['seq_rss']:.0f} MB)", flush=True)
+        steps = []
+        if args.step_repeats:
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
+            cmd = [sys.executable, __file__, "--child-steps", str(config), "--step-repeats", str(args.step_repeats)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout + proc.stderr)
+            steps = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n{len(jobs)} jobs x {args.steps} steps, batch 2 each, demo model, fp32 CPU, "
           f"OMP_NUM_THREADS={args.threads}; median [min..max] of {args.repeats}")
     print(f"wall time     together {summary([r['together_wall'] for r in rows])} s, "
@@ -152,6 +231,10 @@ def main() -> None:
     print(f"peak RSS      together {summary([r['together_rss'] for r in rows])} MB, "
           f"one sequential run {summary([r['seq_rss'] for r in rows])} MB, "
           f"ratio {summary([r['together_rss'] / r['seq_rss'] for r in rows])}x")
+    if steps:
+        print(f"step alone    mixed {summary([m for m, _ in steps])} s, 4 separate {summary([a for _, a in steps])} s "
+              f"(CPU time of 8 micro-batches each, forward + backward, one process, alternating; median [min..max] of "
+              f"{len(steps)}), ratio {summary([a / m for m, a in steps])}x")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,35 @@ def test_route_adapters_takes_one_adapter_per_token():
     with pytest.raises(RuntimeError, match="7 row adapters but the batch has 2 rows \\(10 tokens\\)"):
         with route_adapters(model, ["a"] * 7):
             layer(x)
+
+
+@pytest.mark.parametrize("owner", [[0] * 4 + [2] * 6 + [1] * 5, [0] * 4 + [2] * 3 + [0] * 3 + [1] * 5])
+def test_loss_by_group_of_one_row_matches_each_group_by_hand(owner):
+    """One row holding several groups' tokens (blocks, or a group split in two): each group's summed
+    loss and its gradient are the hand-computed cross-entropy of that group's targets; a group with
+    no token (3) sums to zero."""
+    import torch.nn.functional as F
+
+    from lorakit.training.loss import causal_lm_loss_by_group
+
+    from .models import tiny_qwen3
+
+    model = tiny_qwen3(seed=5).train()
+    ids = torch.randint(0, 128, (1, 15), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, [0, 4, 5, 10]] = -100  # each group's first token and a prompt token
+    groups = torch.tensor([owner])
+    sums, counts = causal_lm_loss_by_group(model, {"input_ids": ids, "labels": labels}, groups, 4)
+    sums.sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits[0, :-1]
+    per_token = F.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=-100)
+    target_group = groups[0, 1:]
+    expected = torch.stack([per_token[target_group == g].sum() for g in range(4)])
+    torch.testing.assert_close(sums, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [int(((target_group == g) & (labels[0, 1:] != -100)).sum()) for g in range(4)]
+    assert sums[3] == 0
+    expected.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)

@@ -6,6 +6,7 @@ from .inject import (
     active_adapters,
     adapter_configs,
     adapter_names,
+    adapter_order,
     delete_adapter,
     disable_adapters,
     inject_lora,
@@ -29,6 +30,6 @@ __all__ = [
     "unload_lora", "merged_weights", "iter_merged_weights", "set_active_adapters", "disable_adapters", "trainable_report",
     "TrainableReport", "active_adapters", "adapter_configs", "adapter_names", "adapter_state_dict", "final_adapter", "initial_adapter",
     "adapter_fingerprint", "adapter_stamp", "load_read_adapter",
-    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "RowRouting", "set_adapter_trainable", "set_adapter_weights", "write_adapter",
+    "delete_adapter", "lora_modules", "mark_trainable", "read_adapter", "route_adapters", "adapter_order", "RowRouting", "set_adapter_trainable", "set_adapter_weights", "write_adapter",
     "unwrap_model", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter", "ModulesToSave",
 ]

@@ -22,7 +22,7 @@ from .experts import (
     router_linear_ids,
     wrapper_paths,
 )
-from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, check_adapter_name, is_conv1d
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, check_adapter_name, is_conv1d, make_routes
 
 # For "all-linear" on a model without get_output_embeddings(): leaf names taken to be the head.
 _HEAD_NAMES = ("lm_head", "output")
@@ -535,13 +535,29 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def route_adapters(model: nn.Module, row_adapters: Sequence[Optional[str]]) -> Iterator[None]:
     """Inside the block, row ``i`` of every batch uses adapter ``row_adapters[i]`` (None: the base).
 
-    Rows are grouped per adapter, so a batch mixing k adapters costs k LoRA passes per layer.
+    Rows are grouped per adapter, so a batch mixing k adapters costs k LoRA passes per layer. Put
+    each adapter's rows next to each other (``adapter_order``) and those passes run on views of the
+    batch with no per-row gather or scatter, forward or backward (otherwise each adapter's rows are
+    gathered and its update scattered back).
     The batch must be the first dimension of every wrapped layer's input. LoRA layers also take one
     entry per token (``B * T`` entries, row-major): samples of several adapters packed into one row
     with no padding (training several jobs at once); ``modules_to_save`` copies take rows only.
     """
     with RowRouting(model, row_adapters).apply():
         yield
+
+
+def adapter_order(row_adapters: Sequence[Optional[str]]) -> list[int]:
+    """A permutation of the rows that puts each adapter's rows next to each other, adapters in the
+    order they first appear, rows of one adapter in their own order (a stable sort).
+
+    Build the batch as ``rows[order]`` and route it with ``[row_adapters[i] for i in order]``; row
+    ``j`` of the results belongs to the caller's row ``order[j]``.
+    """
+    first: dict[Optional[str], int] = {}
+    for name in row_adapters:
+        first.setdefault(name, len(first))
+    return sorted(range(len(row_adapters)), key=lambda i: first[row_adapters[i]])
 
 
 class RowRouting:
@@ -560,10 +576,7 @@ class RowRouting:
         if any(isinstance(m, LoraLayer) and m.merged_adapters for m in self.modules):
             raise RuntimeError("per-row adapter routing needs unmerged adapters; call unmerge_lora first")
         device = next((p.device for p in unwrap_model(model).parameters()), torch.device("cpu"))
-        groups: dict[Optional[str], list[int]] = {}
-        for row, name in enumerate(row_adapters):
-            groups.setdefault(name, []).append(row)
-        self.routes = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items())
+        self.routes = make_routes(row_adapters, device)
 
     @contextlib.contextmanager
     def apply(self) -> Iterator[None]:

@@ -20,6 +20,42 @@ from .config import is_residual_init
 
 # Per-row routing: one (adapter name or None for the base, row indices) pair per group of rows.
 RowRoutes = Sequence[tuple[Optional[str], torch.Tensor]]
+# A run of consecutive rows on one adapter: (adapter name or None, start, stop).
+Span = tuple[Optional[str], int, int]
+
+
+class Routes(tuple):
+    """``RowRoutes`` (iterates as ``(name, rows)`` pairs) that also know, when every adapter's rows
+    form one block of consecutive rows, those blocks in row order (``spans``; None otherwise).
+
+    With spans a LoRA layer splits its input into views and runs each adapter's plain GEMMs on its
+    block: nothing is gathered or scattered per row, and autograd's backward of the split is one
+    concatenation. The spans are worked out once on the host when the routes are built, so the
+    layers never read row indices back from the device.
+    """
+
+    spans: Optional[tuple[Span, ...]]
+
+    def __new__(cls, pairs: Sequence[tuple[Optional[str], torch.Tensor]],
+                spans: Optional[Sequence[Span]] = None) -> "Routes":
+        routes = super().__new__(cls, pairs)
+        routes.spans = tuple(spans) if spans is not None else None
+        return routes
+
+
+def make_routes(row_adapters: Sequence[Optional[str]], device: torch.device) -> Routes:
+    """The routes of a batch whose row ``i`` uses adapter ``row_adapters[i]`` (None: the base)."""
+    groups: dict[Optional[str], list[int]] = {}
+    spans: list[Span] = []
+    for row, name in enumerate(row_adapters):
+        groups.setdefault(name, []).append(row)
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], row + 1)
+        else:
+            spans.append((name, row, row + 1))
+    contiguous = len(spans) == len(groups)  # no adapter's rows come back after another's
+    pairs = [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items()]
+    return Routes(pairs, spans if contiguous else None)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -271,6 +307,11 @@ class LoraLayer(nn.Module):
         gather = routes is self.row_routes and self._can_gather()
         if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and gather:
             return self._routed_gathered(x, result)
+        if not groups:  # no row uses an adapter of this layer
+            return result
+        spans = getattr(routes, "spans", None)
+        if spans is not None:
+            return self._routed_spans(x, result, spans)
         # One LoRA pass per adapter over the rows that chose it: cost grows with the number of
         # distinct adapters in the batch, not with the number of rows.
         for name, rows in groups:
@@ -281,6 +322,30 @@ class LoraLayer(nn.Module):
                 delta = self._delta(x.index_select(0, rows), name)
             result = result.index_add(0, rows, delta.to(result.dtype))
         return result
+
+    def _routed_spans(self, x: torch.Tensor, result: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
+        """Each adapter's LoRA pass on its own block of consecutive rows.
+
+        Args:
+            x: (rows, ..., in) the layer's input.
+            result: (rows, ..., out) the base layer's output for ``x``.
+            spans: ``(name, start, stop)`` blocks covering ``[0, rows)`` in order.
+
+        Returns:
+            (rows, ..., out): ``result`` plus, on each block, that block's adapter's update.
+        """
+        sizes = [stop - start for _, start, stop in spans]
+        # split gives views; its backward is one concatenation (index_select's would zero-fill
+        # and scatter a whole-batch gradient per adapter).
+        parts = []
+        for (name, _, _), xi, ri in zip(spans, x.split(sizes), result.split(sizes)):
+            if name is None or name not in self.r:  # the base, or an adapter that skips this layer
+                parts.append(ri)
+            elif self.use_dora.get(name):
+                parts.append(ri + dora.dora_delta(self, xi, ri, name).to(ri.dtype))
+            else:
+                parts.append(self._add_delta(ri, xi, name))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _can_gather(self) -> bool:
         return False
@@ -534,6 +599,12 @@ class ModulesToSave(nn.Module):
         if self.row_routes is None or self.disabled:
             return self.active_module()(x, *args, **kwargs)
         check_rows(self.row_routes, x)
+        spans = getattr(self.row_routes, "spans", None)
+        if spans is not None:  # each adapter's rows are one block: run each copy on its view
+            sizes = [stop - start for _, start, stop in spans]
+            parts = [(self.modules_to_save[name] if name in self.modules_to_save else self.original_module)(
+                xi, *args, **kwargs) for (name, _, _), xi in zip(spans, x.split(sizes))]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         result = self.original_module(x, *args, **kwargs)
         for name, rows in self.row_routes:
             if name is None or name not in self.modules_to_save:
@@ -557,7 +628,9 @@ def expand_routes(routes: RowRoutes, n: int) -> RowRoutes:
         raise RuntimeError(f"route_adapters was given {rows} row adapters but the batch has {n} rows")
     per = n // rows
     span = torch.arange(per)
-    return tuple((name, (r.unsqueeze(-1) * per + span.to(r.device)).reshape(-1)) for name, r in routes)
+    pairs = [(name, (r.unsqueeze(-1) * per + span.to(r.device)).reshape(-1)) for name, r in routes]
+    spans = getattr(routes, "spans", None)
+    return Routes(pairs, None if spans is None else [(name, a * per, b * per) for name, a, b in spans])
 
 
 def init_lora_pair(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:

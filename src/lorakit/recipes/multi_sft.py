@@ -29,6 +29,7 @@ from ..distributed import all_reduce_sum, barrier, full_tensor, init_distributed
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, route_adapters, trainable_report,
                     write_adapter)
 from ..models import resolve_device
+from ..models.packed_attention import register_packed_sdpa
 from ..training import (
     MetricsWriter,
     Progress,
@@ -158,6 +159,12 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     train_only(model, [job.name for job in jobs])
     log(str(trainable_report(model)))
     log("=" * 72)
+    if tc.padding_free and start.attention.implementation == "sdpa":
+        # Jobs' rows go end to end in one row: plain sdpa would keep the samples apart with a dense
+        # (T, T) mask over the whole row, quadratic in all jobs' tokens together; this runs sdpa on
+        # each sample alone (the samples' lengths squared, no padding). The check below runs on it.
+        model.set_attn_implementation(register_packed_sdpa())
+        log("Attention: sdpa one packed sample at a time (no dense mask over the jobs' row)")
     isolated = packed_attention_is_isolated(model)
     for job in jobs:
         if job.train.packing and not isolated:
@@ -318,6 +325,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     step_module.train()
     adapters: dict[str, Path] = {}
     loop_start = time.perf_counter()
+    saving = 0.0  # in finish(): final evals, checkpoints and adapters (a run of one job times them apart too)
     for job in jobs:
         job.log_start = loop_start
         if job.done:
@@ -347,12 +355,15 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         for job in ending:
             optimizer_step(job)
             if job.state["step"] >= job.total_steps:
-                adapters[job.name] = finish(job, time.perf_counter() - loop_start)
+                finish_start = time.perf_counter()
+                adapters[job.name] = finish(job, finish_start - loop_start - saving)
+                saving += time.perf_counter() - finish_start
         if progress is not None:
             progress.update(sum(j.state["step"] for j in jobs), jobs_left=sum(not j.done for j in jobs))
     if progress is not None:
         progress.close()
-    log(f"Trained {len(jobs)} jobs in {time.perf_counter() - loop_start:.1f}s")
+    log(f"Trained {len(jobs)} jobs in {time.perf_counter() - loop_start - saving:.1f}s "
+        f"(+{saving:.1f}s for finished jobs' final evals, checkpoints and adapters)")
     return adapters
 
 

@@ -117,6 +117,19 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         zeros = torch.zeros(num_groups, dtype=torch.float32, device=per_token.device)
         return zeros.index_add(0, row_group[keep], per_token), counts
     weight = model.get_output_embeddings().weight
+    blocks = _group_blocks(row_group) if row_group.shape[0] == 1 else None
+    if blocks is not None:
+        # One row whose groups each hold a block of consecutive tokens (how ``jobs:`` packs a
+        # micro-batch): split it into views, so no group's selection gathers from, or its gradient
+        # scatters into, the whole row.
+        sums = [None] * num_groups
+        sizes = [stop - start for _, start, stop in blocks]
+        for (group, _, _), h, t, k in zip(blocks, hidden.split(sizes, 1), targets.split(sizes, 1), keep.split(sizes, 1)):
+            selected = h[k]
+            sums[group] = (selected.sum().float() * 0.0 if selected.shape[0] == 0
+                           else -chunked_logprobs(selected, weight, t[k]).sum())
+        zero = hidden[:, :0].sum().float() * 0.0  # a group with no token: still in the graph, as below
+        return torch.stack([zero if s is None else s for s in sums]), counts
     sums = []
     for group in range(num_groups):
         chosen = keep & (row_group == group)
@@ -126,6 +139,18 @@ def causal_lm_loss_by_group(model: nn.Module, batch: dict[str, torch.Tensor], gr
         else:
             sums.append(-chunked_logprobs(selected, weight, targets[chosen]).sum())
     return torch.stack(sums), counts
+
+
+def _group_blocks(row_group: torch.Tensor) -> Optional[list[tuple[int, int, int]]]:
+    """``(group, start, stop)`` per block of consecutive tokens of one group in a (1, T) row, when each
+    group holds one block (None otherwise). Reads the T group ids back to the host once."""
+    blocks: list[tuple[int, int, int]] = []
+    for i, g in enumerate(row_group[0].tolist()):
+        if blocks and blocks[-1][0] == g:
+            blocks[-1] = (g, blocks[-1][1], i + 1)
+        else:
+            blocks.append((g, i, i + 1))
+    return blocks if len({g for g, _, _ in blocks}) == len(blocks) else None
 
 
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
