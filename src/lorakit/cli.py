@@ -174,9 +174,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import complete
 
     _check_sampling(args)
+    if args.compare_base and not args.adapter:
+        raise ValueError("--compare-base needs --adapter (it prints the base model's completion, then the adapter's)")
     model, tokenizer = _load_for_generation(args)
     chat = False if args.no_chat_template else None
-    print(complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat))
+
+    def run() -> str:
+        return complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat)
+
+    if not args.compare_base:
+        print(run())
+        return 0
+    # One loaded model serves both: the base is the same weights with the adapter switched off.
+    from .lora import disable_adapters
+
+    with disable_adapters(model):
+        before = run()
+    print(f"[base {args.model}]\n{before}\n[with adapter {args.adapter}]\n{run()}")
     return 0
 
 
@@ -393,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as plain text")
+    p.add_argument("--compare-base", action="store_true",
+                   help="print the base model's completion (adapter off) and then the adapter's, each under a header")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
