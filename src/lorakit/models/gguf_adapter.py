@@ -184,11 +184,7 @@ def export_adapter_gguf(adapter: Union[str, os.PathLike], out: Union[str, os.Pat
     """
     import gguf
 
-    out = Path(out)
-    modelfile = modelfile_path(out)
-    for target in (out, modelfile):
-        if target.exists():
-            raise FileExistsError(f"{target}: already exists; pick a new output file (nothing was written)")
+    out, modelfile = new_outputs(out)
     if outtype not in ADAPTER_OUTTYPES:
         raise GgufExportError(f"--outtype {outtype!r}: an adapter is written as one of {', '.join(ADAPTER_OUTTYPES)}")
     config, tensors, source = read_adapter(adapter)
@@ -220,6 +216,16 @@ def export_adapter_gguf(adapter: Union[str, os.PathLike], out: Union[str, os.Pat
     log(f"Wrote {out}: a llama.cpp LoRA adapter ({len(pairs)} tensor pairs, {outtype}, architecture "
         f"{layout.architecture}{', q/k rows permuted as the base' if layout.architecture == 'llama' else ''}) "
         f"and {modelfile} (Ollama)")
+    return out, modelfile
+
+
+def new_outputs(out: Union[str, Path]) -> tuple[Path, Path]:
+    """``out`` and the Modelfile beside it, refused if either exists (nothing is overwritten)."""
+    out = Path(out)
+    modelfile = modelfile_path(out)
+    for target in (out, modelfile):
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; pick a new output file (nothing was written)")
     return out, modelfile
 
 

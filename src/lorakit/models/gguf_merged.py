@@ -29,7 +29,7 @@ import torch
 
 from ..lora.atomic import atomic_file
 from ..lora.io import read_adapter
-from .gguf_adapter import modelfile_path, write_modelfile
+from .gguf_adapter import new_outputs, write_modelfile
 from .gguf_layout import BaseLayout, GgufExportError, describe_base
 
 MERGED_OUTTYPES = ("f32", "f16", "q8_0")
@@ -66,11 +66,7 @@ def export_merged_gguf(model: str, adapter: Union[str, os.PathLike], out: Union[
     from ..lora import load_adapter, merge_lora, unload_lora
     from .loading import load_model, load_tokenizer, resolve_model
 
-    out = Path(out)
-    modelfile = modelfile_path(out)
-    for target in (out, modelfile):
-        if target.exists():
-            raise FileExistsError(f"{target}: already exists; pick a new output file (nothing was written)")
+    out, modelfile = new_outputs(out)
     if outtype not in MERGED_OUTTYPES:
         raise GgufExportError(f"--outtype {outtype!r}: a merged model is written as one of {', '.join(MERGED_OUTTYPES)}")
     config, tensors, source = read_adapter(adapter)  # a bad adapter fails before the (slow) model load
