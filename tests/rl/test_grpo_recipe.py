@@ -104,6 +104,29 @@ def test_only_the_adapter_moves_and_everything_is_logged(tmp_path, demo, monkeyp
     assert (tmp_path / "run" / "checkpoint-2" / "optimizer.safetensors").is_file()
 
 
+def test_zero_advantage_sequences_are_skipped_without_changing_the_update(tmp_path, demo):
+    """Sequences of groups that all scored alike get no forward or backward unless a KL term reads
+    them; the oracle is the same run with log_kl on, which trains every sequence."""
+    rewards = {"tests.rl.rewards_for_tests:odd_chars_on_even_prompts": 1.0}
+    runs = {}
+    for log_kl in (False, True):
+        out = tmp_path / f"kl_{log_kl}"
+        cfg = load_config(_config(tmp_path, demo, name=f"kl_{log_kl}.yaml", output_dir=str(out),
+                                  grpo={"prompts_per_step": 4, "log_kl": log_kl, "rewards": rewards},
+                                  train={"max_steps": 3}))
+        grpo.run(cfg, log=lambda _line: None)
+        runs[log_kl] = ([r for r in _metrics(out) if "reward_mean" in r],
+                        load_file(out / "adapter" / "adapter_model.safetensors"))
+    (skipping, skipped_adapter), (full, full_adapter) = runs[False], runs[True]
+    assert all(r["skipped_frac"] == 0 for r in full)
+    # every zero-std group's sequences were skipped, and nothing else
+    assert [r["skipped_frac"] for r in skipping] == [r["zero_std_frac"] for r in skipping]
+    assert any(r["skipped_frac"] > 0 for r in skipping) and any(r["skipped_frac"] < 1 for r in skipping)
+    assert [r["reward_mean"] for r in skipping] == [r["reward_mean"] for r in full]
+    assert max((skipped_adapter[k] - full_adapter[k]).abs().max().item() for k in full_adapter) <= 1e-6
+    assert max(v.abs().max().item() for k, v in full_adapter.items() if "lora_B" in k) > 1e-4  # it did train
+
+
 def test_trainer_logprobs_equal_the_engines(demo):
     tokenizer = load_tokenizer(demo)
     model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))

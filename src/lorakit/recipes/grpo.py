@@ -47,7 +47,7 @@ from ..models import resolve_device
 from ..models.loading import resolve_model
 from ..rl import (CompletionBatches, GRPOObjective, HeldOutEval, LocalRollout, PolicySampler, RewardSet, RolloutBatch,
                   RolloutCompletion, ServerRollout, StaleRolloutError, adapter_weights, completion_logprobs, group_advantages,
-                  logprob_gap, reference_policy, token_weights, trained_completions)
+                  logprob_gap, reference_policy, sequences_to_train, token_weights, trained_completions)
 from ..rl.vllm_rollout import VllmRollout, import_vllm
 from ..training import (
     start_run,
@@ -325,6 +325,10 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # 4. clipped policy updates: num_iterations passes, mini_batches optimizer steps each
         every = list(range(len(completions)))
         chunks = [every[k::gc.mini_batches] for k in range(gc.mini_batches)]
+        # Zero-advantage sequences add exactly nothing to the gradient unless a KL term (or its log)
+        # reads them: they are skipped (kept in the normaliser below), often half a step's work.
+        teaches = keep.bool() & ((advantages != 0) | (gc.beta > 0 or gc.log_kl))
+        skipped = 0
         width = int(lengths.max()) if len(lengths) else 0
         real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T) completion tokens
         totals = {"loss": 0.0, "clipped": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "tokens": 0.0}
@@ -336,7 +340,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                 n_seqs = all_reduce_sum(float(keep[chunk].sum()), info, device)
                 weights = token_weights(real & keep[:, None], gc.loss_aggregation, n_tokens, n_seqs)
                 extra["weights"] = weights[real]  # flat, in sequence order, like the log-probs
-                micro = list(batches.micro_batches(chunk, extra))
+                trained = sequences_to_train(chunk, teaches, tc.batch_size, info, device)
+                skipped += len(chunk) - len(trained)
+                micro = list(batches.micro_batches(trained, extra))
                 for k, batch in enumerate(micro):
                     last = k == len(micro) - 1
                     if info.mode == "fsdp2":
@@ -354,10 +360,13 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                         totals[key] += getattr(stats, key)
                     if from_training:
                         # Trainer vs sampler log-probs of the same tokens (before any update).
-                        these = chunk[k * tc.batch_size:(k + 1) * tc.batch_size]
+                        these = trained[k * tc.batch_size:(k + 1) * tc.batch_size]
                         mismatch += logprob_gap(objective.logp.cpu(), these, completions)
                         mismatch_n += sum(len(completions[i].token_ids) for i in these
                                           if completions[i].logprobs is not None)
+                for param in params:  # nothing trained (all skipped): Adam still steps, on a zero gradient
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
@@ -391,6 +400,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "completion_len": total(float(lengths.sum())) / n,
             "truncated_frac": total(float(truncated.sum())) / n,
             "aborted_frac": total(float(aborted.sum())) / n,  # the engine gave up on them: not trained
+            # sequences whose forward/backward was skipped (zero advantage, no KL), per pass
+            "skipped_frac": total(float(skipped)) / (n * gc.num_iterations),
             "clip_frac": total(totals["clipped"]) / max(trained_tokens, 1.0),
             "clip_low_frac": total(totals["clipped_low"]) / max(trained_tokens, 1.0),
             "clip_high_frac": total(totals["clipped_high"]) / max(trained_tokens, 1.0),

@@ -1,7 +1,7 @@
 """RL pieces: verifiable rewards, GRPO's advantages and loss (pure functions), rollout engines, and the
 trainer's side of the policy (objective, reference, completion batches, held-out evaluation)."""
 
-from .batches import CompletionBatches, completion_rows, logprob_gap
+from .batches import CompletionBatches, completion_rows, logprob_gap, sequences_to_train
 from .evaluate import HeldOutEval
 from .grpo import LossStats, group_advantages, grpo_loss, kl_k3, token_weights, trained_completions
 from .policy import GRPOObjective, adapter_weights, completion_logprobs, reference_policy
@@ -11,7 +11,7 @@ from .rollout import (LocalRollout, PolicySampler, PolicyUpdate, RolloutBatch, R
                       RolloutServerError, ServerRollout, StaleRolloutError, adapter_fingerprint)
 
 __all__ = [
-    "CompletionBatches", "completion_rows", "logprob_gap", "HeldOutEval", "LossStats", "group_advantages", "grpo_loss",
+    "CompletionBatches", "completion_rows", "logprob_gap", "sequences_to_train", "HeldOutEval", "LossStats", "group_advantages", "grpo_loss",
     "kl_k3", "token_weights", "trained_completions", "GRPOObjective", "adapter_weights", "completion_logprobs",
     "reference_policy", "BUILTIN_REWARDS",
     "RewardScore", "RewardSet", "answer_format", "countdown", "extract_number", "numeric_match", "resolve_reward",

@@ -7,11 +7,14 @@ order, which is the order ``token_logprobs`` returns them in; a micro-batch gets
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..data import IGNORE, Row, collate
+from ..distributed import DistInfo
 from .rollout import RolloutCompletion
 
 
@@ -89,3 +92,31 @@ def logprob_gap(trainer: torch.Tensor, indices: Sequence[int], completions: Sequ
             gap += float((trainer[offset:offset + n] - torch.tensor(completions[i].logprobs)).abs().sum())
         offset += n
     return gap
+
+
+def sequences_to_train(chunk: Sequence[int], teaches: torch.Tensor, batch_size: int, info: DistInfo,
+                       device: torch.device) -> list[int]:
+    """The sequences of ``chunk`` that get a forward and backward: those that ``teaches``.
+
+    A sequence with zero advantage and no per-token term (no KL) contributes exactly zero to the
+    gradient, so its forward and backward are wasted work; they stay in the loss normaliser, which
+    keeps the update that of the whole mini-batch. Under DDP/FSDP2 every rank must run as many
+    micro-batches as the others (each backward is a collective), so a rank tops its list up with
+    skipped sequences to the largest micro-batch count of any rank.
+
+    Args:
+        chunk: the mini-batch's sequence indices, in order.
+        teaches: (B,) bool over all the step's sequences.
+        batch_size: sequences per micro-batch.
+    Returns:
+        indices in ``chunk`` order: every teaching one, then fillers where a rank needs them.
+    """
+    kept = [i for i in chunk if bool(teaches[i])]
+    if info.mode == "none":
+        return kept
+    count = torch.tensor([math.ceil(len(kept) / batch_size)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    fillers = [i for i in chunk if not bool(teaches[i])]
+    want = min(int(count.item()) * batch_size, len(chunk))
+    chosen = set(kept + fillers[:max(want - len(kept), 0)])
+    return [i for i in chunk if i in chosen]

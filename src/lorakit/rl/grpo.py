@@ -36,6 +36,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     if scale:
         advantages = advantages / (std + eps)
     zero_std = (grouped == grouped[:, :1]).all(dim=1)
+    # exactly zero (a float mean of equal rewards can miss them by an ulp): such groups teach nothing
+    advantages = advantages.masked_fill(zero_std[:, None], 0.0)
     return advantages.view(-1), zero_std
 
 
