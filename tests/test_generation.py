@@ -133,3 +133,22 @@ def test_update_adapter_in_place_changes_outputs_without_new_modules(model, tok)
 def test_unknown_adapter_is_an_error(model, tok):
     with pytest.raises(ValueError, match="unknown adapter 'nope'"):
         Engine(model, tok).generate([Request(_ids(tok, "x"), "nope")])
+
+
+def test_rows_sharing_a_prompt_share_one_prefill(model, tok):
+    """n completions of one prompt (GRPO groups, OpenAI's n): the prompt runs through the model
+    once per adapter, and every row samples as it would alone."""
+    prompts = [("2+2=", "math"), ("def f(x):", "code"), ("2+2=", None)]
+    requests = [Request(_ids(tok, p), a, SamplingParams(max_new_tokens=6, temperature=1.0, seed=100 * i + k, ignore_eos=True))
+                for i, (p, a) in enumerate(prompts) for k in range(4)]
+    requests.append(Request(_ids(tok, "2+2="), "code", SamplingParams(max_new_tokens=6, ignore_eos=True)))  # other adapter
+    engine = Engine(model, tok)
+    batch = engine.generate(requests)
+    width = max(len(_ids(tok, p)) for p, _ in prompts)
+    assert engine.prefill_tokens == 4 * width  # 4 distinct (prompt, adapter) pairs of 13 rows, left-padded
+    for request, got in zip(requests, batch):
+        alone = Engine(model, tok)
+        solo = alone.generate([request])[0]
+        assert alone.prefill_tokens == len(request.prompt_ids)
+        assert got.token_ids == solo.token_ids, (request.adapter, request.params.seed)
+        assert got.logprobs == pytest.approx(solo.logprobs, abs=1e-4)

@@ -101,15 +101,17 @@ class RowCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def add(self, cache: Any, lengths: list[int], reserve: int = 0) -> None:
+    def add(self, cache: Any, lengths: list[int], reserve: int = 0, source: Optional[list[int]] = None) -> None:
         """Copy the rows of ``cache`` (built by their own prefill) into free slots.
 
         Args:
-            cache: a transformers cache whose per-layer keys/values are (new rows, kv_heads, width,
-                head_dim), each row's tokens in its last ``lengths[j]`` columns (left padding).
+            cache: a transformers cache whose per-layer keys/values are (cache rows, kv_heads, width,
+                head_dim), each row's tokens in its last columns (left padding).
             lengths: prompt tokens of each new row.
             reserve: columns to make room for now (a row's prompt + the tokens it may still
                 generate), so its decode steps never grow the buffers; 0 grows them as needed.
+            source: the cache row each new row copies (rows that shared one prefill); None: new
+                row j is cache row j.
         """
         theirs = _layers(cache)
         if self.keys and len(self.keys) != len(theirs):
@@ -118,15 +120,18 @@ class RowCache:
         self._ensure(rows + new, max(max(lengths) + 1, reserve), theirs)
         width = theirs[0].keys.shape[2]
         same = all(n == lengths[0] for n in lengths)
+        index = None if source is None else torch.tensor(source, device=theirs[0].keys.device)
+        pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
         for mine_k, mine_v, layer in zip(self.keys, self.values, theirs):
             if same:  # one copy per layer: the common case of a group of equal prompts, or one row
                 n = lengths[0]
-                mine_k[rows:rows + new, :, :n] = layer.keys[:, :, width - n:]
-                mine_v[rows:rows + new, :, :n] = layer.values[:, :, width - n:]
+                mine_k[rows:rows + new, :, :n] = pick(layer.keys[:, :, width - n:])
+                mine_v[rows:rows + new, :, :n] = pick(layer.values[:, :, width - n:])
                 continue
             for j, n in enumerate(lengths):
-                mine_k[rows + j, :, :n] = layer.keys[j, :, width - n:]
-                mine_v[rows + j, :, :n] = layer.values[j, :, width - n:]
+                k = j if source is None else source[j]
+                mine_k[rows + j, :, :n] = layer.keys[k, :, width - n:]
+                mine_v[rows + j, :, :n] = layer.values[k, :, width - n:]
         device = self.keys[0].device
         added = torch.tensor(lengths, dtype=torch.long, device=device)
         self._lens = added if self._lens is None else torch.cat([self._lens, added])

@@ -188,6 +188,9 @@ class Engine:
         """Decode steps run so far."""
         self.largest_batch = 0
         """Most rows decoded together in one step so far."""
+        self.prefill_tokens = 0
+        """Prompt tokens run through the model so far (with padding); rows prefilled together that
+        share a prompt and an adapter (n completions of one prompt) count it once."""
 
     @property
     def device(self) -> torch.device:
@@ -368,14 +371,18 @@ class Engine:
                 group, used = [head], min(left, budget)
                 self._prefill_chunk(head, used, deltas)
             else:
-                group, width = [], 0
+                # Rows with the same prompt and adapter (n completions of one prompt) share one
+                # prefill: only distinct prompts count against the budget.
+                group, width, distinct = [], 0, set()
                 for row in self._prefilling:
                     w = max(width, len(row.request.prompt_ids))
-                    if row.prefilled or w * (len(group) + 1) > budget:
+                    key = _prefix_key(row.request)
+                    if row.prefilled or w * (len(distinct | {key})) > budget:
                         break
                     group.append(row)
                     width = w
-                used = width * len(group)
+                    distinct.add(key)
+                used = width * len(distinct)
                 self._prefill_whole(group, deltas)
             budget -= used
             for row in group:
@@ -400,33 +407,45 @@ class Engine:
             self._first_tokens([row], logits, deltas)
 
     def _prefill_whole(self, rows: list[_Row], deltas: list[Delta]) -> None:
-        """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column."""
+        """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column.
+
+        Rows that repeat an earlier row's prompt and adapter are not run: they take that row's cache
+        and next-token logits (the forward is the same function of the same tokens)."""
         device = self.device
-        width = max(len(r.request.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        first: dict[tuple, int] = {}
+        source = [first.setdefault(_prefix_key(r.request), len(first)) for r in rows]
+        unique = [rows[source.index(j)] for j in range(len(first))]
+        width = max(len(r.request.prompt_ids) for r in unique)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, row in enumerate(unique):
             prompt = row.request.prompt_ids
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        with route_adapters(self.model, [r.request.adapter for r in rows]):
+        with route_adapters(self.model, [r.request.adapter for r in unique]):
             logits = self._forward(ids, mask, positions, cache)
+        self.prefill_tokens += ids.numel()
         for row in rows:
             row.prefilled = len(row.request.prompt_ids)
             row.cache = cache
-        self._first_tokens(rows, logits, deltas)
+        if len(unique) == len(rows):
+            self._first_tokens(rows, logits, deltas)
+        else:
+            self._first_tokens(rows, logits[torch.tensor(source, device=logits.device)], deltas, source=source)
 
-    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, deltas: list[Delta]) -> None:
+    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, deltas: list[Delta],
+                      source: Optional[list[int]] = None) -> None:
         """Sample the first token of freshly prefilled ``rows`` (sharing one cache, left-padded, each
-        row's prompt in its last columns); they join the batch, and those already finished leave it at once."""
+        row's prompt in its last columns; ``source[j]``: the cache row of row j, default j); they join
+        the batch, and those already finished leave it at once."""
         cache = rows[0].cache
         for row in rows:
             row.cache = None
         reserve = max(_reserved(r.request) for r in rows) if self.max_num_batched_tokens is not None else 0
-        self._batch.add(cache, [len(r.request.prompt_ids) for r in rows], reserve)
+        self._batch.add(cache, [len(r.request.prompt_ids) for r in rows], reserve, source=source)
         self._running.extend(rows)
         self._params = None
         self._sample(rows, logits, _batch_params(rows, logits.device), deltas, offset=len(self._running) - len(rows))
@@ -471,6 +490,11 @@ class Engine:
         order = self._batch.remove(gone)
         self._running = [self._running[i] for i in order]
         self._params = None
+
+
+def _prefix_key(request: Request) -> tuple:
+    """Rows with equal keys have the same prefill: same prompt tokens through the same adapter."""
+    return (request.adapter, tuple(request.prompt_ids))
 
 
 def _reserved(request: Request) -> int:

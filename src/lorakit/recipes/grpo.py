@@ -307,16 +307,24 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # Trainer vs sampler log-probs of the sampled tokens, under the adapter that sampled them and
         # untempered (engines report the raw distribution's): equal up to numerics unless the engine
         # sampled another adapter. Read off the first training pass when that is the same forward.
+        # Zero-advantage sequences add exactly nothing to the gradient unless a KL term (or its log)
+        # reads them: they are skipped (kept in the normaliser below), often half a step's work.
+        teaches = keep.bool() & ((advantages != 0) | (gc.beta > 0 or gc.log_kl))
+        trains_any = all_reduce_sum(float(teaches.sum()), info, device) > 0
         mismatch, mismatch_n = 0.0, 0
-        from_training = rc.temperature == 1.0 and sampled_by is None and updates_per_step == 1
+        from_training = rc.temperature == 1.0 and sampled_by is None and updates_per_step == 1 and trains_any
         if not from_training:
-            if rc.temperature == 1.0 and sampled_by is None:
+            reuse = rc.temperature == 1.0 and sampled_by is None and updates_per_step > 1 and not rc.async_
+            # A forward for the check alone covers one micro-batch (every rank runs one): a stale
+            # adapter shows on every sequence, so the check stays whole at a bounded cost.
+            checked = range(len(completions)) if reuse else range(min(tc.batch_size, len(completions)))
+            if reuse:  # the trainer's own old log-probs, same forward
                 trainer_logp = extra["old_logp"]
             else:
                 with adapter_weights(params, sampled_by), objective.at_temperature(1.0):
-                    trainer_logp = completion_logprobs(step_module, batches.micro_batches(), autocast)
-            mismatch = logprob_gap(trainer_logp, range(len(completions)), completions)
-            mismatch_n = sum(len(c.token_ids) for c in completions if c.logprobs is not None)
+                    trainer_logp = completion_logprobs(step_module, batches.micro_batches(checked), autocast)
+            mismatch = logprob_gap(trainer_logp, checked, completions)
+            mismatch_n = sum(len(completions[i].token_ids) for i in checked if completions[i].logprobs is not None)
         if gc.beta > 0 or gc.log_kl:
             with reference_policy(model, reference, ADAPTER):
                 extra["ref_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
@@ -325,9 +333,6 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # 4. clipped policy updates: num_iterations passes, mini_batches optimizer steps each
         every = list(range(len(completions)))
         chunks = [every[k::gc.mini_batches] for k in range(gc.mini_batches)]
-        # Zero-advantage sequences add exactly nothing to the gradient unless a KL term (or its log)
-        # reads them: they are skipped (kept in the normaliser below), often half a step's work.
-        teaches = keep.bool() & ((advantages != 0) | (gc.beta > 0 or gc.log_kl))
         skipped = 0
         width = int(lengths.max()) if len(lengths) else 0
         real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T) completion tokens
