@@ -28,6 +28,25 @@ PHRASINGS = {
 }
 
 
+def worked(a: int, b: int, op: str) -> str:
+    """The answer written out digit by digit, ones first, the way it is done on paper: a small model
+    that writes the carry (or borrow) down before the tens digit gets far more right than one that
+    must produce the tens digit first ("47 + 38: 7 + 8 = 15, carry 1. 4 + 3 + 1 = 8. So 47 + 38 = 85.")."""
+    (x, y), (u, v) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        ones = y + v
+        carry = ones // 10
+        steps = f"{y} + {v} = {ones}" + (", carry 1." if carry else ".")
+        steps += f" {x} + {u}" + (" + 1" if carry else "") + f" = {x + u + carry}."
+        answer = a + b
+    else:
+        borrow = int(y < v)
+        steps = (f"{10 + y} - {v} = {10 + y - v}, borrow 1." if borrow else f"{y} - {v} = {y - v}.")
+        steps += f" {x} - {u}" + (" - 1" if borrow else "") + f" = {x - u - borrow}."
+        answer = a - b
+    return f"{a} {op} {b}: {steps} So {a} {op} {b} = {answer}."
+
+
 def main(out: Path = DATA) -> None:
     rng = random.Random(0)
     problems = [(a, b, op) for a in range(10, 100) for b in range(10, 100) for op in "+-" if op == "+" or a >= b]
@@ -42,7 +61,7 @@ def main(out: Path = DATA) -> None:
         for a, b, op in sft:
             question, answer = record(a, b, op)
             f.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                             {"role": "assistant", "content": f"{a} {op} {b} = {answer}."}]}) + "\n")
+                                             {"role": "assistant", "content": worked(a, b, op)}]}) + "\n")
     for name, chunk in (("smollm2_arith_rl.jsonl", rl), ("smollm2_arith_eval.jsonl", held)):
         with open(out / name, "w") as f:
             for a, b, op in chunk:
