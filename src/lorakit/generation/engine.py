@@ -488,7 +488,8 @@ class Engine:
             self._first_tokens(group, cache, choices, deltas)
         self._fail(failed, deltas)
 
-    def _first_tokens(self, rows: list[_Row], cache: Any, choices: list[tuple[int, float]], deltas: list[Delta]) -> None:
+    def _first_tokens(self, rows: list[_Row], cache: Any, choices: list[tuple[int, float]],
+                      deltas: list[Delta]) -> None:
         """Freshly prefilled ``rows`` (sharing ``cache``, left-padded, each row's prompt in its last
         columns) join the batch with their first tokens; those already finished leave it at once."""
         for row in rows:
@@ -564,7 +565,8 @@ class Engine:
         return finished
 
     def _isolate(self, rows: list[_Row], attempt: Callable[[list[_Row]], T],
-                 undo: Optional[Callable[[list[_Row]], None]] = None) -> tuple[list[tuple[list[_Row], T]], list[tuple[_Row, Exception]]]:
+                 undo: Optional[Callable[[list[_Row]], None]] = None,
+                 ) -> tuple[list[tuple[list[_Row], T]], list[tuple[_Row, Exception]]]:
         """Run ``attempt(rows)``; if it raises, undo its effects and retry the rows in halves, down
         to single rows, so only the rows that fail alone fail.
 
@@ -617,7 +619,8 @@ class Engine:
                 detail = (f"({adapter}, {where}) failed in the engine, also when run alone "
                           f"(the other requests of its batch went on): {type(err).__name__}: {err}")
             row.finish, row.cache = "error", None
-            deltas.append(Delta(row.id, "", None, None, "error", error=RequestFailed(row.id, detail, err, fault is not None)))
+            error = RequestFailed(row.id, detail, err, client_fault=fault is not None)
+            deltas.append(Delta(row.id, "", None, None, "error", error=error))
             if leave:
                 if row in self._prefilling:
                     self._prefilling.remove(row)
@@ -668,8 +671,8 @@ def _position_table(model: Any) -> tuple[Optional[int], Optional[str]]:
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for key in ("n_positions", "max_position_embeddings"):
         size = getattr(config, key, None)
-        if isinstance(size, int) and any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == size
-                                         for m in model.modules()):
+        if isinstance(size, int) and any(isinstance(m, torch.nn.Embedding) and m is not tokens
+                                         and m.num_embeddings == size for m in model.modules()):
             return size, key
     return None, None
 

@@ -12,9 +12,10 @@ Tinker API in ``lorakit.serve.tinker``): each request brings its own rows, alrea
 
 ``forward_backward`` runs the rows of several requests, each routed to its own adapter, as one
 batch through the model, each adapter's rows next to each other whatever order the requests
-came in (``adapter_order``), so the LoRA layers run each adapter on a view of its block of rows. The losses are sums and every adapter's parameters only see the rows
-routed to it, so each adapter's gradient is what its request alone would give; gradients add up
-in ``.grad`` until that adapter's optimizer steps (``AdapterOptimizer``).
+came in (``adapter_order``), so the LoRA layers run each adapter on a view of its block of rows.
+The losses are sums and every adapter's parameters only see the rows routed to it, so each
+adapter's gradient is what its request alone would give; gradients add up in ``.grad`` until
+that adapter's optimizer steps (``AdapterOptimizer``).
 """
 
 from __future__ import annotations
