@@ -45,6 +45,22 @@ class TinyMLP(nn.Module):
         return self.lm_head(h)
 
 
+class Poisoned(nn.Module):
+    """The token embedding, replaced by a module that fails like a broken kernel would: with
+    ``error`` for any batch holding token id ``poison``, or for every batch once ``armed``."""
+
+    def __init__(self, inner: nn.Embedding, poison: int, error: type = RuntimeError) -> None:
+        super().__init__()
+        self.inner, self.poison, self.error, self.armed = inner, poison, error, False
+        self.num_embeddings = inner.num_embeddings
+
+    def forward(self, ids):
+        if self.armed or bool((ids == self.poison).any()):
+            raise self.error("CUDA error: an illegal memory access was encountered" if self.error is not RuntimeError
+                             else "kernel failed")
+        return self.inner(ids)
+
+
 def tiny_mlp(seed: int = 0) -> TinyMLP:
     torch.manual_seed(seed)
     return TinyMLP().eval()

@@ -4,7 +4,10 @@ Out-of-vocabulary token ids and out-of-range seeds are refused with a 400 naming
 other requests decode on; an error raised for one request on the worker thread ends that request
 only; a worker thread that dies for real (the model raises a BaseException) turns /health into
 503 and every pending request into an error instead of a hang; a stream whose client leaves
-before its first token is taken out of the queue and is never prefilled.
+before its first token is taken out of the queue and is never prefilled. A request whose rows
+fail an engine step (a real bad input past the HTTP checks: a GPT-2 row running past the model's
+position table) fails alone, with a 400 or a 500 naming it, while the requests batched with it
+finish exactly as they do alone; an unrecoverable (CUDA) error turns /health into 503.
 """
 
 import http.client
@@ -16,11 +19,14 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 from torch import nn
 
 from lorakit.generation import Completion, Request, SamplingParams
 from lorakit.models import load_model, load_tokenizer, write_demo_model
 from lorakit.serve import LoraServer, ServerConfig, serve_in_thread
+
+from .models import Poisoned
 
 pytest.importorskip("uvicorn")
 HTTP_TIMEOUT = 60  # a bound against hanging (what the dead-worker bug did), not a timing assertion
@@ -50,8 +56,8 @@ def demo(tmp_path_factory):
     return write_demo_model(tmp_path_factory.mktemp("serve-robust") / "demo")
 
 
-def _start(demo, tripwire=False, **limits):
-    model = load_model(str(demo)).eval()
+def _start(demo, tripwire=False, model=None, **limits):
+    model = load_model(str(demo)).eval() if model is None else model
     wire = None
     if tripwire:
         wire = model.model.layers[0].mlp = Tripwire(model.model.layers[0].mlp)
@@ -250,5 +256,90 @@ def test_a_stream_dropped_before_its_first_token_never_reaches_the_engine(demo):
         conn.close()
         _wait_for(lambda: server.engine.num_running == 0 and not server.engine.has_unfinished(), "a slot stayed taken")
         assert _ttft_count(server) == ttft
+    finally:
+        httpd.shutdown()
+
+
+def _together(server, url, bodies):
+    """POST ``bodies`` so that they join the engine's batch in the same step: the worker is held
+    between two steps (``exclusive``) until all of them are queued. Returns their (status, body)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        release.wait(HTTP_TIMEOUT)
+
+    holder = threading.Thread(target=server.scheduler.exclusive, args=(hold,))
+    holder.start()
+    assert held.wait(HTTP_TIMEOUT)
+    answers = [None] * len(bodies)
+
+    def post(i):
+        answers[i] = _post(url, bodies[i])
+
+    posts = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in posts:
+        t.start()
+    _wait_for(lambda: server.scheduler.waiting == len(bodies), "the requests never queued")
+    release.set()
+    for t in posts + [holder]:
+        t.join(HTTP_TIMEOUT)
+    return answers
+
+
+def test_a_request_running_past_gpt2_positions_is_a_400_and_its_batch_finishes_as_if_alone(demo):
+    """The server's context (2048) is longer than this GPT-2's position table (32): the HTTP checks
+    pass the long request, and its decode step at position 32 raises inside the batched forward."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    vocab = len(load_tokenizer(str(demo)))
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0)).eval()
+    server, httpd, url, _ = _start(demo, model=model)
+    try:
+        good = [{"model": "demo", "prompt": [5 + i, 6, 7, 8], "max_tokens": 26, "temperature": 0, "ignore_eos": True}
+                for i in range(2)]
+        bad = {"model": "demo", "prompt": list(range(10, 30)), "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        answers = _together(server, url, [good[0], bad, good[1]])
+        status, body = answers[1]
+        assert status == 400 and body["error"]["param"] == "prompt", body
+        assert "position 32" in body["error"]["message"] and "n_positions" in body["error"]["message"], body
+        for request, (status, body) in zip(good, answers[::2]):
+            assert status == 200, body
+            assert body["usage"]["completion_tokens"] == 26  # it outlived the failure (at its 13th step)
+            alone = _post(url, request)
+            assert alone[0] == 200 and alone[1]["choices"][0]["text"] == body["choices"][0]["text"]
+        assert server.engine.largest_batch == 3
+        assert _get(url, "/health")[0] == 200
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker dies on purpose
+def test_a_row_failing_for_no_known_reason_is_a_500_naming_it_and_a_cuda_error_is_a_503(demo):
+    model = load_model(str(demo)).eval()
+    poisoned = model.model.embed_tokens = Poisoned(model.model.embed_tokens, poison=42)
+    server, httpd, url, _ = _start(demo, model=model)
+    try:
+        good = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+        (status, body), (bad_status, bad) = _together(
+            server, url, [good, {"model": "demo", "prompt": [8, 42, 9], "max_tokens": 20, "ignore_eos": True}])
+        assert bad_status == 500 and bad["error"]["type"] == "server_error", bad
+        assert "also when run alone" in bad["error"]["message"] and "kernel failed" in bad["error"]["message"], bad
+        assert status == 200 and body["usage"]["completion_tokens"] == 20, body
+        assert body["choices"][0]["text"] == _post(url, good)[1]["choices"][0]["text"]
+        assert _get(url, "/health")[0] == 200
+
+        conn, resp = _open_stream(url, LONG)
+        resp.readline()
+        poisoned.error, poisoned.armed = torch.AcceleratorError, True  # a CUDA error poisons the whole device
+        chunks, _ = _events(resp)
+        conn.close()
+        assert chunks and "error" in chunks[-1], "the in-flight stream did not hear that the engine broke"
+        assert "AcceleratorError" in json.dumps(chunks[-1]), chunks[-1]
+        status, body = _get(url, "/health")
+        assert status == 503 and "EngineBroken" in json.dumps(body), body
+        assert _post(url, good)[0] == 503
     finally:
         httpd.shutdown()

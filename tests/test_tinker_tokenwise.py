@@ -52,10 +52,10 @@ def _datum(seed: int, n: int, loss: str = "cross_entropy") -> TokenDatum:
     return TokenDatum(tokens, inputs)
 
 
-def _grads(model, requests):
+def _grads(model, requests, **options):
     for p in model.parameters():
         p.grad = None
-    results = forward_backward(model, requests, pad_id=0)
+    results = forward_backward(model, requests, pad_id=0, **options)
     return results, {k: [p.grad.clone() for p in adapter_parameters(model, k)] for k in ("a0", "a1")
                      if all(p.grad is not None for p in adapter_parameters(model, k))}
 
@@ -82,6 +82,33 @@ def test_mixed_step_gives_each_adapter_its_own_gradient():
         logits = model(input_ids=torch.tensor([datum.tokens])).logits[0]
     expected = torch.log_softmax(logits, -1).gather(1, datum.inputs["target_tokens"][:, None])[:, 0]
     assert torch.allclose(mixed[0].logprobs[0], expected, atol=1e-5)
+
+
+def test_interleaved_requests_run_as_one_block_per_adapter_with_results_in_the_callers_order():
+    """Requests of two adapters arriving interleaved (a0, a1, a0, a1: how several Tinker clients'
+    steps come in) run with each adapter's rows in one block: the LoRA layers see spans (views, no
+    gather/scatter). The oracle is the same batch in the callers' order (routed row by row)."""
+    from lorakit.lora import lora_modules
+
+    model = _model()
+    requests = [LossRequest("a0", [_datum(10, 6)], "cross_entropy"),
+                LossRequest("a1", [_datum(11, 8), _datum(12, 3)], "cross_entropy"),
+                LossRequest("a0", [_datum(13, 5, "ppo")], "ppo"),
+                LossRequest("a1", [_datum(14, 7, "importance_sampling")], "importance_sampling")]
+    layouts = []
+    layer = next(m for _, m in lora_modules(model))
+    layer.register_forward_pre_hook(lambda m, args: layouts.append(m.row_routes.spans))
+    grouped, grouped_grads = _grads(model, requests)
+    assert layouts == [(("a0", 0, 2), ("a1", 2, 5))]  # rows 0-1: requests 0 and 2; rows 2-4: requests 1 and 3
+    ungrouped, ungrouped_grads = _grads(model, requests, group=False)
+    assert layouts[1] is None  # a0, a1, a1, a0, a1: no block per adapter, rows gathered per adapter
+    for got, want in zip(grouped, ungrouped):
+        assert got.loss == pytest.approx(want.loss, rel=1e-6)
+        assert [x.shape for x in got.logprobs] == [y.shape for y in want.logprobs]
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(got.logprobs, want.logprobs))
+    for name in ("a0", "a1"):
+        for a, b in zip(grouped_grads[name], ungrouped_grads[name]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_add_up_until_the_adapters_own_adamw_step():

@@ -21,8 +21,9 @@ whole batch, which is wrong for rows shorter than the longest (``check_full_atte
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -82,6 +83,7 @@ class RowCache:
         self._width = 0  # max(lengths), the width the next step's view extends by one column
         self._columns: Optional[torch.Tensor] = None  # arange(capacity) for the mask
         self._slot_index: Optional[torch.Tensor] = None  # arange(slots) for the per-row writes
+        self._subset: Optional[torch.Tensor] = None  # the slots a retried step runs on (``only``)
         self.cache = _slot_cache_type()(self)
 
     @property
@@ -173,23 +175,52 @@ class RowCache:
         self._width = 0
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention mask (rows, width + 1) bool and position ids (rows, 1) of the next decode step."""
+        """The attention mask (rows, width + 1) bool and position ids (rows, 1) of the next decode step
+        (of the ``only`` rows inside that block)."""
         self._ensure(self.rows, self._width + 1)
-        mask = self._columns[:self._width + 1] <= self._lens[:, None]
-        return mask, self._lens[:, None]
+        lens = self._lens if self._subset is None else self._lens[self._subset]
+        mask = self._columns[:self._width + 1] <= lens[:, None]
+        return mask, lens[:, None]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's keys and values (rows, kv_heads, 1, head_dim) of ``layer``, written at each
-        row's own length; returns the views (rows, kv_heads, width + 1, head_dim) attention reads."""
-        rows = self.rows
+        row's own length; returns the views (rows, kv_heads, width + 1, head_dim) attention reads
+        (inside ``only``: those rows', gathered)."""
+        subset = self._subset
+        rows = self.rows if subset is None else len(subset)
         if keys.shape[0] != rows or keys.shape[2] != 1:
             raise RuntimeError(f"the row cache takes one token for each of its {rows} rows per forward, got "
                                f"keys of shape {tuple(keys.shape)}")
         k, v = self.keys[layer], self.values[layer]
-        index = self._slot_index[:rows]
-        k[index, :, self._lens] = keys[:, :, 0]
-        v[index, :, self._lens] = values[:, :, 0]
-        return k[:rows, :, :self._width + 1], v[:rows, :, :self._width + 1]
+        index = self._slot_index[:rows] if subset is None else subset
+        lens = self._lens if subset is None else self._lens[subset]
+        k[index, :, lens] = keys[:, :, 0]
+        v[index, :, lens] = values[:, :, 0]
+        if subset is None:
+            return k[:rows, :, :self._width + 1], v[:rows, :, :self._width + 1]
+        return k[subset, :, :self._width + 1], v[subset, :, :self._width + 1]
+
+    @contextlib.contextmanager
+    def only(self, slots: list[int]) -> Iterator[None]:
+        """Inside the block, a decode step runs on rows ``slots`` only (retrying part of a failed
+        step): ``step_inputs`` and the model's writes cover those rows, the others are untouched."""
+        self._ensure(self.rows, self._width + 1)
+        self._subset = torch.tensor(slots, dtype=torch.long, device=self.keys[0].device)
+        try:
+            yield
+        finally:
+            self._subset = None
+
+    def discard(self, slots: list[int]) -> None:
+        """Zero what a failed decode step may have written for rows ``slots`` (the column at each
+        row's length, in every layer): it is masked until rewritten, but a NaN in a masked column
+        still turns attention's output NaN (0 x NaN), so it must not stay."""
+        if not self.keys or not slots:
+            return
+        index = torch.tensor(slots, dtype=torch.long, device=self.keys[0].device)
+        lens = self._lens[index]
+        for buf in (*self.keys, *self.values):
+            buf[index, :, lens] = 0
 
     def advance(self) -> None:
         """Record that a decode step appended one token to every row."""

@@ -9,6 +9,15 @@ use, a step is one forward pass: the LoRA layers route rows to their adapters (`
 engine knows nothing of HTTP; the server and the RL recipe both drive it. Adapter weights can be
 replaced in place between steps (``update_adapter``): no reload from disk, no new modules. One
 thread drives an engine at a time.
+
+A forward (or sampling) that fails for a whole batch does not fail the whole batch: the engine
+retries the failed rows in halves, down to single rows, and only the rows that fail alone end,
+each with a ``RequestFailed`` on its Delta; the others go on exactly as if the failure never
+happened (a failed decode step's cache writes are zeroed, seeded rows' draw counters restored).
+An error that leaves the device unusable (a CUDA error poisons the whole context) cannot be
+isolated: ``step`` raises ``EngineBroken`` and the engine refuses every later step. Under
+``lockstep`` (every forward a collective) a failure is not isolated either: the extra forwards
+would desynchronise the ranks, so ``step`` raises it as before.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -25,6 +34,31 @@ from ..lora import RowRouting, adapter_names, route_adapters, set_adapter_weight
 from .cache import RowCache, check_full_attention, new_cache
 from .detok import TextState
 from .sampling import BatchParams, SeedStream, choose
+
+
+T = TypeVar("T")
+
+
+class RequestFailed(RuntimeError):
+    """A request failed in an engine step that the rest of its batch survived: it failed again when
+    its rows were retried alone. It has left the engine.
+
+    Attributes:
+        ident: the request's id (``add_request``'s; the list index for ``generate``/``stream``).
+        detail: what went wrong (the message without the request's id).
+        cause: the exception its forward or sampling raised.
+        client_fault: the request itself is invalid (a token id outside the vocabulary, a position
+            past the model's position table): a server answers 400, not 500.
+    """
+
+    def __init__(self, ident: int, detail: str, cause: BaseException, client_fault: bool = False) -> None:
+        super().__init__(f"request {ident} {detail}")
+        self.ident, self.detail, self.cause, self.client_fault = ident, detail, cause, client_fault
+
+
+class EngineBroken(RuntimeError):
+    """A step failed in a way no retry recovers from (a CUDA error leaves the device context
+    unusable): every request in flight is lost and the engine refuses every later step."""
 
 
 @dataclass
@@ -88,8 +122,12 @@ class Delta:
     token_id: Optional[int]
     logprob: Optional[float]
     finish_reason: Optional[str] = None
+    """'stop' or 'length' on a request's last Delta; 'error' when it failed (see ``error``)."""
     completion: Optional[Completion] = None
     """The request's whole result, on its last Delta."""
+    error: Optional[RequestFailed] = None
+    """Why the request failed (its only Delta of the step; it has left the engine). ``generate``
+    and ``stream`` raise it."""
 
 
 
@@ -184,6 +222,8 @@ class Engine:
         self._routing: Optional[RowRouting] = None  # the running rows' adapter routes (None: rebuild)
         self._next_id = 0
         self._others_busy = False  # what ``lockstep`` last answered
+        self.broken: Optional[BaseException] = None
+        """The error that made the engine unusable (``EngineBroken``), or None."""
         self.steps = 0
         """Decode steps run so far."""
         self.largest_batch = 0
@@ -255,7 +295,14 @@ class Engine:
         """Admit waiting requests, prefill (a chunk of) their prompts, then decode one token for every
         running row. Returns one Delta per token produced (``Delta.row`` = request id; its text may be
         empty while a character or a possible stop string is incomplete; a finished request's last
-        Delta carries its Completion)."""
+        Delta carries its Completion; a request that failed on its own gets a Delta with a
+        ``RequestFailed``, and the rest of the batch goes on).
+
+        Raises:
+            EngineBroken: the device is unusable (this step's or an earlier one's CUDA error).
+        """
+        if self.broken is not None:
+            raise EngineBroken(f"the engine stopped after {type(self.broken).__name__}: {self.broken}")
         has_rows = self.has_unfinished()
         if self.lockstep is not None:
             self._others_busy = bool(self.lockstep(has_rows))
@@ -285,7 +332,11 @@ class Engine:
 
     # --- whole-request API -------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], on_delta: Optional[Callable[[list[Delta]], None]] = None) -> list[Completion]:
-        """Run ``requests`` to completion; ``on_delta`` sees each step's new text (Delta.row = list index)."""
+        """Run ``requests`` to completion; ``on_delta`` sees each step's new text (Delta.row = list index).
+
+        Raises:
+            RequestFailed: a request failed on its own (``ident`` = its list index); the others are aborted.
+        """
         results: list[Optional[Completion]] = [
             Completion([], "", [], "length", len(r.prompt_ids)) if r.params.max_new_tokens <= 0 else None
             for r in requests]  # nothing to sample: done before any forward
@@ -314,6 +365,9 @@ class Engine:
                 deltas = [d for d in self.step() if d.row in index and (d.text or d.finish_reason)]
                 for delta in deltas:
                     delta.row = index[delta.row]
+                    if delta.error is not None:
+                        err = delta.error
+                        raise RequestFailed(delta.row, err.detail, err.cause, err.client_fault) from err.cause
                 if deltas:
                     yield deltas
                 if self.lockstep is not None and not self._others_busy:
@@ -385,8 +439,8 @@ class Engine:
                 used = width * len(distinct)
                 self._prefill_whole(group, deltas)
             budget -= used
-            for row in group:
-                if row.prefilled == len(row.request.prompt_ids):
+            for row in group:  # done, or failed (then it has left already)
+                if row.prefilled == len(row.request.prompt_ids) and row in self._prefilling:
                     self._prefilling.remove(row)
             if one_forward:
                 break
@@ -395,16 +449,25 @@ class Engine:
         """The next ``n`` prompt tokens of ``row``, alone, into its own cache."""
         device = self.device
         start = row.prefilled
-        ids = torch.tensor([row.request.prompt_ids[start:start + n]], device=device)
-        if row.cache is None:
-            row.cache = new_cache()
-        mask = torch.ones(1, start + n, dtype=torch.long, device=device)
-        positions = torch.arange(start, start + n, device=device)[None]
-        with route_adapters(self.model, [row.request.adapter]):
-            logits = self._forward(ids, mask, positions, row.cache)
-        row.prefilled += n
-        if row.prefilled == len(row.request.prompt_ids):
-            self._first_tokens([row], logits, deltas)
+        last = start + n == len(row.request.prompt_ids)
+
+        def attempt(group: list[_Row]) -> Optional[list[tuple[int, float]]]:
+            ids = torch.tensor([row.request.prompt_ids[start:start + n]], device=device)
+            if row.cache is None:
+                row.cache = new_cache()
+            mask = torch.ones(1, start + n, dtype=torch.long, device=device)
+            positions = torch.arange(start, start + n, device=device)[None]
+            with route_adapters(self.model, [row.request.adapter]):
+                logits = self._forward(ids, mask, positions, row.cache)
+            return self._choose(logits, _batch_params([row], device)) if last else None
+
+        # A failed chunk may have written some layers of the row's own cache: the row leaves with it.
+        done, failed = self._isolate([row], attempt)
+        for _, choices in done:
+            row.prefilled += n
+            if last:
+                self._first_tokens([row], row.cache, choices, deltas)
+        self._fail(failed, deltas)
 
     def _prefill_whole(self, rows: list[_Row], deltas: list[Delta]) -> None:
         """Whole prompts of ``rows`` in one forward, left-padded so every row ends in the last column.
@@ -412,43 +475,49 @@ class Engine:
         Rows that repeat an earlier row's prompt and adapter are not run: they take that row's cache
         and next-token logits (the forward is the same function of the same tokens)."""
         device = self.device
-        first: dict[tuple, int] = {}
-        source = [first.setdefault(_prefix_key(r.request), len(first)) for r in rows]
-        unique = [rows[source.index(j)] for j in range(len(first))]
-        width = max(len(r.request.prompt_ids) for r in unique)
-        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for i, row in enumerate(unique):
-            prompt = row.request.prompt_ids
-            ids[i, width - len(prompt):] = torch.tensor(prompt)
-            mask[i, width - len(prompt):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()
-        with route_adapters(self.model, [r.request.adapter for r in unique]):
-            logits = self._forward(ids, mask, positions, cache)
-        self.prefill_tokens += ids.numel()
-        for row in rows:
-            row.prefilled = len(row.request.prompt_ids)
-            row.cache = cache
-        if len(unique) == len(rows):
-            self._first_tokens(rows, logits, deltas)
-        else:
-            self._first_tokens(rows, logits[torch.tensor(source, device=logits.device)], deltas, source=source)
+        def attempt(group: list[_Row]) -> tuple[Any, list[tuple[int, float]], Optional[list[int]]]:
+            first: dict[tuple, int] = {}
+            source = [first.setdefault(_prefix_key(r.request), len(first)) for r in group]
+            unique = [group[source.index(j)] for j in range(len(first))]
+            width = max(len(r.request.prompt_ids) for r in unique)
+            ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(unique), width), dtype=torch.long)
+            for i, row in enumerate(unique):
+                prompt = row.request.prompt_ids
+                ids[i, width - len(prompt):] = torch.tensor(prompt)
+                mask[i, width - len(prompt):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = new_cache()  # a failed attempt's cache is dropped with it
+            with route_adapters(self.model, [r.request.adapter for r in unique]):
+                logits = self._forward(ids, mask, positions, cache)
+            self.prefill_tokens += ids.numel()
+            if len(unique) == len(group):
+                return cache, self._choose(logits, _batch_params(group, device)), None
+            logits = logits[torch.tensor(source, device=logits.device)]
+            return cache, self._choose(logits, _batch_params(group, device)), source
 
-    def _first_tokens(self, rows: list[_Row], logits: torch.Tensor, deltas: list[Delta],
-                      source: Optional[list[int]] = None) -> None:
-        """Sample the first token of freshly prefilled ``rows`` (sharing one cache, left-padded, each
-        row's prompt in its last columns; ``source[j]``: the cache row of row j, default j); they join
-        the batch, and those already finished leave it at once."""
-        cache = rows[0].cache
+        done, failed = self._isolate(rows, attempt)
+        for group, (cache, choices, source) in done:
+            for row in group:
+                row.prefilled = len(row.request.prompt_ids)
+            self._first_tokens(group, cache, choices, deltas, source=source)
+        self._fail(failed, deltas)
+
+    def _first_tokens(self, rows: list[_Row], cache: Any, choices: list[tuple[int, float]],
+                      deltas: list[Delta], source: Optional[list[int]] = None) -> None:
+        """Freshly prefilled ``rows`` (sharing ``cache``, left-padded, each row's prompt in its last
+        columns; ``source[j]``: the cache row of row j, default j) join the batch with their first
+        tokens; those already finished leave it at once."""
         for row in rows:
             row.cache = None
         reserve = max(_reserved(r.request) for r in rows) if self.max_num_batched_tokens is not None else 0
         self._batch.add(cache, [len(r.request.prompt_ids) for r in rows], reserve, source=source)
         self._running.extend(rows)
         self._params = None
-        self._sample(rows, logits, _batch_params(rows, logits.device), deltas, offset=len(self._running) - len(rows))
+        finished = self._push(rows, choices, deltas, offset=len(self._running) - len(rows))
+        if finished:
+            self._leave(finished)
 
     def _decode(self, deltas: list[Delta]) -> None:
         rows = self._running
@@ -459,30 +528,141 @@ class Engine:
         # cache their per-batch tensors on them).
         if self._routing is None:
             self._routing = RowRouting(self.model, [r.request.adapter for r in rows])
-        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        mask, positions = self._batch.step_inputs()
-        with self._routing.apply():
-            logits = self._forward(ids, mask, positions, self._batch.cache)
+        slot = {id(r): i for i, r in enumerate(rows)}
+
+        def attempt(group: list[_Row]) -> list[tuple[int, float]]:
+            ids = torch.tensor([[r.next_token] for r in group], device=self.device)
+            if len(group) == len(rows):  # the whole batch: the usual step
+                mask, positions = self._batch.step_inputs()
+                with self._routing.apply():
+                    logits = self._forward(ids, mask, positions, self._batch.cache)
+                return self._choose(logits, self._params)
+            # Retrying part of a failed step: those rows' slots only, routed and sampled on their own.
+            with self._batch.only([slot[id(r)] for r in group]):
+                mask, positions = self._batch.step_inputs()
+                with route_adapters(self.model, [r.request.adapter for r in group]):
+                    logits = self._forward(ids, mask, positions, self._batch.cache)
+            return self._choose(logits, _batch_params(group, self.device))
+
+        def undo(group: list[_Row]) -> None:
+            # The failed forward wrote (some layers of) its column at each row's length: zeroed, so a
+            # NaN it may have left cannot reach a later step through a masked column.
+            self._batch.discard([slot[id(r)] for r in group])
+            self._params = None  # its device-side draw counters may have advanced
+
+        done, failed = self._isolate(rows, attempt, undo)
         self._batch.advance()
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(rows))
-        self._sample(rows, logits, self._params, deltas, offset=0)
-
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, params: BatchParams, deltas: list[Delta],
-                offset: int) -> None:
-        """Choose and record the next token of ``rows`` (``_running[offset:offset + len(rows)]``) with one
-        host synchronisation; finished rows leave the batch."""
-        tokens, logprobs = choose(logits, params)
         finished = []
-        for i, (token, logprob) in enumerate(zip(*torch.stack([tokens.double(), logprobs.double()]).tolist())):
-            row = rows[i]
-            delta = row.push(int(token), logprob)
+        for group, choices in done:
+            finished += [slot[id(group[i])] for i in self._push(group, choices, deltas, offset=0)]
+        gone = finished + [slot[id(row)] for row, _ in failed]
+        self._fail(failed, deltas, leave=False)
+        if gone:
+            self._leave(gone)
+
+    def _choose(self, logits: torch.Tensor, params: BatchParams) -> list[tuple[int, float]]:
+        """Each row's next token and its log-prob, read back in one host synchronisation (where a
+        device's asynchronous error surfaces, so it is inside the attempt that caused it)."""
+        tokens, logprobs = choose(logits, params)
+        pairs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        return [(int(t), lp) for t, lp in zip(*pairs)]
+
+    def _push(self, rows: list[_Row], choices: list[tuple[int, float]], deltas: list[Delta], offset: int) -> list[int]:
+        """Record the chosen tokens of ``rows``; returns the finished ones as indices into ``rows``
+        plus ``offset`` (their place in ``_running`` when ``rows`` are its slice from ``offset``)."""
+        finished = []
+        for i, (row, (token, logprob)) in enumerate(zip(rows, choices)):
+            delta = row.push(token, logprob)
             if row.finish is not None:
                 delta.completion = row.completion()
                 finished.append(offset + i)
             deltas.append(delta)
-        if finished:
-            self._leave(finished)
+        return finished
+
+    def _isolate(self, rows: list[_Row], attempt: Callable[[list[_Row]], T],
+                 undo: Optional[Callable[[list[_Row]], None]] = None,
+                 ) -> tuple[list[tuple[list[_Row], T]], list[tuple[_Row, Exception]]]:
+        """Run ``attempt(rows)``; if it raises, undo its effects and retry the rows in halves, down
+        to single rows, so only the rows that fail alone fail.
+
+        One bad row among n costs about 2 log2(n) extra forwards, on the failure path only. An
+        error that retries cannot help (the device is unusable) raises ``EngineBroken``; under
+        ``lockstep`` nothing is retried (every forward is a collective) and the error propagates.
+
+        Returns:
+            The groups that succeeded with what their attempt returned, in row order, and the rows
+            that failed alone with their error.
+        """
+        if self.lockstep is not None:
+            return [(rows, attempt(rows))], []
+        done: list[tuple[list[_Row], T]] = []
+        failed: list[tuple[_Row, Exception]] = []
+        pending = [rows]
+        while pending:
+            group = pending.pop()
+            draws = [(r.stream, r.stream.draws) for r in group if r.stream is not None]
+            try:
+                done.append((group, attempt(group)))
+                continue
+            except Exception as err:
+                if _unrecoverable(err):
+                    self.broken = err
+                    raise EngineBroken(f"the engine cannot go on after {type(err).__name__}: {err}; every request "
+                                       "in flight is lost (restart the process)") from err
+                error = err
+            for stream, n in draws:  # a retry draws the same numbers the failed attempt would have
+                stream.draws = n
+            if undo is not None:
+                undo(group)
+            if len(group) == 1:
+                failed.append((group[0], error))
+            else:
+                half = len(group) // 2
+                pending += [group[half:], group[:half]]  # the first half is retried first
+        return done, failed
+
+    def _fail(self, failed: list[tuple[_Row, Exception]], deltas: list[Delta], leave: bool = True) -> None:
+        """End the rows that failed alone, each with a ``RequestFailed`` naming it (a Delta with
+        ``finish_reason='error'``); with ``leave`` they are taken out of the prefill queue or the batch."""
+        for row, err in failed:
+            fault = self._fault(row)
+            where = f"{len(row.request.prompt_ids)} prompt tokens, {len(row.out.tokens)} generated"
+            adapter = f"adapter '{row.request.adapter}'" if row.request.adapter is not None else "the base model"
+            if fault is not None:
+                detail = f"is invalid: {fault}"
+            else:
+                detail = (f"({adapter}, {where}) failed in the engine, also when run alone "
+                          f"(the other requests of its batch went on): {type(err).__name__}: {err}")
+            row.finish, row.cache = "error", None
+            error = RequestFailed(row.id, detail, err, client_fault=fault is not None)
+            deltas.append(Delta(row.id, "", None, None, "error", error=error))
+            if leave:
+                if row in self._prefilling:
+                    self._prefilling.remove(row)
+                elif row in self._running:
+                    self._leave([self._running.index(row)])
+
+    def _fault(self, row: _Row) -> Optional[str]:
+        """What is wrong with a failed row's request itself, if anything the engine can tell:
+        a prompt token id outside the embedding table, or a position past an absolute position table."""
+        vocab = self._vocab_size()
+        bad = next((t for t in row.request.prompt_ids if not 0 <= t < vocab), None) if vocab else None
+        if bad is not None:
+            return (f"'prompt' holds token id {bad}, outside the model's vocabulary of {vocab} ids "
+                    f"(0 to {vocab - 1})")
+        positions, key = _position_table(self.model)
+        position = len(row.request.prompt_ids) + len(row.out.tokens) - 1  # of the last token fed
+        if positions is not None and position >= positions:
+            return (f"'prompt' ({len(row.request.prompt_ids)} tokens) and the {len(row.out.tokens)} tokens generated "
+                    f"reach position {position}, past the model's {positions} positions (config.{key})")
+        return None
+
+    def _vocab_size(self) -> Optional[int]:
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        return int(rows) if rows is not None else getattr(getattr(self.model, "config", None), "vocab_size", None)
 
     def _leave(self, gone: list[int]) -> None:
         """Rows ``gone`` (indices into ``_running``) leave; the cache chooses the new order (it moves
@@ -495,6 +675,28 @@ class Engine:
 def _prefix_key(request: Request) -> tuple:
     """Rows with equal keys have the same prefill: same prompt tokens through the same adapter."""
     return (request.adapter, tuple(request.prompt_ids))
+
+
+def _unrecoverable(err: Exception) -> bool:
+    """Whether ``err`` leaves the device unusable (a CUDA error: the context is poisoned, and every
+    later kernel fails too), so retrying rows cannot help. An out-of-memory error is recoverable."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    return (accelerator is not None and isinstance(err, accelerator)) or "CUDA error" in str(err)
+
+
+def _position_table(model: Any) -> tuple[Optional[int], Optional[str]]:
+    """The size of the model's absolute position-embedding table (GPT-2's ``wpe``) and the config key
+    that gives it, or (None, None) for models without one (rotary positions have no table to pass)."""
+    config = getattr(model, "config", None)
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for key in ("n_positions", "max_position_embeddings"):
+        size = getattr(config, key, None)
+        if isinstance(size, int) and any(isinstance(m, torch.nn.Embedding) and m is not tokens
+                                         and m.num_embeddings == size for m in model.modules()):
+            return size, key
+    return None, None
 
 
 def _reserved(request: Request) -> int:

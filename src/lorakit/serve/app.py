@@ -254,7 +254,7 @@ class LoraServer:
                 if isinstance(item, AdapterUnloaded):
                     raise ApiError(404, str(item), code="model_not_found", param="model")
                 if isinstance(item, Rejected):
-                    raise ApiError(400, str(item))
+                    raise ApiError(400, str(item), param=item.param)
                 if isinstance(item, Exception):
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")
                 if first and isinstance(item, (Delta, Completion)):

@@ -4,11 +4,13 @@ Requests join the engine's running batch between decode steps (continuous batchi
 adapters they name; a cancelled request (its client went away) leaves the batch at the next step
 boundary. Model changes (loading, unloading adapters) run on the worker thread between steps.
 
-An error that belongs to one request (the engine refuses it, its listener is gone) ends that
-request only; a failed step ends the requests in flight and the worker goes on. Only a
-``BaseException`` (or an engine that cannot even drop its rows after a failure) stops the worker:
-then every pending request and call hears ``WorkerDead`` at once, new ones are refused, and
-``alive`` turns False (the server's ``/health`` answers 503).
+An error that belongs to one request (the engine refuses it, its listener is gone, or its rows
+fail a step on their own: the engine retries a failed step's rows apart and reports only those)
+ends that request only, and the rest of the batch decodes on. A step that fails outside any row
+ends the requests in flight and the worker goes on. A ``BaseException``, an engine that cannot
+go on (``EngineBroken``: a CUDA error poisons the device) or one that cannot even drop its rows
+after a failure stops the worker: then every pending request and call hears ``WorkerDead`` at
+once, new ones are refused, and ``alive`` turns False (the server's ``/health`` answers 503).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TypeVar
 
-from ..generation import Delta, Engine, Request
+from ..generation import Delta, Engine, EngineBroken, Request
 
 T = TypeVar("T")
 
@@ -38,7 +40,13 @@ class AdapterUnloaded(LookupError):
 
 
 class Rejected(ValueError):
-    """The engine refused the request itself (``add_request`` raised ValueError): the client's fault."""
+    """The engine refused the request itself (``add_request`` raised ValueError, or its rows failed
+    a step because of what the request holds): the client's fault."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
+        """The request field at fault, when known (the engine's step faults are all in the prompt)."""
 
 
 @dataclass
@@ -234,13 +242,22 @@ class Scheduler:
                 continue
             try:
                 deltas: list[Delta] = self.engine.step()
-            except Exception as err:  # the engine failed: every request in flight hears it, the server lives on
+            except EngineBroken:
+                raise  # the device is unusable: the worker dies, every request hears it, /health says so
+            except Exception as err:  # the engine failed outside any row: the requests in flight hear it
                 self._fail_in_flight(err)
                 continue
             out: list[tuple[Ticket, Any]] = []
             for delta in deltas:
                 ticket = self._live.get(delta.row)
                 if ticket is None:
+                    continue
+                if delta.error is not None:  # this request failed alone; it has left the engine
+                    del self._live[delta.row]
+                    ticket.done = True
+                    self._open.discard(ticket)
+                    error = delta.error
+                    out.append((ticket, Rejected(str(error), "prompt") if error.client_fault else error))
                     continue
                 out.append((ticket, delta))
                 if delta.completion is not None:

@@ -11,9 +11,11 @@ Tinker API in ``lorakit.serve.tinker``): each request brings its own rows, alrea
   ``clip_high_threshold``; default 0.8 and 1.2).
 
 ``forward_backward`` runs the rows of several requests, each routed to its own adapter, as one
-batch through the model. The losses are sums and every adapter's parameters only see the rows
-routed to it, so each adapter's gradient is what its request alone would give; gradients add up
-in ``.grad`` until that adapter's optimizer steps (``AdapterOptimizer``).
+batch through the model, each adapter's rows next to each other whatever order the requests
+came in (``adapter_order``), so the LoRA layers run each adapter on a view of its block of rows.
+The losses are sums and every adapter's parameters only see the rows routed to it, so each
+adapter's gradient is what its request alone would give; gradients add up in ``.grad`` until
+that adapter's optimizer steps (``AdapterOptimizer``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..data.tokenize import IGNORE
-from ..lora import adapter_names, route_adapters
+from ..lora import adapter_names, adapter_order, route_adapters
 from .jobs import adapter_parameters
 from .loss import token_logprobs
 
@@ -120,21 +122,26 @@ def token_loss(loss_fn: str, logprobs: torch.Tensor, inputs: Mapping[str, torch.
 
 
 def forward_backward(model: nn.Module, requests: Sequence[LossRequest], pad_id: int,
-                     backward: bool = True) -> list[LossResult]:
+                     backward: bool = True, group: bool = True) -> list[LossResult]:
     """Run every request's rows as one batch, each row through its request's adapter.
 
     Args:
         model: a HF causal LM holding the adapters (their parameters require grad for ``backward``).
-        requests: one or more requests, of different adapters or the same.
+        requests: one or more requests, of different adapters or the same, in any order.
         pad_id: the padding token (right padding; the attention mask hides it).
         backward: add each request's loss gradient to its adapter's ``.grad`` (else no graph is kept).
+        group: put each adapter's rows next to each other in the batch (``adapter_order``): the
+            LoRA layers then run each adapter on a view of its rows, with no per-row gather or
+            scatter. False keeps the requests' order (the reference the grouped batch is tested against).
 
     Returns:
-        One ``LossResult`` per request, in order.
+        One ``LossResult`` per request, in the caller's order, each row's log-probs in its order.
     """
     rows = [(index, datum) for index, request in enumerate(requests) for datum in request.data]
     if not rows:
         return [LossResult([], 0.0) for _ in requests]
+    if group:  # a stable sort: a request's rows (one adapter) keep their order
+        rows = [rows[i] for i in adapter_order([requests[index].adapter for index, _ in rows])]
     device = next(model.parameters()).device
     # One more column than the longest row: position i's target is the label at i + 1.
     width = max(len(datum.tokens) for _, datum in rows) + 1
