@@ -69,9 +69,10 @@ def qwen3_config(shape: str):
     return Qwen3Config(**SHAPES[shape])
 
 
-def lora_flops_per_token(config, r: int) -> dict:
-    """Model FLOPs per trained token of LoRA (all linear layers, rank ``r``) on ``config``, counted
-    on a meta-device copy with lorakit's own injection (no memory, no compute).
+def lora_flops_per_token(config, r: int, target_modules="all-linear") -> dict:
+    """Model FLOPs per trained token of LoRA (rank ``r`` on ``target_modules``, default all linear
+    layers) on ``config``, counted on a meta-device copy with lorakit's own injection (no memory, no
+    compute).
 
     Counted as ``4 * N_matmul + 6 * N_lora``: the frozen base does a forward (2 FLOPs per weight)
     and a backward for the input gradients only (2 more; no weight gradients), the adapter does all
@@ -79,7 +80,8 @@ def lora_flops_per_token(config, r: int) -> dict:
     a matmul either way); the embedding lookup is not a matmul and is left out, and so are the
     attention scores (``4 * seq * d`` per layer, under 5% at these lengths) and the recomputation of
     gradient checkpointing (model FLOPs, not hardware FLOPs). The usual ``6N`` of full fine-tuning
-    would overstate LoRA's work by half."""
+    would overstate LoRA's work by half. ``head_params`` (the output head's weights, part of
+    ``N_matmul``) lets a caller count the head only where a loss is taken."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,9 +91,12 @@ def lora_flops_per_token(config, r: int) -> dict:
         model = AutoModelForCausalLM.from_config(config)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in model.parameters())
-    inject_lora(model, LoraConfig(r=r, alpha=2 * r, target_modules="all-linear"))
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if isinstance(head, torch.nn.Linear) else 0
+    inject_lora(model, LoraConfig(r=r, alpha=2 * r, target_modules=target_modules))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return {"params": total, "matmul_params": matmul, "lora_params": lora, "flops_per_token": 4 * matmul + 6 * lora}
+    return {"params": total, "matmul_params": matmul, "head_params": head_params, "lora_params": lora,
+            "flops_per_token": 4 * matmul + 6 * lora}
 
 
 def write_json(path, obj) -> None:

@@ -187,10 +187,15 @@ def side_trl(work: Path, dtype: str, max_len: int, gc: bool, layout: str, args: 
 
 def side_verify(work: Path, dtype: str, max_len: int, gc: bool, layout: str, args: argparse.Namespace) -> dict:
     """TRL's loss on its own first padding-free batch vs the oracle: each sample run alone."""
+    return {**padding_free_check(build_trl(work, "fp32", max_len, False, layout, args)), "runtime": 0.0}
+
+
+def padding_free_check(trainer) -> dict:
+    """A TRL trainer's loss on its own first padding-free (or packed) batch vs the oracle, each
+    sample of that row run alone through the model; also TRL's token and labelled-token counts."""
     import torch
     import torch.nn.functional as F
 
-    trainer = build_trl(work, "fp32", max_len, False, layout, args)
     dataset = trainer.train_dataset
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     batches = list(trainer.get_train_dataloader())
@@ -211,7 +216,7 @@ def side_verify(work: Path, dtype: str, max_len: int, gc: bool, layout: str, arg
             count += int((targets != -100).sum())
     oracle = total / count
     return {"trl_loss": trl_loss, "oracle_loss": oracle, "segments": len(starts) - 1, "tokens": tokens,
-            "labelled": labelled, "ok": abs(trl_loss - oracle) <= 1e-4 * max(1.0, abs(oracle)), "runtime": 0.0}
+            "labelled": labelled, "ok": abs(trl_loss - oracle) <= 1e-4 * max(1.0, abs(oracle))}
 
 
 def child(args: argparse.Namespace) -> None:
