@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .inject import unwrap_model
+from .tree import unwrap_model
 from .io import PEFT_PREFIX, _adapter_tensors
 
 

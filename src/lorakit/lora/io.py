@@ -19,18 +19,11 @@ from torch import nn
 
 from .atomic import atomic_directory, atomic_file
 from .config import CONFIG_NAME, LoraConfig
-from .inject import (
-    Target,
-    adapter_configs,
-    adapter_names,
-    inject_lora,
-    lora_modules,
-    plan_injection,
-    set_active_adapters,
-    set_adapter_trainable,
-    active_adapters,
-    unwrap_model,
-)
+from .inject import inject_lora
+from .state import active_adapters, adapter_names, set_active_adapters
+from .targets import Target, plan_injection
+from .trainable import set_adapter_trainable
+from .tree import adapter_configs, lora_modules, unwrap_model
 from .experts import LoraParameter, lora_shapes
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
 from .tensors import full_tensor
@@ -263,7 +256,7 @@ def load_adapter(
         adapter_name: name the adapter gets in ``model``.
         trainable: leave the adapter's parameters requiring grad (to continue training it);
             False freezes this adapter only. The base is frozen and other adapters keep their
-            ``requires_grad`` (see :func:`lorakit.lora.inject.set_adapter_trainable`).
+            ``requires_grad`` (see :func:`lorakit.lora.trainable.set_adapter_trainable`).
         activate: make it the one active adapter.
 
     Returns:

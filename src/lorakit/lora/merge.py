@@ -8,9 +8,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .inject import _replace, adapter_configs, adapter_names, lora_modules, unwrap_model
 from .layer import LoraLayer
 from .quant import quantization_of
+from .state import adapter_names
+from .tree import _replace, adapter_configs, lora_modules, unwrap_model
 
 
 def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None) -> list[str]:

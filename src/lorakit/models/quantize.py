@@ -99,7 +99,7 @@ def check_quantized_targets(model: nn.Module, config, kind: str) -> None:
     Raises:
         ValueError: naming ``quantization``, ``lora.target_modules`` and the first offending module.
     """
-    from ..lora.inject import plan_injection
+    from ..lora.targets import plan_injection
 
     targets, _ = plan_injection(model, config, "default")
     for target in targets:
