@@ -63,7 +63,7 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's weights with PEFT's keys (``base_model.model.<path>.lora_A.weight``), detached.
 
-    This is what ``save_adapter`` writes and what a rollout engine needs to receive.
+    This is what ``save_adapter`` writes and what a rollout backend needs to receive.
     """
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
@@ -75,7 +75,7 @@ def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adap
     """Copy new weights into an existing adapter, in place (no re-injection, no new parameters).
 
     ``tensors`` uses the keys of ``adapter_state_dict`` (with or without the PEFT prefix); every
-    key and shape is checked before any weight changes. This is how a rollout engine receives an
+    key and shape is checked before any weight changes. This is how a rollout backend receives an
     updated policy: only the adapter travels, the base never does.
     """
     model = unwrap_model(model)
