@@ -197,12 +197,12 @@ def memory(repeats: int, grpo: bool, layers: int = 36, checkpointing: bool = Fal
             if not grpo:
                 continue
             shutil.rmtree(work / "out", ignore_errors=True)
-            _, found = train("GRPO local", 2, [*common, *rl, "rollout.engine=local"], cores)
+            _, found = train("GRPO local", 2, [*common, *rl, "rollout.backend=local"], cores)
             peaks.setdefault("GRPO 2 ranks FSDP2, local rollouts", []).append(max(found))
             shutil.rmtree(work / "out", ignore_errors=True)
             server, url = start_serve(work / "large", work / "adapters", {"OMP_NUM_THREADS": "1"})
             try:
-                _, found = train("GRPO server", 2, [*common, *rl, "rollout.engine=server", f"rollout.base_url={url}",
+                _, found = train("GRPO server", 2, [*common, *rl, "rollout.backend=server", f"rollout.base_url={url}",
                                                     f"rollout.adapter_dir={work / 'adapters'}"], cores)
                 served = peak_rss_mb(server.pid)
             finally:

@@ -36,7 +36,7 @@ API_MODULES = (
                      "lower-level pieces."),
     ("lorakit.config", "The run configuration: typed dataclasses, YAML loading, overrides, seed aliases."),
     ("lorakit.generation", "The generation engine behind `generate`, `chat`, `serve` and local rollouts."),
-    ("lorakit.rl", "GRPO's pure functions, rewards and the rollout engines."),
+    ("lorakit.rl", "GRPO's pure functions, rewards and the rollout backends."),
     ("lorakit.integrations.megatron", "Megatron-core tensor/expert-parallel LoRA, its checkpoints and PEFT export."),
 )
 

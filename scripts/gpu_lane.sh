@@ -174,7 +174,7 @@ stage_grpo() {
   if [ "$DRY" = 1 ]; then dev=cpu dtype=fp32 prompts=2 gens=2 new=4; fi
   cd "$ROOT" && "$PY" -m lorakit train configs/grpo.yaml model=demo output_dir="$WORK/grpo" \
     data.train=examples/data/arith_rl.jsonl data.eval=null train.max_steps=2 train.save_steps=0 \
-    train.eval_steps=0 train.device=$dev train.dtype=$dtype rollout.engine=local grpo.prompts_per_step=$prompts \
+    train.eval_steps=0 train.device=$dev train.dtype=$dtype rollout.backend=local grpo.prompts_per_step=$prompts \
     rollout.num_generations=$gens rollout.max_new_tokens=$new train.batch_size=16 || return $?
   cp "$WORK/grpo/metrics.jsonl" "$OUT/grpo_metrics.jsonl"
   "$PY" "$REPORT" grpo "$WORK/grpo/metrics.jsonl" $prompts $gens "$OUT/grpo.json"

@@ -92,7 +92,7 @@ def test_grpo_with_the_vllm_engine_without_vllm(broken_base, tmp_path):
                 f"output_dir={tmp_path / 'out'}", f"data.train={ROOT / 'examples/data/arith_rl.jsonl'}",
                 f"data.eval={ROOT / 'examples/data/arith_eval.jsonl'}", cwd=tmp_path)
     line = _one_line_naming(proc, "vllm", "vLLM")
-    assert "rollout.engine: vllm" in line and "scripts/install_vllm_cpu.sh" in line, line
+    assert "rollout.backend: vllm" in line and "scripts/install_vllm_cpu.sh" in line, line
 
 
 def test_serve_tinker_without_the_tinker_sdk(broken_base, tmp_path):

@@ -71,6 +71,19 @@ def test_alias_and_canonical_key_together_is_an_error():
         build_config({"lora.r": 8, "lora_rank": 16})
 
 
+def test_rollout_engine_is_read_as_rollout_backend(tmp_path):
+    # The key's name before "engine" meant only lorakit's generation engine: old configs and flags still work.
+    from lorakit.recipes import grpo
+    from lorakit.rl import RolloutBackend, RolloutEngine
+
+    assert load_config(None, ["rollout.engine=server"]).rollout.backend == "server"
+    old = load_config(_write(tmp_path, "model: m\nrollout:\n  engine: vllm\n"))
+    assert old == load_config(None, ["model=m", "rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match="'rollout.engine' sets 'rollout.backend', which is already set"):
+        build_config({"rollout.backend": "local", "rollout.engine": "vllm"})
+    assert RolloutEngine is RolloutBackend and grpo.rollout_engine is grpo.rollout_backend
+
+
 def test_string_overrides_are_taken_as_written():
     cfg = load_config(None, ["model=m", "data.system_prompt=Be brief. #1 rule: no jokes", "output_dir=2024"])
     assert cfg.data.system_prompt == "Be brief. #1 rule: no jokes" and cfg.output_dir == "2024"

@@ -20,7 +20,7 @@ SFT_SUMMARY = {"step", "train_runtime", "train_tokens"}
 GRPO_STEP = {"step", "epoch", "reward_mean", "reward_std", "reward/numeric_match", "zero_std_frac", "completion_len",
              "truncated_frac", "aborted_frac", "skipped_frac", "clip_frac", "clip_low_frac", "clip_high_frac", "loss", "lr", "grad_norm",
              "tokens_per_s", "rollout_s", "step_s",
-             "sync_s", "policy_version", "staleness",  # the rollout engine's sync, and which policy sampled
+             "sync_s", "policy_version", "staleness",  # the rollout backend's sync, and which policy sampled
              "accuracy",       # numeric_match defines correctness
              "kl",             # grpo.log_kl
              "logprob_gap"}    # temperature 1, one update per rollout batch: trainer vs sampler log-probs

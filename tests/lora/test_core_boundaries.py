@@ -1,6 +1,7 @@
 """The core stays small: torch + safetensors + stdlib only, and traceable by torch.compile."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,18 @@ def test_core_source_imports_only_torch_safetensors_stdlib():
             else:
                 continue
             assert set(roots) <= ALLOWED, f"{path.name} imports {roots}"
+
+
+def test_bitsandbytes_specifics_live_in_lora_quant_only():
+    # One home for quantization: lorakit.lora.quant knows bitsandbytes' classes and attributes (and
+    # never imports it); every other module, models/quantize.py included, only calls it.
+    specific = re.compile(r"\b(Linear4bit|LinearNF4|LinearFP4|Params4bit|Linear8bitLt|Int8Params|quant_state|"
+                          r"quant_type|is_loaded_in_[48]bit|support_avx512bf16_for_cpu|bnb\.nn)\b")
+    package = CORE.parent
+    found = [f"{path.relative_to(package)}:{number}: {line.strip()}" for path in sorted(package.rglob("*.py"))
+             if path != CORE / "quant.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if specific.search(line)]
+    assert not found, "bitsandbytes specifics outside lorakit/lora/quant.py:\n" + "\n".join(found)
 
 
 def test_importing_lorakit_pulls_in_no_hf_package():

@@ -314,7 +314,7 @@ def test_qlora_peft_adapter_loads_here_and_ours_in_peft(tmp_path, ids, kind):
                                      bnb_4bit_compute_dtype=torch.float32) if kind == "nf4"
                   else BitsAndBytesConfig(load_in_8bit=True))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config, device_map="cpu")
-    for module in hf.modules():  # see lorakit.models.quantize: keep bitsandbytes' trainable CPU layout
+    for module in hf.modules():  # see lorakit.lora.quant: keep bitsandbytes' trainable CPU layout
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=QWEN_TARGETS,

@@ -1,4 +1,4 @@
-"""One short GRPO run's config and its per-step metrics, for the rollout-engine tests (server, vLLM)."""
+"""One short GRPO run's config and its per-step metrics, for the rollout-backend tests (server, vLLM)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def grpo_config(tmp_path: Path, model: Path, name: str, rollout: dict, steps: int = 3, r: int = 4):
     """A 2-prompt x 4-completion GRPO run of ``model`` into tmp_path/name, rewarded by a signal any
-    policy can move (odd completion lengths); ``rollout`` holds the engine's keys."""
+    policy can move (odd completion lengths); ``rollout`` holds the backend's keys."""
     body = {"recipe": "grpo", "model": str(model), "output_dir": str(tmp_path / name),
             "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
             "lora": {"r": r, "alpha": 8},

@@ -1,4 +1,4 @@
-"""The GRPO recipe's named parts: prompt loading, adapters and reference, the rollout engine, sampling seeds."""
+"""The GRPO recipe's named parts: prompt loading, adapters and reference, the rollout backend, sampling seeds."""
 
 import json
 
@@ -54,7 +54,7 @@ def test_sampling_seeds_never_repeat_across_steps_with_many_prompts_per_step():
     slot gave step s's slot 99+k, completion 8+g the seed of step s+1's slot k, completion g)."""
     seeds = [grpo.sampling_seed(0, step, slot, g) for step in range(4) for slot in range(128) for g in range(16)]
     assert len(set(seeds)) == len(seeds) == 8192
-    assert all(0 <= s < 2 ** 63 for s in seeds)  # engines take signed 64-bit seeds
+    assert all(0 <= s < 2 ** 63 for s in seeds)  # samplers take signed 64-bit seeds
 
 
 def test_prompts_are_tokenized_and_a_long_one_is_named(tmp_path, demo):
@@ -115,17 +115,17 @@ def test_an_init_adapter_is_trained_and_a_frozen_copy_is_the_reference(tmp_path,
     assert list(adapter_configs(vs_base)) == ["default"]
 
 
-def test_the_rollout_engine_follows_the_config(tmp_path, demo):
+def test_the_rollout_backend_follows_the_config(tmp_path, demo):
     tokenizer = load_tokenizer(demo)
     model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))
     inject_lora(model, LoraConfig(r=4, alpha=8))
-    local = grpo.rollout_engine(_cfg(tmp_path, demo), model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
-    assert isinstance(local.engine, LocalRollout) and local.engine.engine.model is model  # no copy
-    server = grpo.rollout_engine(_cfg(tmp_path, demo, "rollout.engine=server", "rollout.base_url=http://127.0.0.1:9/v1",
+    local = grpo.rollout_backend(_cfg(tmp_path, demo), model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
+    assert isinstance(local.backend, LocalRollout) and local.backend.engine.model is model  # no copy
+    server = grpo.rollout_backend(_cfg(tmp_path, demo, "rollout.backend=server", "rollout.base_url=http://127.0.0.1:9/v1",
                                       output_dir=str(tmp_path / "my run.1")),
                                  model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
-    assert isinstance(server.engine, ServerRollout) and server.engine.name.startswith("my-run-1-")
-    assert server.engine.adapter_dir == tmp_path / "my run.1" / "rollout_adapters"
+    assert isinstance(server.backend, ServerRollout) and server.backend.name.startswith("my-run-1-")
+    assert server.backend.adapter_dir == tmp_path / "my run.1" / "rollout_adapters"
 
 
 def test_two_runs_with_the_same_output_dir_name_use_different_server_adapter_names(tmp_path, demo):
@@ -134,18 +134,18 @@ def test_two_runs_with_the_same_output_dir_name_use_different_server_adapter_nam
     model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))
     names = []
     for parent in ("a", "b", "a"):
-        cfg = _cfg(tmp_path, demo, "rollout.engine=server", "rollout.base_url=http://127.0.0.1:9/v1",
+        cfg = _cfg(tmp_path, demo, "rollout.backend=server", "rollout.base_url=http://127.0.0.1:9/v1",
                    output_dir=str(tmp_path / parent / "grpo"))
-        sampler = grpo.rollout_engine(cfg, model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
-        names.append(sampler.engine.name)
+        sampler = grpo.rollout_backend(cfg, model, tokenizer, DistInfo(), torch.device("cpu"), torch.float32)
+        names.append(sampler.backend.name)
     assert names[0] != names[1] and names[0] == names[2]  # per run, and stable across a resume
     assert all(name.startswith("grpo-") for name in names)
 
 
-def test_a_tensor_parallel_vllm_engine_under_torchrun_is_refused_before_loading(tmp_path, demo):
-    cfg = _cfg(tmp_path, demo, "rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2")
+def test_a_tensor_parallel_vllm_instance_under_torchrun_is_refused_before_loading(tmp_path, demo):
+    cfg = _cfg(tmp_path, demo, "rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=2")
     with pytest.raises(ValueError, match=r"rollout.vllm.tensor_parallel_size=2 with 2 torchrun ranks"):
         grpo.check_rollout_layout(cfg, DistInfo(rank=1, world=2, mode="ddp"))
     grpo.check_rollout_layout(cfg, DistInfo())  # one process: vLLM's own tensor parallelism
-    one = _cfg(tmp_path, demo, "rollout.engine=vllm")
-    grpo.check_rollout_layout(one, DistInfo(rank=0, world=2, mode="ddp"))  # one engine per rank
+    one = _cfg(tmp_path, demo, "rollout.backend=vllm")
+    grpo.check_rollout_layout(one, DistInfo(rank=0, world=2, mode="ddp"))  # one vLLM instance per rank

@@ -194,9 +194,9 @@ def test_resume_continues_exactly(tmp_path, demo):
     ("grpo.rewards={}", "at least one reward"),
     ("grpo.loss_aggregation=mean", "expected one of"),
     ("grpo.clip_eps_low=1.5", "must be < 1"),
-    ("rollout.async=true", "'rollout.async' needs rollout.engine server or vllm"),
-    ("rollout.engine=vllm rollout.async=true rollout.temperature=0.7", "'rollout.async' needs rollout.temperature: 1"),
-    ("rollout.sync=merged", "'rollout.sync' merged needs rollout.engine: vllm"),
+    ("rollout.async=true", "'rollout.async' needs rollout.backend server or vllm"),
+    ("rollout.backend=vllm rollout.async=true rollout.temperature=0.7", "'rollout.async' needs rollout.temperature: 1"),
+    ("rollout.sync=merged", "'rollout.sync' merged needs rollout.backend: vllm"),
     ("rollout.check_sync=maybe", "expected one of"),
     ("rollout.vllm.gpu_memory_utilization=1.5", "must be in \\(0, 1\\]"),
     ("rollout.vllm.tensor_paralel_size=2", "did you mean 'rollout.vllm.tensor_parallel_size'"),
@@ -219,7 +219,7 @@ def test_the_vllm_engine_without_vllm_says_how_to_install_it(tmp_path, demo, mon
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed (None makes the import fail)
     loaded = []
     monkeypatch.setattr(lorakit.training.setup, "load_model", lambda *a, **k: loaded.append(a))
-    with pytest.raises(ImportError, match=r"rollout.engine: vllm needs vLLM.*pip install 'lorakit\[vllm\]'.*"
+    with pytest.raises(ImportError, match=r"rollout.backend: vllm needs vLLM.*pip install 'lorakit\[vllm\]'.*"
                                           r"scripts/install_vllm_cpu.sh"):
         grpo.run(load_config(_config(tmp_path, demo), ["rollout.engine=vllm"]), log=lambda _: None)
     assert not loaded  # before any model loads

@@ -1,4 +1,4 @@
-"""GRPO's server rollout engine against a real `lorakit serve` on 127.0.0.1: only adapters travel; async
+"""GRPO's server rollout backend against a real `lorakit serve` on 127.0.0.1: only adapters travel; async
 rollouts; a stale server is caught (the version check and the trainer-vs-sampler log-prob gap)."""
 
 import json
@@ -119,7 +119,7 @@ def test_grpo_with_server_rollouts(server, tmp_path, monkeypatch):
             "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
             "lora": {"r": 4, "alpha": 8},
             "grpo": {"prompts_per_step": 2},
-            "rollout": {"engine": "server", "base_url": server["url"], "num_generations": 4, "max_new_tokens": 4,
+            "rollout": {"backend": "server", "base_url": server["url"], "num_generations": 4, "max_new_tokens": 4,
                         "adapter_dir": str(server["root"] / "grpo")},
             "train": {"max_steps": 2, "batch_size": 8, "lr": 5e-3, "seed": 3}}
     (tmp_path / "cfg.yaml").write_text(json.dumps(body))
@@ -168,7 +168,7 @@ def test_policy_sampler_serves_one_adapter_per_step(server):
 
 
 def _server_config(server, tmp_path, name, steps=3, **rollout):
-    return grpo_config(tmp_path, server["demo"], name, {"engine": "server", "base_url": server["url"], "max_new_tokens": 4,
+    return grpo_config(tmp_path, server["demo"], name, {"backend": "server", "base_url": server["url"], "max_new_tokens": 4,
                                                         "adapter_dir": str(server["root"] / name), **rollout}, steps)
 
 
@@ -229,7 +229,7 @@ def test_a_server_serving_the_previous_adapter_is_caught(server, tmp_path, monke
             cfg.init_adapter = str(_lively_adapter(server, tmp_path))
         return cfg
 
-    with pytest.raises(StaleRolloutError, match=rf"step {stale_step}: the ServerRollout engine reports holding adapter"):
+    with pytest.raises(StaleRolloutError, match=rf"step {stale_step}: the ServerRollout rollout backend reports holding adapter"):
         grpo.run(config("stale"), log=lambda _: None)
     steps = reward_steps(tmp_path / "stale")
     assert [r["step"] for r in steps] == list(range(1, stale_step))
@@ -247,7 +247,7 @@ def test_a_server_serving_the_previous_adapter_is_caught(server, tmp_path, monke
     assert gaps[stale_step - 1] > 1e-3 and all(g < 1e-5 for k, g in enumerate(gaps) if k != stale_step - 1), gaps
 
 
-def test_an_engine_that_never_got_the_sync_trips_the_version_check(server, tmp_path, monkeypatch):
+def test_a_backend_that_never_got_the_sync_trips_the_version_check(server, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_API_KEY", KEY)
     real_sync = ServerRollout.sync
     monkeypatch.setattr(ServerRollout, "sync", lambda self, update: None if update.version == 1 else real_sync(self, update))

@@ -1,5 +1,5 @@
 """The rank vLLM is built for (max_lora_rank) fits the adapter it will receive, or the config is refused
-before any model loads. Needs no vLLM: the engine itself is replaced by a recorder of its arguments.
+before any model loads. Needs no vLLM: the vLLM instance itself is replaced by a recorder of its arguments.
 
 Oracle: the ranks of the tensors ``final_adapter`` hands over (PiSSA converted to plain LoRA)."""
 
@@ -29,14 +29,14 @@ def _config(tmp_path, demo, sync="lora", **lora):
             "data": {"train": str(ROOT / "examples" / "data" / "arith_rl.jsonl")},
             "lora": {"alpha": 8, "target_modules": ["q_proj", "v_proj"], **lora},
             "grpo": {"prompts_per_step": 2, "beta": 0.0, "log_kl": False},
-            "rollout": {"engine": "vllm", "sync": sync, "num_generations": 2}}
+            "rollout": {"backend": "vllm", "sync": sync, "num_generations": 2}}
     (tmp_path / "cfg.yaml").write_text(json.dumps(body))
     return load_config(tmp_path / "cfg.yaml")
 
 
 @pytest.mark.parametrize("lora, rank", [({"r": 8, "init_lora_weights": "pissa"}, 16),
                                         ({"r": 4, "rank_pattern": {"v_proj": 12}}, 12)])
-def test_the_engine_is_built_for_the_rank_it_receives(tmp_path, demo, monkeypatch, lora, rank):
+def test_the_vllm_instance_is_built_for_the_rank_it_receives(tmp_path, demo, monkeypatch, lora, rank):
     cfg = _config(tmp_path, demo, **lora)
     model = load_model(demo, dtype=torch.float32, device=torch.device("cpu"))
     grpo.attach_adapters(model, cfg, log=lambda _: None)
@@ -44,7 +44,7 @@ def test_the_engine_is_built_for_the_rank_it_receives(tmp_path, demo, monkeypatc
     assert handed_over == rank
     built = {}
     monkeypatch.setattr(grpo, "VllmRollout", lambda *args, **kwargs: built.update(rank=args[2]))
-    grpo.rollout_engine(cfg, model, load_tokenizer(demo), DistInfo(), torch.device("cpu"), torch.float32)
+    grpo.rollout_backend(cfg, model, load_tokenizer(demo), DistInfo(), torch.device("cpu"), torch.float32)
     assert vllm_lora_rank(built["rank"]) >= handed_over  # vLLM's max_lora_rank bucket holds every module's rank
 
 

@@ -2,7 +2,7 @@
 
 Oracles: lorakit's own engine and a full forward of the policy in transformers (vLLM's greedy tokens
 and sampled-token log-probs must equal them in fp32), transformers' ``generate`` for the eos list.
-One vLLM engine (the demo model with LoRA) is built for the module and reused by every GRPO run,
+One vLLM instance (the demo model with LoRA) is built for the module and reused by every GRPO run,
 which asks for the same settings; the merged-sync and two-eos engines are built last, once each.
 """
 
@@ -122,7 +122,7 @@ def test_a_reload_that_skips_load_inplace_trips_the_sync_check(demo, engine, tmp
         self.llm.llm_engine.add_lora(vllm_rollout.import_vllm().lora.request.LoRARequest("policy", 1, str(path)))
 
     monkeypatch.setattr(VllmRollout, "_load_adapter", without_inplace)
-    with pytest.raises(StaleRolloutError, match=r"step 2: .* vllm engine's log-probs .* not sampling that adapter"):
+    with pytest.raises(StaleRolloutError, match=r"step 2: .* vllm rollout backend's log-probs .* not sampling that adapter"):
         grpo.run(_config(tmp_path, demo, "stale"), log=lambda _: None)
     assert [r["logprob_gap"] < 1e-3 for r in reward_steps(tmp_path / "stale")] == [True]  # step 1 was fine
 
@@ -154,7 +154,7 @@ def test_merged_sync_loads_fp32_merged_weights(demo, engine, tmp_path):
             assert gap < 1e-3, gap
     finally:
         sampler.close()
-    assert vllm_rollout._shared["llm"] is None  # a merged engine holds this run's weights: freed at close
+    assert vllm_rollout._shared["llm"] is None  # a merged vLLM instance holds this run's weights: freed at close
 
 
 def test_vllm_stops_on_either_eos_like_transformers(tmp_path):

@@ -30,6 +30,7 @@ KEY_ALIASES = {
     "lora.lora_alpha": "lora.alpha",
     "lora.lora_dropout": "lora.dropout",
     "rollout.async": "rollout.async_",  # a Python keyword: the field is async_
+    "rollout.engine": "rollout.backend",  # its name before "engine" meant only the generation engine
 }
 
 
@@ -338,8 +339,8 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
                  f"{cfg.rollout.num_generations!r}")
         if cfg.grpo.clip_eps_low >= 1.0:
             fail("grpo.clip_eps_low", f"must be < 1 (the ratio's lower bound is 1 - clip_eps_low), got {cfg.grpo.clip_eps_low!r}")
-        if cfg.rollout.engine == "server" and not cfg.rollout.base_url:
-            fail("rollout.base_url", "is required with rollout.engine=server (e.g. http://127.0.0.1:8000/v1)")
+        if cfg.rollout.backend == "server" and not cfg.rollout.base_url:
+            fail("rollout.base_url", "is required with rollout.backend=server (e.g. http://127.0.0.1:8000/v1)")
         _validate_rollout(cfg, fail)
         if not cfg.grpo.rewards:
             fail("grpo.rewards", "must name at least one reward, e.g. {numeric_match: 1.0}")
@@ -356,9 +357,9 @@ def _validate(cfg: RunConfig, where: dict[str, str]) -> None:
     cfg.lora.target_modules = lora.target_modules  # "o_proj,q_proj" and [o_proj, q_proj] are one config
     cfg.lora.target_parameters = lora.target_parameters
     rc = cfg.rollout
-    if cfg.recipe == "grpo" and rc.engine == "vllm" and rc.sync == "lora" and not cfg.init_adapter:
+    if cfg.recipe == "grpo" and rc.backend == "vllm" and rc.sync == "lora" and not cfg.init_adapter:
         _validate_vllm_rank(lora, fail)  # init_adapter's own config: checked by the recipe before any model loads
-    if cfg.recipe == "grpo" and rc.engine == "vllm" and rc.sync == "lora":
+    if cfg.recipe == "grpo" and rc.backend == "vllm" and rc.sync == "lora":
         _validate_vllm_targets(lora, fail)
 
 
@@ -477,14 +478,14 @@ def _describe(hint: Any) -> str:
 
 def _validate_rollout(cfg: RunConfig, fail) -> None:
     rc = cfg.rollout
-    if rc.async_ and rc.engine == "local":
-        fail("rollout.async", "needs rollout.engine server or vllm: the local engine samples on the trainer's own "
+    if rc.async_ and rc.backend == "local":
+        fail("rollout.async", "needs rollout.backend server or vllm: the local backend samples on the trainer's own "
              "weights, so it cannot sample while they train")
     if rc.async_ and rc.temperature != 1.0:
         fail("rollout.async", "needs rollout.temperature: 1 (the importance ratio uses the sampler's log-probs, "
-             f"which engines report for the raw distribution), got temperature {rc.temperature!r}")
-    if rc.sync == "merged" and rc.engine != "vllm":
-        fail("rollout.sync", f"merged needs rollout.engine: vllm (got {rc.engine!r})")
+             f"which rollout backends report for the raw distribution), got temperature {rc.temperature!r}")
+    if rc.sync == "merged" and rc.backend != "vllm":
+        fail("rollout.sync", f"merged needs rollout.backend: vllm (got {rc.backend!r})")
     if rc.max_logprob_gap is not None and not rc.max_logprob_gap > 0:
         fail("rollout.max_logprob_gap", f"must be > 0 (or null for the default), got {rc.max_logprob_gap!r}")
     if not 0.0 < rc.vllm.gpu_memory_utilization <= 1.0:

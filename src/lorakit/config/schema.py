@@ -120,7 +120,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
-    """Data parallel engine under torchrun: ddp (replicated base) or fsdp2 (base sharded across ranks,
+    """Data-parallel strategy under torchrun: ddp (replicated base) or fsdp2 (base sharded across ranks,
     like ZeRO-3). auto: ddp when launched with several processes, else none."""
     dist_timeout_s: float = 300.0
     """Collectives give up after this many seconds, so a dead rank never hangs the others."""
@@ -148,7 +148,7 @@ class TrainSection:
 
 @dataclass
 class VllmSection:
-    """The vLLM engine in the training process (``rollout.engine: vllm``); passed through to ``vllm.LLM``."""
+    """The vLLM instance in the training process (``rollout.backend: vllm``); passed through to ``vllm.LLM``."""
 
     gpu_memory_utilization: float = 0.3
     """Fraction of the GPU's memory vLLM may take for weights and KV cache; the trainer keeps the rest.
@@ -167,27 +167,28 @@ class VllmSection:
     cpu_kvcache_gib: Optional[float] = None
     """vLLM CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE; default: vLLM's own)."""
     seed: int = 0
-    """vLLM's engine seed (each completion also gets its own sampling seed from train.seed)."""
+    """vLLM's seed (``vllm.LLM(seed=...)``; each completion also gets its own sampling seed from train.seed)."""
 
 
 @dataclass
 class RolloutSection:
     """Where GRPO's completions come from."""
 
-    engine: Literal["local", "server", "vllm"] = "local"
-    """local: lorakit's generation engine in this process on the policy's own weights (under FSDP2 the
+    backend: Literal["local", "server", "vllm"] = "local"
+    """Where completions are sampled (the YAML key ``rollout.engine``, its earlier name, is read too).
+    local: lorakit's generation engine in this process on the policy's own weights (under FSDP2 the
     sharded policy, all ranks stepping the decode loop together: no copy of the base). server: an
     OpenAI-compatible server with /v1/load_lora_adapter (lorakit serve, vLLM); after each update only
-    the adapter is written and loaded there under a new name. vllm: a vLLM engine in this process (one per rank; install with
+    the adapter is written and loaded there under a new name. vllm: a vLLM instance in this process (one per rank; install with
     pip install 'lorakit[vllm]', or scripts/install_vllm_cpu.sh on a CPU-only machine)."""
     sync: Literal["lora", "merged"] = "lora"
-    """How the policy reaches a vllm engine after each update: lora (the adapter alone, through a
+    """How the policy reaches the vllm backend after each update: lora (the adapter alone, through a
     RAM-backed directory reloaded in place) or merged (base + adapter merged in fp32 and loaded into
     vLLM's weights: for serving paths that cannot run LoRA; exact in fp32, rounded in bf16)."""
     check_sync: Literal["error", "warn", "off"] = "error"
-    """What a stale engine is: a rollout batch from another policy version than the trainer's, or one
-    whose engine reports holding another adapter (its own fingerprint of the weights it loaded:
-    ``lorakit serve``'s model list, the files handed to vLLM, a local engine's tensors) than the
+    """What counts as stale: a rollout batch from another policy version than the trainer's, or one
+    whose backend reports holding another adapter (its own fingerprint of the weights it loaded:
+    ``lorakit serve``'s model list, the files handed to vLLM, a local backend's tensors) than the
     trainer synced, or a trainer-vs-sampler log-prob gap over max_logprob_gap (every step, under
     the adapter version that sampled the batch)."""
     max_logprob_gap: Optional[float] = None
@@ -195,12 +196,12 @@ class RolloutSection:
     a temperature other than 1, or under async, the trainer runs one extra no-grad forward for it;
     default: 1e-3 when the sampler runs in fp32, 5e-2 in bf16/fp16)."""
     async_: bool = False
-    """YAML key ``async``. Sample step n+1's groups while step n trains (server and vllm engines): one
+    """YAML key ``async``. Sample step n+1's groups while step n trains (server and vllm backends): one
     step off-policy, corrected by the importance ratio against the sampler's log-probs (needs
     temperature 1); the staleness (0 on the first step, then 1) is logged. A checkpoint keeps the
     rollouts in flight, so a resumed run trains on the same ones (on the same number of ranks)."""
     vllm: VllmSection = field(default_factory=VllmSection)
-    """vllm engine settings."""
+    """vllm backend settings."""
     num_generations: int = 8
     """G: completions sampled per prompt (a group)."""
     temperature: float = 1.0
@@ -214,16 +215,16 @@ class RolloutSection:
     max_batch: int = 64
     """Completions generated together in one local batch."""
     base_url: Optional[str] = None
-    """Server engine: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    """Server backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     api_key: Optional[str] = None
-    """Server engine: bearer token (default: the LORAKIT_API_KEY or OPENAI_API_KEY environment variable)."""
+    """Server backend: bearer token (default: the LORAKIT_API_KEY or OPENAI_API_KEY environment variable)."""
     adapter_dir: Optional[str] = None
-    """Server engine: where adapters are written for the server to load; it must read the same
+    """Server backend: where adapters are written for the server to load; it must read the same
     filesystem (default: output_dir/rollout_adapters)."""
     timeout_s: float = 600.0
-    """Server engine: seconds to wait for one HTTP request."""
+    """Server backend: seconds to wait for one HTTP request."""
     concurrency: int = 16
-    """Server engine: requests in flight at once (the server batches them)."""
+    """Server backend: requests in flight at once (the server batches them)."""
 
 
 @dataclass

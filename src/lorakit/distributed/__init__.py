@@ -1,6 +1,6 @@
 """torchrun launch, DDP and FSDP2 wrapping, and the few collectives a recipe needs.
 
-lorakit runs on PyTorch's own engine: processes come from ``torchrun`` (any number of nodes), data
+lorakit runs on PyTorch's own distributed stack: processes come from ``torchrun`` (any number of nodes), data
 parallelism from ``DistributedDataParallel``, sharding from FSDP2's ``fully_shard``. LoRA is
 injected before wrapping. On CPU the backend is gloo, on GPU nccl.
 """

@@ -22,7 +22,9 @@ from torch import nn
 
 from ..lora.atomic import atomic_file
 from ..lora.config import LoraConfig
-from ..lora.inject import adapter_configs, delete_adapter, lora_modules, set_adapter_trainable
+from ..lora.state import delete_adapter
+from ..lora.trainable import set_adapter_trainable
+from ..lora.tree import adapter_configs, lora_modules
 from ..lora.io import read_adapter, write_adapter
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear, unshard_tensor
 from .megatron_hf import (

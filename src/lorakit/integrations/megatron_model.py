@@ -21,15 +21,10 @@ from torch import nn
 
 from ..extras import require
 from ..lora.config import ALL_LINEAR, LoraConfig
-from ..lora.inject import (
-    _replace,
-    adapter_configs,
-    is_target,
-    iter_modules,
-    lora_modules,
-    set_active_adapters,
-    set_adapter_trainable,
-)
+from ..lora.state import set_active_adapters
+from ..lora.targets import is_target
+from ..lora.trainable import set_adapter_trainable
+from ..lora.tree import _replace, adapter_configs, iter_modules, lora_modules
 from ..lora.layer import check_adapter_name
 from ..lora.parallel import COLUMN, ROW, ParallelLoraLinear
 

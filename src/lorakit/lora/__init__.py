@@ -1,24 +1,19 @@
 """lorakit's LoRA core: imports only torch, safetensors and the standard library."""
 
 from .config import LoraConfig
-from .inject import (
-    TrainableReport,
+from .inject import inject_lora
+from .state import (
+    RowRouting,
     active_adapters,
-    adapter_configs,
     adapter_names,
     adapter_order,
     delete_adapter,
     disable_adapters,
-    inject_lora,
-    lora_modules,
-    RowRouting,
-    mark_trainable,
     route_adapters,
     set_active_adapters,
-    set_adapter_trainable,
-    trainable_report,
-    unwrap_model,
 )
+from .trainable import TrainableReport, mark_trainable, set_adapter_trainable, trainable_report
+from .tree import adapter_configs, lora_modules, unwrap_model
 from .fingerprint import adapter_fingerprint, adapter_stamp
 from .io import adapter_state_dict, final_adapter, initial_adapter, load_adapter, load_read_adapter, read_adapter, save_adapter, set_adapter_weights, write_adapter
 from .experts import LoraParameter

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import compute_dtype, dequantized_weight, is_quantized
+
 
 
 def _key(layer: nn.Module, *tensors: torch.Tensor) -> tuple[Any, ...]:
@@ -56,8 +58,6 @@ def _factors(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def base_weight_fp32(layer: nn.Module) -> torch.Tensor:
     """The base weight as a float32 (out, in) matrix (a quantized base is dequantized)."""
-    from .quant import dequantized_weight  # quant recognises bitsandbytes lazily
-
     weight = dequantized_weight(layer.base_layer).float()
     return weight.T if _transposed(layer) else weight
 
@@ -79,9 +79,9 @@ def _base_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     if type(base) is nn.Linear:
         return F.linear(x.to(base.weight.dtype), base.weight)
-    if _transposed(layer) and not hasattr(base, "quant_state"):  # Conv1D / embedding: weight (in, out)
+    if _transposed(layer) and not is_quantized(base):  # Conv1D / embedding: weight (in, out)
         return x.to(base.weight.dtype) @ base.weight
-    out = base(x.to(getattr(base, "compute_dtype", None) or torch.float32))
+    out = base(x.to(compute_dtype(base)))
     bias = getattr(base, "bias", None)
     return out - bias if bias is not None else out
 

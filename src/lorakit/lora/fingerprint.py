@@ -1,7 +1,7 @@
 """What an adapter is, in a few bytes: a hash of its values, or a stamp of its live tensors.
 
-A rollout engine reports one of these for the adapter it samples with, computed on its own side
-(the server from the file it read, a local engine from the tensors it runs), and the trainer
+A rollout backend reports one of these for the adapter it samples with, computed on its own side
+(the server from the file it read, a local backend from the tensors it runs), and the trainer
 compares it with its own: a sync that did not land is caught instead of trained on.
 """
 
@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .inject import unwrap_model
+from .tree import unwrap_model
 from .io import PEFT_PREFIX, _adapter_tensors
 
 

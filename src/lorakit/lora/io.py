@@ -19,18 +19,11 @@ from torch import nn
 
 from .atomic import atomic_directory, atomic_file
 from .config import CONFIG_NAME, LoraConfig
-from .inject import (
-    Target,
-    adapter_configs,
-    adapter_names,
-    inject_lora,
-    lora_modules,
-    plan_injection,
-    set_active_adapters,
-    set_adapter_trainable,
-    active_adapters,
-    unwrap_model,
-)
+from .inject import inject_lora
+from .state import active_adapters, adapter_names, set_active_adapters
+from .targets import Target, plan_injection
+from .trainable import set_adapter_trainable
+from .tree import adapter_configs, lora_modules, unwrap_model
 from .experts import LoraParameter, lora_shapes
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
 from .tensors import full_tensor
@@ -70,7 +63,7 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's weights with PEFT's keys (``base_model.model.<path>.lora_A.weight``), detached.
 
-    This is what ``save_adapter`` writes and what a rollout engine needs to receive.
+    This is what ``save_adapter`` writes and what a rollout backend needs to receive.
     """
     if adapter_name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{adapter_name}'; the model has {adapter_names(model)}")
@@ -82,7 +75,7 @@ def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adap
     """Copy new weights into an existing adapter, in place (no re-injection, no new parameters).
 
     ``tensors`` uses the keys of ``adapter_state_dict`` (with or without the PEFT prefix); every
-    key and shape is checked before any weight changes. This is how a rollout engine receives an
+    key and shape is checked before any weight changes. This is how a rollout backend receives an
     updated policy: only the adapter travels, the base never does.
     """
     model = unwrap_model(model)
@@ -263,7 +256,7 @@ def load_adapter(
         adapter_name: name the adapter gets in ``model``.
         trainable: leave the adapter's parameters requiring grad (to continue training it);
             False freezes this adapter only. The base is frozen and other adapters keep their
-            ``requires_grad`` (see :func:`lorakit.lora.inject.set_adapter_trainable`).
+            ``requires_grad`` (see :func:`lorakit.lora.trainable.set_adapter_trainable`).
         activate: make it the one active adapter.
 
     Returns:

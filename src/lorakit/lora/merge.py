@@ -8,9 +8,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .inject import _replace, adapter_configs, adapter_names, lora_modules, unwrap_model
 from .layer import LoraLayer
 from .quant import quantization_of
+from .state import adapter_names
+from .tree import _replace, adapter_configs, lora_modules, unwrap_model
 
 
 def merge_lora(model: nn.Module, adapter_names_: Optional[Sequence[str]] = None) -> list[str]:
@@ -79,9 +80,9 @@ def _merged(layer: LoraLayer, names: Sequence[str], sign: float = 1.0) -> torch.
 
 def merged_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Each adapted layer's base weight with ``adapter_name`` merged in, computed aside (the model is
-    not changed): what an inference engine that cannot run LoRA loads in place of its own weights.
+    not changed): what an inference server (vLLM) that cannot run LoRA loads in place of its own weights.
 
-    Holds every merged layer at once; an engine that loads weights one by one takes
+    Holds every merged layer at once; a server that loads weights one by one takes
     :func:`iter_merged_weights` instead.
 
     Returns:

@@ -3,7 +3,7 @@
 transformers (5.x) loads some families with a conversion: Qwen3-MoE's per-expert
 ``mlp.experts.<e>.gate_proj.weight`` / ``up_proj`` / ``down_proj`` become the fused 3-D
 ``mlp.experts.gate_up_proj`` / ``down_proj``, Mixtral's ``block_sparse_moe.experts.<e>.w1/w3/w2``
-likewise (and ``block_sparse_moe`` is renamed ``mlp``). An engine that loads weights in checkpoint
+likewise (and ``block_sparse_moe`` is renamed ``mlp``). An inference server that loads weights in checkpoint
 format (vLLM's ``load_weights``) knows only the checkpoint's names, so weights taken from the
 transformers model are turned back with transformers' own reverse conversion (what its
 ``save_pretrained`` writes), one weight at a time.

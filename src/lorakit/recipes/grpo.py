@@ -1,21 +1,21 @@
 """GRPO with LoRA on verifiable rewards (RLVR).
 
 The policy is base + LoRA; the reference is the same base with the adapter disabled (or a frozen
-copy of ``init_adapter``): no second model. Rollouts come from lorakit's engine in this process, an
+copy of ``init_adapter``): no second model. Rollouts come from lorakit's generation engine in this process, an
 OpenAI-compatible server, or vLLM in this process, all behind one ``PolicySampler``; the server and
 vLLM receive only adapter weights after each update. Every rollout batch names the policy version
-that sampled it, and a stale engine is an error (``rollout.check_sync``). With ``rollout.async``
+that sampled it, and a stale rollout backend is an error (``rollout.check_sync``). With ``rollout.async``
 the next step's groups are sampled while this step trains (one step off-policy).
 
-Reads top to bottom: setup, prompts and rewards, adapter, rollout engine, optimizer, (resume), loop
+Reads top to bottom: setup, prompts and rewards, adapter, rollout backend, optimizer, (resume), loop
 (sample, score, advantages, old/reference log-probs, clipped updates, log, evaluate, checkpoint),
 save. Run it with ``lorakit train CONFIG.yaml`` (``recipe: grpo``) or ``run(load_config(...))``.
 
 The stateful pieces are named objects from ``lorakit.rl``, each unit-tested on its own:
-``PolicySampler`` (the rollout engine, synced once per step), ``reference_policy``,
+``PolicySampler`` (the rollout backend, synced once per step), ``reference_policy``,
 ``CompletionBatches`` (prompt + completion micro-batches), ``GRPOObjective`` (the loss forward and
 its statistics) and ``HeldOutEval``; the config-reading glue is below the recipe (``load_prompts``,
-``attach_adapters``, ``rollout_engine``, ``sampling_seed``).
+``attach_adapters``, ``rollout_backend``, ``sampling_seed``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     tc, gc, rc = cfg.train, cfg.grpo, cfg.rollout
     G = rc.num_generations
     check_rollout_layout(cfg, info)
-    if rc.engine == "vllm":
+    if rc.backend == "vllm":
         if rc.sync == "lora" and cfg.init_adapter:  # the config's own lora.* was checked when it loaded
             init = LoraConfig.from_json(cfg.init_adapter)
             rank = served_rank(init)
@@ -169,7 +169,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if run.fsdp.loaded is not None:
         log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
     padding_free = choose_padding_free(run, cfg, step_module, info)
-    sampler = rollout_engine(cfg, model, tokenizer, info, device, dtype, step_module)  # after wrap: FSDP2 samples sharded
+    sampler = rollout_backend(cfg, model, tokenizer, info, device, dtype, step_module)  # after wrap: FSDP2 samples sharded
     # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's exponent range).
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)
@@ -181,7 +181,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     warmup = warmup_steps_for(total_updates, tc.warmup_ratio)
     log(f"GRPO: {total_steps} steps x {gc.prompts_per_step} prompts x {G} completions, {updates_per_step} optimizer "
         f"update(s) per step, lr {tc.lr:g} {tc.lr_scheduler}, clip [{1 - gc.clip_eps_low:g}, {1 + gc.clip_eps_high:g}], "
-        f"beta {gc.beta:g}, {gc.loss_aggregation}-level loss, rollouts: {rc.engine}, {dtype} on {device}"
+        f"beta {gc.beta:g}, {gc.loss_aggregation}-level loss, rollouts: {rc.backend}, {dtype} on {device}"
         + (f", {info.mode} x {info.world}" if info.mode != "none" else ""))
     if resumed_from is not None:
         state.update(load_checkpoint_state(resumed_from, model, optimizer, info, tc.seed, scaler))
@@ -258,7 +258,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
     if resumed_from is not None and (resumed_from / IN_FLIGHT_NAME).is_file():
         pending = resumed_rollouts(resumed_from, info, sampler)
         held_versions[pending.result().version] = resumed_sampling_adapter(resumed_from, params, param_names)
-    unverified = False  # warned that the engine cannot report which adapter it holds
+    unverified = False  # warned that the backend cannot report which adapter it holds
     while state["step"] < total_steps:
         step_start = time.perf_counter()
 
@@ -276,7 +276,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             stale(f"step {state['step'] + 1}: {problem}")
         if rollout.fingerprint is None and not unverified:
             unverified = True
-            log(f"Warning: the {rc.engine} engine does not report which adapter it holds (a server without "
+            log(f"Warning: the {rc.backend} rollout backend does not report which adapter it holds (a server without "
                 "adapter fingerprints, or vLLM's merged weights): only the log-prob check guards against a stale adapter")
         staleness, completions = state["step"] - rollout.version, rollout.completions
         sampled_by = held_versions.pop(rollout.version, None)  # async: the adapter that sampled it (None: current)
@@ -301,11 +301,11 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # 3. old (sampling-time) and reference log-probs, when the loss needs them
         extra: dict[str, torch.Tensor] = {}
         if rc.async_:  # the sampler's policy is a step behind the trainer's: the ratio corrects for it
-            extra["old_logp"] = sampler_logprobs(completions, rc.engine)
+            extra["old_logp"] = sampler_logprobs(completions, rc.backend)
         elif updates_per_step > 1:
             extra["old_logp"] = completion_logprobs(step_module, batches.micro_batches(), autocast)
         # Trainer vs sampler log-probs of the sampled tokens, under the adapter that sampled them and
-        # untempered (engines report the raw distribution's): equal up to numerics unless the engine
+        # untempered (backends report the raw distribution's): equal up to numerics unless the backend
         # sampled another adapter. Read off the first training pass when that is the same forward.
         # Zero-advantage sequences add exactly nothing to the gradient unless a KL term (or its log)
         # reads them: they are skipped (kept in the normaliser below), often half a step's work.
@@ -404,7 +404,7 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
             "zero_std_frac": total(float(zero_std.sum())) / (n / G),
             "completion_len": total(float(lengths.sum())) / n,
             "truncated_frac": total(float(truncated.sum())) / n,
-            "aborted_frac": total(float(aborted.sum())) / n,  # the engine gave up on them: not trained
+            "aborted_frac": total(float(aborted.sum())) / n,  # the backend gave up on them: not trained
             # sequences whose forward/backward was skipped (zero advantage, no KL), per pass
             "skipped_frac": total(float(skipped)) / (n * gc.num_iterations),
             "clip_frac": total(totals["clipped"]) / max(trained_tokens, 1.0),
@@ -423,9 +423,9 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         if gap_n:
             record["logprob_gap"] = total(mismatch) / gap_n
             if record["logprob_gap"] > max_gap:
-                stale(f"step {step}: the trainer's and the {rc.engine} engine's log-probs of the sampled tokens differ "
+                stale(f"step {step}: the trainer's and the {rc.backend} rollout backend's log-probs of the sampled tokens differ "
                       f"by {record['logprob_gap']:.2e} per token (over max_logprob_gap {max_gap:g}) under the adapter "
-                      f"of version {rollout.version} that sampled them: the engine is not sampling that adapter "
+                      f"of version {rollout.version} that sampled them: the backend is not sampling that adapter "
                       "(a stale adapter, or the bare base)")
         if step % tc.logging_steps == 0 or step == total_steps:
             log_metrics(record)
@@ -528,11 +528,11 @@ def attach_adapters(model: torch.nn.Module, cfg: RunConfig, log: Callable[[str],
     return REFERENCE if reference == "init_adapter" else None
 
 
-def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: DistInfo, device: torch.device,
-                   dtype: torch.dtype, step_module: Optional[torch.nn.Module] = None) -> PolicySampler:
-    """The sampler ``rollout.engine`` asks for, on the policy's adapter ``ADAPTER``.
+def rollout_backend(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: DistInfo, device: torch.device,
+                    dtype: torch.dtype, step_module: Optional[torch.nn.Module] = None) -> PolicySampler:
+    """The sampler ``rollout.backend`` asks for, on the policy's adapter ``ADAPTER``.
 
-    A server receives only adapter files; a local engine samples with the policy's own weights.
+    A server receives only adapter files; a local backend samples with the policy's own weights.
     Under FSDP2 (``step_module``: the wrapped root) those are sharded, so every forward is a
     collective: all ranks sample together in lockstep, inside the root's forward, and a rank whose
     rows are done runs dummy forwards until every rank's are. No rank holds more than its shards
@@ -540,21 +540,21 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
     """
     rc, out = cfg.rollout, Path(cfg.output_dir)
     eos = collect_eos_ids(tokenizer, getattr(model, "generation_config", None))
-    if rc.engine == "server":
+    if rc.backend == "server":
         api_key = rc.api_key or os.environ.get("LORAKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
         server = ServerRollout(rc.base_url, Path(rc.adapter_dir or out / "rollout_adapters"), eos, api_key,
                                rc.timeout_s, rc.concurrency, name=server_run_name(out), main=info.main)
         return PolicySampler(server, model, ADAPTER, info)
-    if rc.engine == "vllm":
+    if rc.backend == "vllm":
         config, vc = adapter_configs(model)[ADAPTER], rc.vllm
         if rc.sync == "lora" and (config.use_dora or config.modules_to_save):
-            raise ValueError("rollout.engine: vllm with rollout.sync: lora cannot serve "
+            raise ValueError("rollout.backend: vllm with rollout.sync: lora cannot serve "
                              + ("DoRA (lora.use_dora)" if config.use_dora else "lora.modules_to_save")
                              + "; use rollout.sync: merged" + ("" if config.use_dora else " (without modules_to_save)"))
         experts_only = ("gate_up_proj", "up_proj", "down_proj")
         odd = [t for t in config.target_parameters or [] if t.rsplit(".", 1)[-1] not in experts_only]
         if rc.sync == "lora" and odd:
-            raise ValueError(f"rollout.engine: vllm with rollout.sync: lora cannot serve LoRA on {odd} "
+            raise ValueError(f"rollout.backend: vllm with rollout.sync: lora cannot serve LoRA on {odd} "
                              "(lora.target_parameters): vLLM has MoE LoRA for the experts' gate/up/down weights only; "
                              "use rollout.sync: merged, or leave them out")
         if config.modules_to_save:
@@ -562,12 +562,12 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
                              "lora.modules_to_save; train without it to sample with vLLM")
         longest = cfg.grpo.max_prompt_len + max(rc.max_new_tokens, cfg.grpo.eval_max_new_tokens or 0)
         # The adapter vLLM receives: rank_pattern's largest rank, PiSSA/OLoRA converted to rank 2r.
-        engine = VllmRollout(resolve_model(cfg.model), eos, served_rank(config) if rc.sync == "lora" else None,
+        backend = VllmRollout(resolve_model(cfg.model), eos, served_rank(config) if rc.sync == "lora" else None,
                              dtype=vllm_dtype_name(sampler_dtype(cfg, dtype)), max_model_len=vc.max_model_len or longest,
                              gpu_memory_utilization=vc.gpu_memory_utilization, enforce_eager=vc.enforce_eager,
                              tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, sleep=vc.sleep,
                              external_launcher=info.world > 1, cpu_kvcache_gib=vc.cpu_kvcache_gib)
-        return PolicySampler(engine, model, ADAPTER, info)
+        return PolicySampler(backend, model, ADAPTER, info)
     if info.mode == "fsdp2" and step_module is not None:
         local = LocalRollout(model, tokenizer, ADAPTER, rc.max_batch, shares_policy=True, lockstep=any_rank(info, device),
                              within=lambda fn: through_root(step_module, info, lambda _model: fn()))
@@ -575,10 +575,14 @@ def rollout_engine(cfg: RunConfig, model: torch.nn.Module, tokenizer, info: Dist
     return PolicySampler(LocalRollout(model, tokenizer, ADAPTER, rc.max_batch, shares_policy=True), model, ADAPTER, info)
 
 
+# The name before rollout backends and lorakit's generation engine had distinct names.
+rollout_engine = rollout_backend
+
+
 def sampler_dtype(cfg: RunConfig, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the rollout engine computes in: rollout.vllm.dtype for vLLM (auto: the trainer's), else the trainer's."""
+    """The dtype the rollout backend computes in: rollout.vllm.dtype for vLLM (auto: the trainer's), else the trainer's."""
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.dtype != "auto":
+    if cfg.rollout.backend == "vllm" and cfg.rollout.vllm.dtype != "auto":
         return names[cfg.rollout.vllm.dtype]
     return dtype
 
@@ -587,11 +591,11 @@ def vllm_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def sampler_logprobs(completions, engine: str) -> torch.Tensor:
+def sampler_logprobs(completions, backend: str) -> torch.Tensor:
     """The sampler's log-probs of every completion token, flat in sequence order (async's old log-probs)."""
     missing = sum(1 for c in completions if c.logprobs is None)
     if missing:
-        raise ValueError(f"rollout.async: the {engine} engine reported no log-probs for {missing} of {len(completions)} "
+        raise ValueError(f"rollout.async: the {backend} rollout backend reported no log-probs for {missing} of {len(completions)} "
                          "completions; the importance ratio needs the sampler's log-prob of every sampled token")
     return torch.tensor([lp for c in completions for lp in c.logprobs], dtype=torch.float32)
 
@@ -639,7 +643,7 @@ def sampling_seed(seed: int, step: int, slot: int, g: int) -> int:
 
     A hash, not a linear mix: any number of prompts per step and completions per prompt gets
     seeds that no other (step, slot, g) of the run shares (a linear mix with fixed strides repeats
-    once slot or g passes the stride). Below 2**63, as engines take signed 64-bit seeds.
+    once slot or g passes the stride). Below 2**63, as samplers (vLLM, servers) take signed 64-bit seeds.
     """
     digest = hashlib.blake2b(f"{seed}/{step}/{slot}/{g}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -659,20 +663,20 @@ def check_rollout_layout(cfg: RunConfig, info: DistInfo) -> None:
 
     Raises:
         ValueError: ``rollout.vllm.tensor_parallel_size > 1`` under torchrun: each rank holds its own
-            engine (vLLM's external launcher) and samples its own prompts, so a tensor-parallel
-            engine spanning ranks would be fed different prompts by each of them.
+            vLLM instance (vLLM's external launcher) and samples its own prompts, so a tensor-parallel
+            instance spanning ranks would be fed different prompts by each of them.
     """
     tp = cfg.rollout.vllm.tensor_parallel_size
-    if cfg.rollout.engine == "vllm" and tp > 1 and info.world > 1:
+    if cfg.rollout.backend == "vllm" and tp > 1 and info.world > 1:
         raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} with {info.world} torchrun ranks: each rank runs "
-                         "its own vLLM engine on its own prompts, so one tensor-parallel engine across ranks would "
-                         "mix their prompts; use tensor_parallel_size: 1 under torchrun (one engine per rank), or "
-                         "rollout.engine: server with a vLLM server that runs its own tensor parallelism")
+                         "its own vLLM instance on its own prompts, so one tensor-parallel instance across ranks would "
+                         "mix their prompts; use tensor_parallel_size: 1 under torchrun (one instance per rank), or "
+                         "rollout.backend: server with a vLLM server that runs its own tensor parallelism")
 
 
 # What must not change between a run and its resumption (prompt order, sampling, the adapter's math).
 _RESUME_KEYS = ("data.train", "data.system_prompt", "train.seed", "grpo.prompts_per_step", "grpo.chat_template",
-                "rollout.engine", "rollout.async_",
+                "rollout.backend", "rollout.async_",
                 "grpo.rewards", "rollout.num_generations", "rollout.temperature", "rollout.top_p", "rollout.top_k",
                 "rollout.max_new_tokens", "train.loraplus_lr_ratio", "quantization", "lora.use_dora", "lora.init_lora_weights", "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                 "init_adapter")

@@ -47,7 +47,7 @@ class HeldOutEval:
     def __call__(self, sample: Sampler) -> float:
         """The score of ``sample``'s greedy completions (every rank calls it: a collective)."""
         mine = list(range(self.info.rank, len(self.records), self.info.world))
-        # Called even with no prompts: a sharded local engine's forwards are collectives, so a rank
+        # Called even with no prompts: a sharded local backend's forwards are collectives, so a rank
         # without a share of the prompts still joins the others' batches.
         done = sample([self.prompt_ids[i] for i in mine], [self.params] * len(mine))
         scored = self.rewards.score([self.records[i].prompt for i in mine], [d.text for d in done],

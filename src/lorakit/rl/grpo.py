@@ -70,7 +70,7 @@ def trained_completions(finish_reasons: Sequence[str], mask_truncated: bool) -> 
     """Which completions the loss trains on, from how each one ended.
 
     'stop' (the model ended it) is trained; 'length' (cut at max_new_tokens) is trained unless
-    ``mask_truncated``; 'abort' (the engine gave up on the request: a vLLM abort, a server error
+    ``mask_truncated``; 'abort' (the rollout backend gave up on the request: a vLLM abort, a server error
     mid-sequence) is never trained: its end is not the policy's doing, and counting it as a length
     cut would teach the policy from a sequence it did not finish.
 

@@ -36,7 +36,7 @@ class GRPOObjective:
 
     @contextlib.contextmanager
     def at_temperature(self, temperature: float) -> Iterator[None]:
-        """Compute log-probs at ``temperature`` in the block (1.0: the raw distribution, which engines report)."""
+        """Compute log-probs at ``temperature`` in the block (1.0: the raw distribution, which rollout backends report)."""
         previous, self.temperature = self.temperature, temperature
         try:
             yield

@@ -1,20 +1,20 @@
-"""Rollout engines for RL: sample completions from the current policy, given only adapter weights.
+"""Rollout backends for RL: sample completions from the current policy, given only adapter weights.
 
-Every engine has the same two calls, so the GRPO recipe never asks which one it drives:
+Every backend has the same two calls, so the GRPO recipe never asks which one it drives:
 ``sync(update)`` hands it a ``PolicyUpdate`` (the policy version, i.e. the training step, the
 adapter's tensors and their fingerprint) and ``generate(prompts, params)`` samples token ids with
 their log-probs. ``LocalRollout`` drives lorakit's generation engine in the training process;
 ``ServerRollout`` talks to any OpenAI-compatible server that can load LoRA adapters at run time
 (``/v1/load_lora_adapter``: ``lorakit serve``, vLLM with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``);
 ``lorakit.rl.vllm_rollout.VllmRollout`` runs vLLM in this process. Whichever it is, the base never
-travels: after an update the engine receives the adapter alone (or, for vLLM's merged sync, the
+travels: after an update the backend receives the adapter alone (or, for vLLM's merged sync, the
 merged weights of the adapted layers).
 
-``PolicySampler`` sits in front of the engine: it gathers the adapter once per step, and stamps
-each batch it returns with the version of the last sync and the fingerprint the engine reports for
-the adapter it actually holds, computed on the engine's side (``held``): ``lorakit serve`` hashes
-the weights it read, vLLM's hand-over hashes the file vLLM was given, a local engine reports its
-own tensors. ``check_batch`` compares that with the trainer's own, so a stale engine is caught
+``PolicySampler`` sits in front of the backend: it gathers the adapter once per step, and stamps
+each batch it returns with the version of the last sync and the fingerprint the backend reports for
+the adapter it actually holds, computed on the backend's side (``held``): ``lorakit serve`` hashes
+the weights it read, vLLM's hand-over hashes the file vLLM was given, a local backend reports its
+own tensors. ``check_batch`` compares that with the trainer's own, so a stale backend is caught
 rather than trained on.
 """
 
@@ -43,7 +43,7 @@ from ..lora.io import PEFT_PREFIX, _adapter_tensors
 
 @dataclass
 class RolloutCompletion:
-    """One sampled completion as the trainer sees it (what a rollout engine returns for one prompt).
+    """One sampled completion as the trainer sees it (what a rollout backend returns for one prompt).
 
     Unlike the generation engine's ``Completion``, the stop token is part of ``token_ids`` (it is
     trained on) and ``logprobs`` lines up with ``token_ids``.
@@ -54,15 +54,15 @@ class RolloutCompletion:
     text: str
     """The completion's text (special tokens left out)."""
     logprobs: Optional[list[float]]
-    """The engine's log-prob of each token (raw model distribution), when it reported them all."""
+    """The backend's log-prob of each token (raw model distribution), when it reported them all."""
     finish_reason: str
-    """'stop' (the model ended it), 'length' (cut at max_new_tokens) or 'abort' (the engine gave up on
+    """'stop' (the model ended it), 'length' (cut at max_new_tokens) or 'abort' (the backend gave up on
     the request; never trained on: ``lorakit.rl.trained_completions``)."""
 
 
 def finish_reason(reason: Optional[str]) -> str:
-    """An engine's finish reason as the trainer reads it: 'stop', 'length', or 'abort' for anything
-    else an engine reports (vLLM's 'abort', an 'error'); a missing one is 'length' (the OpenAI
+    """A backend's finish reason as the trainer reads it: 'stop', 'length', or 'abort' for anything
+    else a backend reports (vLLM's 'abort', an 'error'); a missing one is 'length' (the OpenAI
     protocol leaves it out only while a sequence is still running)."""
     if reason is None or reason in ("stop", "length"):
         return reason or "length"
@@ -102,49 +102,53 @@ def final_adapter_on_main(model: nn.Module, adapter: str, info: DistInfo) -> tup
 
 @dataclass
 class PolicyUpdate:
-    """What a sync hands an engine: one version of the policy."""
+    """What a sync hands a rollout backend: one version of the policy."""
 
     version: int
     """The policy version: training steps done when the adapter was taken."""
     fingerprint: str
     """``adapter_fingerprint`` of the trained adapter's tensors at that version (``adapter_stamp`` of
-    them for an engine on the policy's own weights)."""
+    them for a backend on the policy's own weights)."""
     config: Optional[LoraConfig] = None
     """The adapter's config (plain LoRA relative to the untouched base for 'lora' payloads)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """What the engine asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), or
-    nothing ('merged': see ``weights``; 'none': the engine reads the policy's own weights)."""
+    """What the backend asked for (``payload``): PEFT-keyed adapter tensors ('lora', 'live'), or
+    nothing ('merged': see ``weights``; 'none': the backend reads the policy's own weights)."""
     weights: Optional[Iterator[tuple[str, torch.Tensor]]] = None
-    """'merged': the adapted layers' base weights with the adapter merged (fp32 math), in the engine's
+    """'merged': the adapted layers' base weights with the adapter merged (fp32 math), in the backend's
     ``weights_dtype``, under the base checkpoint's names, one layer at a time: a stream to consume
     once, in order, keeping no weight after loading it (so at most one merged layer is alive)."""
 
 
-class RolloutEngine(Protocol):
-    """The interface every rollout engine has (local, server, vllm)."""
+class RolloutBackend(Protocol):
+    """The interface every rollout backend has (``rollout.backend``: local, server, vllm)."""
 
     payload: Literal["none", "live", "lora", "merged"]
     """What ``sync`` needs in ``PolicyUpdate.tensors``."""
     version: Optional[int]
-    """The version of the last update the engine was handed (None before the first)."""
+    """The version of the last update the backend was handed (None before the first)."""
 
     def sync(self, update: PolicyUpdate) -> None:
         """Make ``update`` the policy that ``generate`` samples."""
 
     def held(self) -> Optional[str]:
-        """The fingerprint of the adapter the engine samples with now, computed on the engine's side
-        from what it actually holds (never the trainer's value handed back); None when the engine
+        """The fingerprint of the adapter the backend samples with now, computed on the backend's side
+        from what it actually holds (never the trainer's value handed back); None when the backend
         cannot tell (a server that reports no fingerprints, vLLM's merged weights)."""
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list["RolloutCompletion"]:
         """Complete ``prompts[i]`` with ``params[i]`` (token ids with their log-probs)."""
 
     def close(self) -> None:
-        """Free what the engine holds for this run."""
+        """Free what the backend holds for this run."""
+
+
+# The name before rollout backends and lorakit's generation engine had distinct names.
+RolloutEngine = RolloutBackend
 
 
 class LocalRollout:
-    """Generate with lorakit's engine on a model in this process.
+    """Generate with lorakit's generation engine (``Engine``) on a model in this process.
 
     ``model`` may be the policy itself (nothing to send after an update: it is the same weights) or
     a separate copy whose adapter ``sync`` overwrites in place. An FSDP2-sharded policy is sampled
@@ -165,16 +169,16 @@ class LocalRollout:
         self.within = within
         self.payload: Literal["none", "live"] = "none" if shares_policy else "live"
         self.version: Optional[int] = None
-        self._hashed: tuple[str, str] = ("", "")  # (stamp, fingerprint) of this engine's own adapter tensors
+        self._hashed: tuple[str, str] = ("", "")  # (stamp, fingerprint) of this backend's own adapter tensors
 
     def sync(self, update: PolicyUpdate) -> None:
-        """Copy the new adapter weights in (none to copy when the engine shares the policy's weights)."""
+        """Copy the new adapter weights in (none to copy when the backend shares the policy's weights)."""
         if self.payload == "live":
             self.engine.update_adapter(self.adapter, update.tensors)
         self.version = update.version
 
     def held(self) -> str:
-        """On the policy's own weights: the stamp of the tensors this engine samples with (which
+        """On the policy's own weights: the stamp of the tensors this backend samples with (which
         tensors, written how often; the sampler compares it with the policy's at sync, so a write
         after the sync shows). On a copy: the fingerprint of the copy's weights, hashed again only
         when a tensor of it was written."""
@@ -214,7 +218,7 @@ class LocalRollout:
                 out.append(RolloutCompletion(ids, done.text, logprobs, done.finish_reason))
 
     def close(self) -> None:
-        """Nothing to free: the engine lives and dies with the run."""
+        """Nothing to free: the generation engine lives and dies with the run."""
 
 
 class RolloutServerError(ConnectionError):
@@ -248,7 +252,7 @@ class ServerRollout:
         self.name = name
         self.main = main
         self.current: Optional[str] = None
-        """The server's name for the adapter this engine samples with."""
+        """The server's name for the adapter this backend samples with."""
         self.version: Optional[int] = None
 
     def _post(self, path: str, body: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -306,7 +310,7 @@ class ServerRollout:
 
     def held(self) -> Optional[str]:
         """The fingerprint the server reports (``/v1/models``) for the weights it loaded under this
-        engine's adapter name; None when the server reports none (vLLM's server)."""
+        backend's adapter name; None when the server reports none (vLLM's server)."""
         if self.current is None:
             return None
         for entry in self._post("/models", None).get("data") or []:
@@ -369,54 +373,59 @@ class ServerRollout:
 
 
 class PolicySampler:
-    """Sample from the policy as it is after a given training step, through any rollout engine.
+    """Sample from the policy as it is after a given training step, through any rollout backend.
 
-    ``sync(step)`` hands the engine the policy adapter's current weights, at most once per step, as
-    the engine's ``payload`` asks: nothing for a local engine on the policy's own weights, the live
+    ``sync(step)`` hands the backend the policy adapter's current weights, at most once per step, as
+    the backend's ``payload`` asks: nothing for a local backend on the policy's own weights, the live
     tensors for a local copy, plain LoRA (PiSSA/OLoRA converted) for a server or vLLM, or merged
     weights. Every rank calls ``sync`` (gathering a sharded adapter is a collective) and a barrier
     follows it, so no rank samples before a shared server holds the new adapter. What travels does
-    not grow with the world size where it need not: nothing is gathered for an engine on the
+    not grow with the world size where it need not: nothing is gathered for a backend on the
     policy's own weights (its fingerprint is each rank's ``adapter_stamp``) or for merged weights
     (their fingerprint combines per-shard digests), a
     server's adapter is assembled on the main rank alone, and a whole adapter is hashed on the main
     rank only (the digest is broadcast).
 
-    ``generate`` returns a ``RolloutBatch`` stamped with the version and fingerprint the engine says
+    ``generate`` returns a ``RolloutBatch`` stamped with the version and fingerprint the backend says
     it sampled with; ``check_batch`` compares them with what the trainer synced. Calls are serialised
     by a lock, so ``generate`` may run in a background thread (async rollouts) while the main thread
     trains and evaluates.
     """
 
-    def __init__(self, engine: RolloutEngine, policy: nn.Module, adapter: str, info: Optional[DistInfo] = None) -> None:
-        self.engine = engine
+    def __init__(self, backend: RolloutBackend, policy: nn.Module, adapter: str, info: Optional[DistInfo] = None) -> None:
+        self.backend = backend
         self.policy = policy
         self.adapter = adapter
         self.info = info or DistInfo()
         self.synced_step: Optional[int] = None
         self.fingerprints: dict[int, str] = {}
-        """Version -> fingerprint of every adapter this sampler synced (for an engine on the policy's
+        """Version -> fingerprint of every adapter this sampler synced (for a backend on the policy's
         own weights, their ``adapter_stamp``: nothing is gathered or hashed)."""
         self.lock = threading.Lock()
         self.sync_s = 0.0
         """Seconds the last sync took (gather, fingerprint, transfer, load)."""
 
+    @property
+    def engine(self) -> RolloutBackend:
+        """The old name of ``backend``."""
+        return self.backend
+
     def sync(self, step: int) -> None:
-        """Give the engine the adapter as it is after ``step`` steps (a repeated step is a no-op)."""
+        """Give the backend the adapter as it is after ``step`` steps (a repeated step is a no-op)."""
         if self.synced_step == step:
             return
         start = time.perf_counter()
-        payload = self.engine.payload
-        if payload == "lora" and getattr(self.engine, "tensors_on", "every") == "main":
+        payload = self.backend.payload
+        if payload == "lora" and getattr(self.backend, "tensors_on", "every") == "main":
             # A server is loaded by the main rank alone: the others send their shards and keep nothing.
             config, tensors = final_adapter_on_main(self.policy, self.adapter, self.info)
             fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
-        elif payload in ("lora", "live"):  # every rank's engine holds the whole adapter (vLLM per rank, a copy)
+        elif payload in ("lora", "live"):  # every rank's backend holds the whole adapter (vLLM per rank, a copy)
             config, tensors = (final_adapter(self.policy, self.adapter) if payload == "lora"  # PiSSA/OLoRA: plain LoRA
                                else (adapter_configs(self.policy)[self.adapter], adapter_state_dict(self.policy, self.adapter)))
             fingerprint = broadcast_from_main(adapter_fingerprint(tensors) if self.info.main else None, self.info)
-        elif payload == "none":  # the engine samples these very tensors: they must stay unwritten until it does
-            # The stamp of this rank's own tensors (what the engine's ``held`` reports): nothing gathered.
+        elif payload == "none":  # the backend samples these very tensors: they must stay unwritten until it does
+            # The stamp of this rank's own tensors (what the backend's ``held`` reports): nothing gathered.
             config, tensors = adapter_configs(self.policy)[self.adapter], {}
             fingerprint = adapter_stamp(self.policy, self.adapter)
         else:  # 'merged': no adapter tensors travel, nothing is gathered for the fingerprint
@@ -428,9 +437,9 @@ class PolicySampler:
             from ..models.checkpoint_names import checkpoint_weights
 
             weights = checkpoint_weights(self.policy, iter_merged_weights(
-                self.policy, self.adapter, getattr(self.engine, "weights_dtype", None)))
+                self.policy, self.adapter, getattr(self.backend, "weights_dtype", None)))
         with self.lock:
-            self.engine.sync(PolicyUpdate(step, fingerprint, config, tensors, weights))
+            self.backend.sync(PolicyUpdate(step, fingerprint, config, tensors, weights))
         barrier(self.info)
         self.synced_step = step
         self.fingerprints[step] = fingerprint
@@ -439,35 +448,35 @@ class PolicySampler:
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> "RolloutBatch":
         """Complete ``prompts[i]`` with ``params[i]`` using the adapter of the last ``sync``.
 
-        The batch carries what the engine reported holding before and after sampling; when the two
+        The batch carries what the backend reported holding before and after sampling; when the two
         differ (the adapter changed under the batch) it carries both, so no fingerprint matches.
         """
         with self.lock:
-            if self.engine.version is None:
-                raise RuntimeError("PolicySampler.generate before sync: the engine holds no adapter of this run")
-            version, before = self.engine.version, self.engine.held()
-            completions = self.engine.generate(prompts, params)
-            after = self.engine.held()
+            if self.backend.version is None:
+                raise RuntimeError("PolicySampler.generate before sync: the rollout backend holds no adapter of this run")
+            version, before = self.backend.version, self.backend.held()
+            completions = self.backend.generate(prompts, params)
+            after = self.backend.held()
         held = before if after == before else f"{before} then {after} (changed while sampling)"
         return RolloutBatch(completions, version, held)
 
     def check_batch(self, batch: "RolloutBatch", version: int) -> Optional[str]:
         """Why ``batch`` is not from policy ``version`` as this sampler synced it (None: it is, or the
-        engine cannot tell which adapter it holds: ``batch.fingerprint`` None)."""
+        backend cannot tell which adapter it holds: ``batch.fingerprint`` None)."""
         if batch.version != version:
             return (f"the rollout batch was sampled by policy version {batch.version}, but the trainer expected "
                     f"version {version}: the adapter sync for step {version} did not reach the "
-                    f"{type(self.engine).__name__} engine")
+                    f"{type(self.backend).__name__} rollout backend")
         expected = self.fingerprints.get(version)
         if batch.fingerprint is not None and batch.fingerprint != expected:
-            return (f"the {type(self.engine).__name__} engine reports holding adapter {batch.fingerprint}, not the "
+            return (f"the {type(self.backend).__name__} rollout backend reports holding adapter {batch.fingerprint}, not the "
                     f"trainer's {expected} of version {version}: it is sampling another adapter than the one synced")
         return None
 
     def close(self) -> None:
-        """Free what the engine holds for this run (a server's adapter; a vLLM engine)."""
+        """Free what the backend holds for this run (a server's adapter; a vLLM instance)."""
         with self.lock:
-            self.engine.close()
+            self.backend.close()
 
 
 @dataclass
@@ -479,10 +488,10 @@ class RolloutBatch:
 
     completions: list[RolloutCompletion]
     version: int
-    """The policy version (training steps) of the last sync the engine was handed."""
+    """The policy version (training steps) of the last sync the backend was handed."""
     fingerprint: Optional[str]
-    """The fingerprint of the adapter the engine reported holding while it sampled (``held``); None
-    when the engine cannot tell."""
+    """The fingerprint of the adapter the backend reported holding while it sampled (``held``); None
+    when the backend cannot tell."""
 
     def __len__(self) -> int:
         return len(self.completions)

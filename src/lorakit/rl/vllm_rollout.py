@@ -1,4 +1,4 @@
-"""vLLM in the training process as a rollout engine (``rollout.engine: vllm``).
+"""vLLM in the training process as a rollout backend (``rollout.backend: vllm``).
 
 One ``vllm.LLM`` per training process (per rank under torchrun), built on the same base model
 directory as the trainer, so after each update only the policy has to reach it:
@@ -21,7 +21,7 @@ directory as the trainer, so after each update only the policy has to reach it:
 After either sync the prefix cache is reset: cached blocks of a shared prompt were computed by the
 previous policy and would otherwise be reused under the same LoRA id.
 
-``vllm`` is imported only when an engine is built; without it the error says how to install it.
+``vllm`` is imported only when a vLLM instance is built; without it the error says how to install it.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ _shared: dict[str, Any] = {"key": None, "llm": None}
 
 def import_vllm() -> Any:
     """The ``vllm`` module, imported in-process mode; a clear error naming the install command if absent."""
-    # In-process engine core: without this vLLM spawns a process that re-imports __main__.
+    # vLLM's engine core in this process: without this vLLM spawns a process that re-imports __main__.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM logs a line per sync at INFO; the trainer's progress line says what matters (set it to see them).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    return require("vllm", "vllm", "rollout.engine: vllm", install=INSTALL_HINT, name="vLLM")
+    return require("vllm", "vllm", "rollout.backend: vllm", install=INSTALL_HINT, name="vLLM")
 
 
 def vllm_lora_rank(r: int) -> int:
@@ -114,7 +114,7 @@ def check_room(directory: Path, nbytes: int) -> None:
 
 
 def release_vllm() -> None:
-    """Free the vLLM engine this process holds (the next ``VllmRollout`` builds a new one)."""
+    """Free the vLLM instance this process holds (the next ``VllmRollout`` builds a new one)."""
     llm, _shared["llm"], _shared["key"] = _shared["llm"], None, None
     if llm is not None:
         shutdown = getattr(llm.llm_engine, "shutdown", None)
@@ -127,7 +127,7 @@ def release_vllm() -> None:
 
 
 class VllmRollout:
-    """Sample with a vLLM engine in this process; ``sync`` hands it the adapter (or merged weights).
+    """Sample with a vLLM instance (``vllm.LLM``) in this process; ``sync`` hands it the adapter (or merged weights).
 
     Args:
         model_dir: the base model's directory (the trainer's ``cfg.model``, resolved).
@@ -138,7 +138,7 @@ class VllmRollout:
         max_model_len: the longest prompt + completion.
         gpu_memory_utilization, enforce_eager, tensor_parallel_size, seed: passed to ``vllm.LLM``.
         sleep: CUDA only: sleep (level 1) after each rollout, wake before the next sync.
-        external_launcher: this process is one rank of a torchrun job and holds its own engine
+        external_launcher: this process is one rank of a torchrun job and holds its own vLLM instance
             (vLLM's ``external_launcher`` backend, the layout TRL's colocate mode uses); each rank
             samples its own prompts.
         cpu_kvcache_gib: the CPU build's KV cache size (``VLLM_CPU_KVCACHE_SPACE``).
@@ -178,7 +178,7 @@ class VllmRollout:
         """vLLM reads this model's expert LoRA in PEFT's 3-D layout (else per expert)."""
         key = repr(sorted(kwargs.items()))
         if _shared["llm"] is None or _shared["key"] != key or self.payload == "merged":
-            release_vllm()  # one engine per process: the machine rarely holds two copies of the model
+            release_vllm()  # one vLLM instance per process: the machine rarely holds two copies of the model
             _shared["llm"], _shared["key"] = vllm.LLM(**kwargs), key
         self.llm = _shared["llm"]
         self.sync_dir = Path(sync_dir) if sync_dir else ram_dir() / f"lorakit-rollout-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -220,14 +220,14 @@ class VllmRollout:
         try:
             self.llm.llm_engine.add_lora(lora_request("policy", _LORA_ID, str(path), load_inplace=True))
         except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (this engine serves LoRA of rank "
+            raise ValueError(f"vLLM refused the policy adapter written to {path}: {err} (this vLLM instance serves LoRA of rank "
                              f"<= {self.max_lora_rank} on linear layers; try rollout.sync: merged)") from None
         # Requests name the loaded id without load_inplace, so vLLM does not re-read the files per batch.
         self.request = lora_request("policy", _LORA_ID, str(path))
 
     def _load_merged(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         # vLLM's in-place reload takes checkpoint names and packs q/k/v and gate/up itself; it reads
-        # the iterator lazily (in-process engine), so one merged layer at a time exists beside its weights.
+        # the iterator lazily (vLLM's engine core runs in this process), so one merged layer at a time exists beside its weights.
         if not self.in_process_workers:
             weights = iter(list(weights))  # every merged layer at once: the price of worker processes
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
@@ -236,7 +236,7 @@ class VllmRollout:
         """Complete ``prompts[i]`` with ``params[i]``: token ids (stop token included) and their log-probs."""
         if self.payload == "lora" and self.request is None:
             raise RuntimeError("VllmRollout.generate before sync: vLLM holds no adapter of this run")
-        if not prompts:  # a rank without held-out prompts: each rank's engine is its own, nothing to join
+        if not prompts:  # a rank without held-out prompts: each rank's vLLM instance is its own, nothing to join
             return []
         self._wake()
         vparams = [self._vllm.SamplingParams(
@@ -258,7 +258,7 @@ class VllmRollout:
         return done
 
     def close(self) -> None:
-        """Unload the policy adapter and remove its hand-over directory; the engine stays for reuse,
+        """Unload the policy adapter and remove its hand-over directory; the vLLM instance stays for reuse,
         except a merged-weights one (its weights are this run's policy): that is freed."""
         self._wake()
         if self.request is not None:

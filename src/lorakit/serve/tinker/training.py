@@ -22,7 +22,7 @@ import torch
 
 from ...lora import LoraConfig, active_adapters, adapter_state_dict, delete_adapter, inject_lora, set_active_adapters
 from ...lora import load_read_adapter, set_adapter_weights
-from ...lora.inject import iter_modules
+from ...lora.tree import iter_modules
 from ...lora.io import PEFT_PREFIX, read_adapter
 from ...lora.layer import LoraLayer
 from ...training.tokenwise import AdamStep, AdapterOptimizer, LossRequest, check_datum, check_loss
