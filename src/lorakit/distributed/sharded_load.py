@@ -464,11 +464,6 @@ def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torc
     return stats
 
 
-def pending_base_init(module: nn.Module) -> bool:
-    """Whether ``init_meta_adapters`` left steps that read the base for ``finish_adapter_init``."""
-    return any(layer.__dict__.get(_DEFERRED) for _, layer in lora_modules(module))
-
-
 def _gather_whole(param: torch.Tensor) -> torch.Tensor:
     """The whole value of a sharded parameter (an all-gather), on the mesh's device: offloaded shards
     live in host memory but gather over the device's backend."""
