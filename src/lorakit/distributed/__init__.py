@@ -237,11 +237,12 @@ def wrap(module: LossModule, info: DistInfo, device: torch.device, compute_dtype
                 parts[0].register_forward_hook(_reshard_after_lookup)
         fully_shard(module, **kwargs)
         if kept is not None:
-            from .sharded_load import load_sharded
+            from .sharded_load import finish_adapter_init, load_sharded
 
             # Offloaded shards live in host memory: allocate them there, not on the GPU first.
             home = torch.device("cpu") if fsdp.cpu_offload else device
             fsdp.loaded = load_sharded(module, fsdp.checkpoint, kept, home)
+            finish_adapter_init(module, fsdp.loaded)  # DoRA, PiSSA/OLoRA: one module's base gathered at a time
         look_up_in_shards(module.model)  # after loading: the checkpoint's names are the model's own
         return module
     return module

@@ -9,17 +9,21 @@ one device. Here the sequence is
    ``inv_freq`` and friends are computed at construction and are not in the checkpoint);
 2. the recipe injects LoRA as usual (its weights stay on meta too), then ``init_meta_adapters``
    gives the adapters real storage and initialises them with exactly the random draws a
-   one-process run makes, in the same order;
+   one-process run makes, in the same order; the steps that read the base (DoRA's magnitude,
+   PiSSA/OLoRA's A, B and residual base) are deferred, with the random state they start from;
 3. ``wrap`` shards blocks then root (``fully_shard`` on meta parameters only records the layout),
    then ``load_sharded`` allocates this rank's shards and fills each from its rows of the
    checkpoint (FSDP2 shards by rows, and rows are one contiguous byte range of a safetensors file:
    one plain read straight into the shard, no memory map), the adapters from their saved values,
-   and the buffers as constructed.
+   ``modules_to_save`` copies from the rows of the module they copy, and the buffers as constructed;
+4. ``finish_adapter_init`` runs the deferred steps one module at a time: every rank gathers that
+   module's base weight (and the adapter's shards), runs the step as one process does, keeps its
+   own rows of what changed and drops the rest. An ``init_adapter`` or a resumed checkpoint is
+   then loaded into the shards (``lora.tensors.copy_whole_``: each rank copies its own region).
 
-Anything this path cannot rebuild exactly from the files (a quantized base, DoRA or PiSSA/OLoRA,
-whose init reads the base weights; ``modules_to_save`` copies; an ``init_adapter``; checkpoint keys
-that are not the model's own, as fused MoE experts) is reported by ``sharded_load_refusal`` and
-loads the old way, whole on every rank, with a logged note.
+Only a quantized base is refused (``sharded_load_refusal``): it is loaded on the CPU and quantized
+layer by layer as it moves to the device. A checkpoint whose keys are not the model's own is
+loaded whole on the CPU (never the device) and ``fully_shard`` moves each rank's shards.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import torch
 from torch import nn
 
 from ..lora import adapter_configs, lora_modules
-from ..lora.config import is_residual_init
 from ..lora.experts import LoraParameter
-from ..lora.layer import LoraLayer
+from ..lora.layer import LoraLayer, ModulesToSave
+from ..lora.residual import skip_draws
+from ..lora.tensors import copy_whole_, local_region
 
 _LORA_PART = ".base_layer"
 
@@ -104,6 +109,10 @@ class LoadStats:
     largest_read: int = 0
     """The largest single read (the bounded buffer)."""
     tensors: int = 0
+    gathered: int = 0
+    """Bytes of whole base weights gathered (all-gather) for the deferred adapter init steps."""
+    largest_gather: int = 0
+    """The largest single gathered tensor: one module's weight, never more."""
 
 
 def _header(path: Path) -> dict[str, TensorEntry]:
@@ -215,18 +224,14 @@ def read_rows(entry: Any, rows: slice, out: torch.Tensor) -> int:
 
 
 def sharded_load_refusal(cfg: Any) -> Optional[str]:
-    """Why ``cfg`` cannot load its base sharded (None: it can). Decided from the config alone."""
-    lora = cfg.lora
+    """Why ``cfg`` cannot load its base sharded (None: it can). Decided from the config alone.
+
+    DoRA, PiSSA/OLoRA, ``modules_to_save`` and ``init_adapter`` all load sharded (their base-reading
+    steps run after sharding, one module at a time); only quantization does not.
+    """
     if cfg.quantization:
-        return "quantization quantizes the whole base while loading"
-    if cfg.init_adapter:
-        return "init_adapter is loaded into a whole model"
-    if lora.use_dora:
-        return "DoRA's magnitude is initialised from the base weights"
-    if is_residual_init(lora.init_lora_weights):
-        return f"init_lora_weights={lora.init_lora_weights!r} initialises the adapter from the base weights"
-    if lora.modules_to_save:
-        return "modules_to_save copies base modules"
+        return (f"quantization: {cfg.quantization} quantizes the base as it loads, on the CPU, layer by layer as each "
+                "moves to the device (the device never holds the unquantized base; every rank holds the quantized one)")
     return None
 
 
@@ -276,9 +281,13 @@ def build_meta_model(model_dir: str, dtype: torch.dtype, attn_implementation: Op
     return model.eval()
 
 
+_SAVED_PART = re.compile(r"\.original_module(?=\.)|\.modules_to_save\.[^.]+(?=\.)")
+
+
 def checkpoint_key(name: str, index: CheckpointIndex) -> Optional[str]:
-    """The checkpoint key of model parameter ``name`` (LoRA's ``.base_layer`` and wrappers removed)."""
-    key = name.replace(_LORA_PART, "")
+    """The checkpoint key of model parameter ``name`` (LoRA's ``.base_layer`` and wrappers removed; a
+    ``modules_to_save`` copy reads the rows of the module it copies)."""
+    key = _SAVED_PART.sub("", name.replace(_LORA_PART, ""))
     for candidate in (key, key.split(".", 1)[1] if "." in key else key, f"model.{key}"):
         if candidate in index.entries:
             return candidate
@@ -291,6 +300,12 @@ def _names_by_tensor(module: nn.Module) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False)):
         names.setdefault(id(tensor), []).append(name)
+    for saved in module.modules():  # a modules_to_save copy of a tied head is read under the tie's names too
+        if isinstance(saved, ModulesToSave):
+            original = list(saved.original_module.named_parameters(remove_duplicate=False))
+            for copy in saved.modules_to_save.values():
+                for (_, mine), (_, theirs) in zip(copy.named_parameters(remove_duplicate=False), original):
+                    names.setdefault(id(mine), []).extend(names.get(id(theirs), []))
     return names
 
 
@@ -313,6 +328,21 @@ def mismatched_keys(model: nn.Module, index: CheckpointIndex) -> list[str]:
     return missing
 
 
+_DEFERRED = "_deferred_base_init"
+
+
+@dataclass
+class DeferredInit:
+    """An adapter init step that reads the base weight, waiting for the sharded base."""
+
+    init: Any
+    """The adapter's ``init_lora_weights``."""
+    rng_before: Optional[torch.Tensor] = None
+    """The CPU random state the step starts from, when it draws (``pissa_niter_<N>``)."""
+    rng_after: Optional[torch.Tensor] = None
+    """The state after ``skip_draws``: the real step must leave the same."""
+
+
 def init_meta_adapters(model: nn.Module) -> None:
     """Give adapters injected into a meta model real (CPU) storage and their initial values.
 
@@ -320,13 +350,20 @@ def init_meta_adapters(model: nn.Module) -> None:
     random draws in its order: adapter by adapter, layer by layer, each new submodule's own
     constructor init (``nn.Linear`` draws kaiming weights as it is built), then ``reset_adapter``.
     So the adapters, and the RNG state after, are exactly those of the one-process run.
+
+    What reads the base weight (``LoraLayer.init_from_base``: DoRA's magnitude, PiSSA/OLoRA) waits
+    on the layer for ``finish_adapter_init`` after sharding; a PiSSA sketch's random draws are
+    skipped here (``skip_draws``) and replayed there from the state recorded now. A
+    ``modules_to_save`` copy needs nothing: it is read from the checkpoint like the base.
     """
     configs = adapter_configs(model)
     layers = _injection_order(list(lora_modules(model)))
     for name, config in configs.items():
         for path, layer in layers:
+            if isinstance(layer, ModulesToSave):
+                continue
             if not isinstance(layer, LoraLayer):
-                raise ValueError(f"sharded loading cannot initialise '{path}' (a modules_to_save copy)")
+                raise ValueError(f"sharded loading cannot initialise '{path}' ({type(layer).__name__})")
             if name not in layer.r:
                 continue
             for store in layer._stores():
@@ -339,7 +376,17 @@ def init_meta_adapters(model: nn.Module) -> None:
                         item.reset_parameters()
                 elif item.is_meta:
                     store[name] = nn.Parameter(torch.empty_like(item, device="cpu"), requires_grad=item.requires_grad)
-            layer.reset_adapter(name, config.init_lora_weights)
+            init = config.init_lora_weights
+            if not layer.reads_base(name, init):
+                layer.reset_adapter(name, init)
+                continue
+            layer.reset_without_base(name, init)
+            step = DeferredInit(init)
+            if isinstance(init, str) and init.startswith("pissa_niter_"):
+                step.rng_before = torch.get_rng_state()
+                skip_draws(layer, name, init)
+                step.rng_after = torch.get_rng_state()
+            layer.__dict__.setdefault(_DEFERRED, {})[name] = step
 
 
 def _injection_order(layers: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -356,14 +403,6 @@ def _injection_order(layers: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
             rest.append((path, layer))
     wrapped = [item for chain in chains.values() for item in sorted(chain, key=lambda pl: -pl[0].count(_LORA_PART))]
     return wrapped + rest
-
-
-def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
-    """The slice of the whole tensor that this rank's shard of DTensor ``param`` holds."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -400,7 +439,7 @@ def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torc
     stats = LoadStats()
     for name, param in module.named_parameters():
         local = _local(param)
-        region = _local_region(param) if hasattr(param, "to_local") else tuple(slice(0, n) for n in param.shape)
+        region = local_region(param)
         if name in kept:
             local.copy_(kept[name][region])
             continue
@@ -423,6 +462,84 @@ def load_sharded(module: nn.Module, index: CheckpointIndex, kept: dict[str, torc
         whole = index.entries[key]
         stats.bytes_read += read_rows(whole, slice(0, whole.shape[0] if whole.shape else 1), buffer)
     return stats
+
+
+def _gather_whole(param: torch.Tensor) -> torch.Tensor:
+    """The whole value of a sharded parameter (an all-gather), on the mesh's device: offloaded shards
+    live in host memory but gather over the device's backend."""
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local()
+    device = param.device_mesh.device_type
+    if local.device.type != device:
+        local = local.to(device)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+@contextlib.contextmanager
+def _whole_module(layer: LoraLayer, name: str, stats: LoadStats) -> Iterator[None]:
+    """Inside: ``layer``'s base parameters and adapter ``name``'s are whole plain tensors (gathered);
+    on exit each rank copies its own region of them back into its shards and the whole copies go.
+
+    The sharded parameters are put back as the very objects FSDP2 manages (FSDP2 swaps registered
+    parameters itself around each forward); nothing else runs in between.
+    """
+    slots: list[tuple[nn.Module, str]] = [(layer.base_layer, key) for key in layer.base_layer._parameters]
+    for store in layer._stores():
+        if name in store:
+            item = store[name]
+            slots += [(item, key) for key in item._parameters] if not isinstance(item, nn.Parameter) else [(store, name)]
+    swapped = []
+    for owner, key in slots:
+        param = owner._parameters[key]
+        if param is None or getattr(param, "device_mesh", None) is None:
+            continue  # not sharded: this rank holds it whole already
+        whole = _gather_whole(param)
+        if owner is layer.base_layer:
+            stats.gathered += whole.numel() * whole.element_size()
+            stats.largest_gather = max(stats.largest_gather, whole.numel() * whole.element_size())
+        owner._parameters[key] = nn.Parameter(whole, requires_grad=param.requires_grad)
+        swapped.append((owner, key, param))
+    try:
+        yield
+    finally:
+        for owner, key, param in swapped:
+            copy_whole_(param, owner._parameters[key].detach())
+            owner._parameters[key] = param
+
+
+@torch.no_grad()
+def finish_adapter_init(module: nn.Module, stats: LoadStats) -> None:
+    """Run the adapter init steps ``init_meta_adapters`` deferred (DoRA's magnitude, PiSSA/OLoRA's
+    A, B and residual base), now that the base is loaded sharded: one module at a time, every rank
+    gathers that module's base weight, runs ``init_from_base`` exactly as one process does, keeps
+    its own rows of what changed (adapter, residual base) and drops the whole copy. Never more than
+    one module's weight is whole on a rank. Every rank must call this (all-gathers, in module order).
+
+    Raises:
+        RuntimeError: a PiSSA sketch drew other random numbers than ``skip_draws`` skipped (the one
+            process run would differ).
+    """
+    for path, layer in _injection_order(list(lora_modules(module))):
+        pending = layer.__dict__.pop(_DEFERRED, None) if isinstance(layer, LoraLayer) else None
+        for name, step in (pending or {}).items():
+            with _whole_module(layer, name, stats):
+                if step.rng_before is None:
+                    layer.init_from_base(name, step.init)
+                    continue
+                now = torch.get_rng_state()
+                torch.set_rng_state(step.rng_before)
+                try:
+                    layer.init_from_base(name, step.init)
+                    on_cpu = layer.base_layer.weight.device.type == "cpu"
+                    if on_cpu and not torch.equal(torch.get_rng_state(), step.rng_after):
+                        raise RuntimeError(f"sharded load: init_lora_weights={step.init!r} on '{path}' drew other "
+                                           "random numbers than lora.residual.skip_draws skipped; the adapters would "
+                                           "differ from a one-process run")
+                finally:
+                    torch.set_rng_state(now)
+            layer.weights_changed()  # caches built from the whole copies go with them
 
 
 def load_report(stats: LoadStats, index: CheckpointIndex) -> str:

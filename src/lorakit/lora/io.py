@@ -26,7 +26,7 @@ from .trainable import set_adapter_trainable
 from .tree import adapter_configs, lora_modules, unwrap_model
 from .experts import LoraParameter, lora_shapes
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, linear_dims
-from .tensors import full_tensor
+from .tensors import copy_whole_, full_tensor
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -86,7 +86,7 @@ def set_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adap
     _check_fit({k: tuple(v.shape) for k, v in live.items()}, {}, tensors, f"weights for adapter '{adapter_name}'")
     with torch.no_grad():
         for key, value in tensors.items():
-            live[key].copy_(value)
+            copy_whole_(live[key], value)
     _weights_changed(model, adapter_name)
 
 
@@ -308,9 +308,9 @@ def load_read_adapter(model: nn.Module, read: tuple[LoraConfig, dict[str, torch.
     with torch.no_grad():
         for key, value in tensors.items():
             if key in live:
-                live[key].copy_(value)
+                copy_whole_(live[key], value)
             else:
-                base_weights[key[: -len(".base_layer.weight")]].copy_(value)
+                copy_whole_(base_weights[key[: -len(".base_layer.weight")]], value)
     _weights_changed(model, adapter_name)
     set_active_adapters(model, [adapter_name] if activate else [n for n in previous if n != adapter_name])
     return config

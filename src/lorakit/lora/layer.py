@@ -199,6 +199,22 @@ class LoraLayer(nn.Module):
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
         raise NotImplementedError
 
+    def reads_base(self, name: str, init: bool | str = True) -> bool:
+        """Whether initialising adapter ``name`` reads the base weight (DoRA's magnitude, PiSSA/OLoRA).
+
+        ``reset_adapter`` is ``reset_without_base`` then ``init_from_base``, so a sharded load can
+        run the first while the base is still on meta and the second once each base weight can be
+        gathered, one module at a time.
+        """
+        return False
+
+    def reset_without_base(self, name: str, init: bool | str = True) -> None:
+        """The part of ``reset_adapter`` that does not read the base weight (its random draws)."""
+        self.reset_adapter(name, init)
+
+    def init_from_base(self, name: str, init: bool | str = True) -> None:
+        """The part of ``reset_adapter`` that reads the base weight (none here)."""
+
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = list(names)
         self._refresh()
@@ -387,11 +403,21 @@ class LoraLinear(LoraLayer):
         return super().merge_weight(value, name, sign)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
-        if is_residual_init(init):  # PiSSA / OLoRA: A and B from the base weight, which becomes the residual
-            residual.init_residual(self, name, init)
-        else:
+        self.reset_without_base(name, init)
+        self.init_from_base(name, init)
+
+    def reads_base(self, name: str, init: bool | str = True) -> bool:
+        return bool(self.use_dora.get(name)) or is_residual_init(init)
+
+    def reset_without_base(self, name: str, init: bool | str = True) -> None:
+        if not is_residual_init(init):
             self._reset_lora(name, init)
         self.weights_changed()
+
+    def init_from_base(self, name: str, init: bool | str = True) -> None:
+        if is_residual_init(init):  # PiSSA / OLoRA: A and B from the base weight, which becomes the residual
+            residual.init_residual(self, name, init)
+            self.weights_changed()
         if self.use_dora.get(name):
             dora.init_magnitude(self, name)
 
@@ -503,6 +529,17 @@ class LoraEmbedding(LoraLayer):
         return super().merge_weight(value, name, sign)
 
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
+        self.reset_without_base(name, init)
+        self.init_from_base(name, init)
+
+    def reads_base(self, name: str, init: bool | str = True) -> bool:
+        return bool(self.use_dora.get(name))
+
+    def init_from_base(self, name: str, init: bool | str = True) -> None:
+        if self.use_dora.get(name):
+            dora.init_magnitude(self, name)
+
+    def reset_without_base(self, name: str, init: bool | str = True) -> None:
         with torch.no_grad():
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             if init is False:
@@ -515,8 +552,6 @@ class LoraEmbedding(LoraLayer):
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
         self.weights_changed()
-        if self.use_dora.get(name):
-            dora.init_magnitude(self, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].detach().float()

@@ -29,7 +29,7 @@ from torch import nn
 from .config import LoraConfig, is_residual_init
 
 
-__all__ = ["is_residual_init", "init_residual", "initial_weights", "restore_residual", "to_plain_lora"]
+__all__ = ["is_residual_init", "init_residual", "initial_weights", "restore_residual", "skip_draws", "to_plain_lora"]
 
 
 def _weight_out_in(layer: nn.Module) -> torch.Tensor:
@@ -65,6 +65,18 @@ def init_residual(layer: nn.Module, name: str, method: str) -> None:
         layer.lora_A[name].weight.copy_(a0)
         layer.lora_B[name].weight.copy_(b0)
     restore_residual(layer, name, a0, b0, weight)
+
+
+def skip_draws(layer: nn.Module, name: str, method: str) -> None:
+    """Advance the global (CPU) random generator exactly as ``init_residual`` would on a CPU weight,
+    without the weight: for a replay that defers ``init_residual`` until the base is readable (a
+    sharded load), so the adapters initialised after it draw what a one-process run draws.
+
+    Only ``pissa_niter_<N>`` draws: ``torch.svd_lowrank`` takes one ``(min(out, in), r)`` standard
+    normal sketch. The caller checks the generator's state against the real call's.
+    """
+    if method.startswith("pissa_niter_"):
+        torch.randn(min(layer.in_features, layer.out_features), layer.r[name], dtype=torch.float32)
 
 
 def restore_residual(layer: nn.Module, name: str, a0: torch.Tensor, b0: torch.Tensor,

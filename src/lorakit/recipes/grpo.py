@@ -162,11 +162,18 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
                          "it, or choose another output_dir (nothing was overwritten)")
     if resumed_from is not None:
         check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS)
-        load_checkpoint_adapter(resumed_from, model, ADAPTER)
+        if not run.sharded_load:
+            load_checkpoint_adapter(resumed_from, model, ADAPTER)
 
     objective = GRPOObjective(rc.temperature, gc.clip_eps_low, gc.clip_eps_high, gc.beta)
     step_module = wrap(LossModule(model, objective), info, device, dtype, run.fsdp)
-    if run.fsdp.loaded is not None:
+    if run.sharded_load:
+        # After the deferred init (DoRA, PiSSA/OLoRA) as a one-process run loads after its init:
+        # each rank copies its own region of the saved tensors into its shards.
+        if cfg.init_adapter:
+            attach_adapters(model, cfg, lambda _message: None)  # the adapters exist: this loads their values
+        if resumed_from is not None:
+            load_checkpoint_adapter(resumed_from, model, ADAPTER)
         log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
     padding_free = choose_padding_free(run, cfg, step_module, info)
     sampler = rollout_backend(cfg, model, tokenizer, info, device, dtype, step_module)  # after wrap: FSDP2 samples sharded

@@ -116,9 +116,16 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
 
     if resumed_from is not None:
         check_same_run(resumed_from, cfg, info.world, _RESUME_KEYS, global_batch=True)
-        load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
+        if not run.sharded_load:
+            load_checkpoint_adapter(resumed_from, model, ADAPTER)  # before sharding: whole tensors go in
     step_module = wrap(LossModule(model, causal_lm_loss), info, device, dtype, run.fsdp)
-    if run.fsdp.loaded is not None:
+    if run.sharded_load:
+        # After the deferred init (DoRA, PiSSA/OLoRA) as a one-process run loads after its init:
+        # each rank copies its own region of the saved tensors into its shards.
+        if cfg.init_adapter:
+            load_adapter(model, cfg.init_adapter, adapter_name=ADAPTER, trainable=True)
+        if resumed_from is not None:
+            load_checkpoint_adapter(resumed_from, model, ADAPTER)
         log(load_report(run.fsdp.loaded, run.fsdp.checkpoint))
     padding_free = choose_padding_free(run, cfg, step_module, info)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio)

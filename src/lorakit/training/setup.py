@@ -32,7 +32,8 @@ class RunStart:
     """The attention kernel the model runs (train.attn_implementation resolved)."""
     fsdp: FsdpOptions
     """How ``wrap`` shards under FSDP2; ``fsdp.checkpoint`` is set when the base is still on meta
-    (sharded loading): the recipe must call ``init_meta_adapters`` right after injecting LoRA."""
+    (sharded loading): the recipe must call ``init_meta_adapters`` right after injecting LoRA, and
+    load adapter values (``init_adapter``, a resumed checkpoint) after ``wrap``, into the shards."""
 
     @property
     def sharded_load(self) -> bool:
@@ -80,6 +81,10 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
 
         # Loaded on the CPU and quantized layer by layer as each moves to the device: the device
         # never holds the unquantized base.
+        if info.mode == "fsdp2":
+            from ..distributed.sharded_load import sharded_load_refusal
+
+            log(f"Note: FSDP2 does not load this base sharded: {sharded_load_refusal(cfg)}")
         model = load_model(cfg.model, dtype=base_dtype, attn_implementation=attention.implementation)
         quantized = quantize_model(model, cfg.quantization, compute_dtype=base_dtype, device=device)
         model.to(device)
@@ -87,9 +92,13 @@ def start_run(cfg: RunConfig, info: DistInfo, device: torch.device, log: Callabl
         lora = LoraConfig.from_json(cfg.init_adapter) if cfg.init_adapter else cfg.lora.to_lora_config()
         check_quantized_targets(model, lora, cfg.quantization)
     else:
-        model = _meta_base(cfg, info, base_dtype, attention, fsdp, log) if info.mode == "fsdp2" and sharded_load else None
+        meta = info.mode == "fsdp2" and sharded_load
+        model = _meta_base(cfg, info, base_dtype, attention, fsdp, log) if meta else None
         if model is None:
-            model = load_model(cfg.model, dtype=base_dtype, device=device, attn_implementation=attention.implementation)
+            # A base FSDP2 cannot load sharded is loaded whole on the CPU, never the device: fully_shard
+            # moves each rank's shards there and frees the rest.
+            model = load_model(cfg.model, dtype=base_dtype, device=torch.device("cpu") if meta else device,
+                               attn_implementation=attention.implementation)
     if info.main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -108,16 +117,18 @@ def _meta_base(cfg: RunConfig, info: DistInfo, dtype: torch.dtype, attention: At
     if reason is None:
         index = checkpoint_index(resolve_model(cfg.model))
         if index is None:
-            reason = "the model directory holds no safetensors checkpoint"
+            reason = "the model directory holds no safetensors checkpoint (a rank reads its rows from safetensors files)"
     model = None
     if reason is None:
         model = build_meta_model(resolve_model(cfg.model), dtype, attention.implementation)
         missing = mismatched_keys(model, index)
         if missing:
-            reason = f"the checkpoint's tensors are not the model's own (e.g. {missing[0]})"
+            reason = (f"the checkpoint's tensors are not the model's own (e.g. {missing[0]}), so a rank cannot read its "
+                      "rows of them")
             model = None
     if reason is not None:
-        log(f"Note: FSDP2 loads the whole base on every rank before sharding it: {reason}")
+        log(f"Note: FSDP2 loads the whole base into every rank's CPU memory (never the device) and fully_shard moves "
+            f"each rank's shards to the device: {reason}")
         return None
     fsdp.checkpoint = index
     log(f"FSDP2: the base is built on meta and each rank will read only its shards of the "
