@@ -102,7 +102,7 @@ def test_a_separate_engine_reports_the_weights_it_holds(demo):
     engine.sync = lambda update: None  # the update never reaches the engine
     sampler.sync(1)
     stale = sampler.generate(prompts, [GREEDY] * len(prompts))
-    assert stale.version == 0 and "did not reach the LocalRollout engine" in sampler.check_batch(stale, 1)
+    assert stale.version == 0 and "did not reach the LocalRollout rollout backend" in sampler.check_batch(stale, 1)
 
     # The engine is told version 2, but its copy is then overwritten by other weights (those of version
     # 1's predecessor): the version matches, the weights it samples with do not.
