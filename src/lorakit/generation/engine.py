@@ -476,9 +476,14 @@ class Engine:
         and next-token logits (the forward is the same function of the same tokens)."""
         device = self.device
         def attempt(group: list[_Row]) -> tuple[Any, list[tuple[int, float]], Optional[list[int]]]:
-            first: dict[tuple, int] = {}
-            source = [first.setdefault(_prefix_key(r.request), len(first)) for r in group]
-            unique = [group[source.index(j)] for j in range(len(first))]
+            first: dict[tuple, int] = {}  # prefix -> its row in the forward
+            unique: list[_Row] = []
+            source = []
+            for r in group:
+                j = first.setdefault(_prefix_key(r.request), len(unique))
+                if j == len(unique):
+                    unique.append(r)
+                source.append(j)
             width = max(len(r.request.prompt_ids) for r in unique)
             ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(unique), width), dtype=torch.long)
