@@ -74,13 +74,30 @@ def test_padded_batches_and_cached_generation_are_plain_sdpa():
     assert torch.equal(a[mask.bool()], b[mask.bool()]) and torch.equal(ga, gb)
 
 
-def test_sliding_window_layers_are_refused():
+def test_sliding_window_layers_equal_each_sample_alone():
+    # window 4: the 9-token sample needs the band mask, the 3-token one is plain causal
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=0, layer_types=["sliding_attention"] * 2)
+                         max_window_layers=0, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).eval()
+    lengths = [9, 3, 6]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
     model.set_attn_implementation(register_packed_sdpa())
-    with pytest.raises(RuntimeError, match="sliding-window attention layers are not supported"):
-        model(input_ids=torch.ones(1, 6, dtype=torch.long), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    model.set_attn_implementation("sdpa")  # the oracle: transformers' own sliding-window mask, each sample alone
+    start = 0
+    for n in lengths:
+        with torch.no_grad():
+            alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
+        torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+    # the window matters here: full causal attention gives other logits for the long sample
+    full = Qwen3ForCausalLM(Qwen3Config(**{**config.to_dict(), "layer_types": ["full_attention"] * 2})).eval()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(full(input_ids=ids[:, :9], use_cache=False).logits, packed[:, :9], atol=1e-3)

@@ -219,10 +219,10 @@ def test_demo_model_command_writes_a_loadable_model(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="padding-free kernels (flash varlen, flex) train on CUDA only")
 def test_padding_free_batches_train_like_padded_ones(tmp_path, demo):
-    # flex_attention keeps concatenated samples apart with a document mask: padding-free; sdpa would
+    # flex_attention keeps concatenated samples apart with a document mask: padding-free; eager would
     # need a dense mask over the concatenation, so it pads. Same data, same adapter.
     adapters, logs = {}, {}
-    for kernel in ("flex_attention", "sdpa"):
+    for kernel in ("flex_attention", "eager"):
         cfg = load_config(_config(tmp_path, demo, max_steps=3, padding_free=True),
                           ["lora.dropout=0.0", f"output_dir={tmp_path / kernel}", f"train.attn_implementation={kernel}",
                            "train.dtype=fp32", "train.device=cuda"])
@@ -230,9 +230,27 @@ def test_padding_free_batches_train_like_padded_ones(tmp_path, demo):
         run(cfg, log=logs[kernel].append)
         adapters[kernel] = load_file(tmp_path / kernel / "adapter" / "adapter_model.safetensors")
     assert any(line.startswith("Micro-batches: padding-free (flex_attention") for line in logs["flex_attention"])
-    assert any(line.startswith("Micro-batches: padded (sdpa") for line in logs["sdpa"])
-    for key, value in adapters["sdpa"].items():
+    assert any(line.startswith("Micro-batches: padded (eager") for line in logs["eager"])
+    for key, value in adapters["eager"].items():
         torch.testing.assert_close(adapters["flex_attention"][key], value, atol=1e-4, rtol=1e-3)
+
+
+def test_sdpa_trains_padding_free_like_padded_batches(tmp_path, demo):
+    # sdpa runs padding-free as lorakit's packed sdpa (each sample alone); the oracle is the same run
+    # on padded batches (train.padding_free=false: transformers' own sdpa with a padding mask).
+    adapters, logs = {}, {}
+    for padding_free in (True, False):
+        cfg = load_config(_config(tmp_path, demo, max_steps=3, padding_free=padding_free),
+                          ["lora.dropout=0.0", f"output_dir={tmp_path / str(padding_free)}", "train.attn_implementation=sdpa"])
+        logs[padding_free] = []
+        run(cfg, log=logs[padding_free].append)
+        adapters[padding_free] = load_file(tmp_path / str(padding_free) / "adapter" / "adapter_model.safetensors")
+    assert any(line.startswith("Micro-batches: padding-free (sdpa one sample at a time") for line in logs[True])
+    assert not any("padding-free" in line for line in logs[False])
+    tokens = {k: _metrics(tmp_path / str(k))[-1]["train_tokens"] for k in (True, False)}
+    assert tokens[True] == tokens[False]  # the same real tokens either way
+    for key, value in adapters[False].items():
+        torch.testing.assert_close(adapters[True][key], value, atol=1e-5, rtol=1e-4)
 
 
 def test_generate_with_an_adapter_uses_it(tmp_path, demo):

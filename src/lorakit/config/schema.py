@@ -137,9 +137,10 @@ class TrainSection:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """Attention kernel passed to transformers. auto: flash_attention_2 when flash-attn is installed
     and the run is on a CUDA GPU in bf16/fp16, else sdpa. Padding-free micro-batches
-    (train.padding_free) are used only with kernels that keep concatenated samples apart without a
-    dense mask (flash_attention_2's varlen path, flex_attention's document mask); with sdpa/eager
-    batches are padded (train.packing still packs, with a block-diagonal mask)."""
+    (train.padding_free) and packed rows keep samples apart without a dense mask: flash_attention_2
+    by its varlen path, flex_attention by a document mask, sdpa by running on each concatenated
+    sample alone (lorakit's packed sdpa, which the run switches to). With eager, batches are padded
+    (train.packing still packs, with a block-diagonal mask)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     tensorboard: bool = False

@@ -2,10 +2,11 @@
 padding-free micro-batches.
 
 A padding-free micro-batch concatenates its samples into one row with position_ids restarting at
-each sample. Only some kernels keep the samples apart without building a dense (T, T) mask over the
+each sample. Some kernels keep the samples apart without building a dense (T, T) mask over the
 whole concatenation: flash-attention's varlen path (sequence boundaries from the position_ids) and
-flex attention (a block-sparse document mask). With sdpa or eager, transformers would build that
-dense mask, which costs more memory than the padding saved, so those kernels get padded batches.
+flex attention (a block-sparse document mask). transformers' sdpa would build that dense mask, so
+the recipes switch an sdpa model to lorakit's packed sdpa (``models.packed_attention``, sdpa on each
+sample alone; ``training.setup.choose_padding_free``); eager gets padded batches.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A padding-free row holds several samples end to end, ``position_ids`` restarting
 plain ``sdpa`` transformers keeps them apart with a dense block-diagonal (T, T) mask, and the
 attention costs (sum of the samples' lengths)^2 in time and memory. This kernel instead splits the
 row at the restarts and runs causal sdpa on each sample: sum of length^2, what the samples cost in
-batches of their own. Anything else (a padding mask, a KV cache, decoding) goes to ``sdpa`` as is.
+batches of their own. A sliding-window layer masks each sample longer than its window with that
+sample's own band mask. Anything else (a padding mask, a KV cache, decoding) goes to ``sdpa`` as is.
 
 It is registered with transformers under ``PACKED_SDPA`` (``register_packed_sdpa``) and chosen by a
 model with ``model.set_attn_implementation(PACKED_SDPA)``. The boundaries are read from the
@@ -65,16 +66,29 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    if sliding_window is not None:
-        raise RuntimeError(f"{PACKED_SDPA}: sliding-window attention layers are not supported; use sdpa")
     lengths = sample_lengths(position_ids.expand(query.shape[0], -1))
     rows = []
     for b, sizes in enumerate(lengths):
-        parts = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+        parts = [_one_sample(module, q, k, v, dropout, scaling, sliding_window)
                  for q, k, v in zip(query[b:b + 1].split(sizes, 2), key[b:b + 1].split(sizes, 2),
                                     value[b:b + 1].split(sizes, 2))]
         rows.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
     return (torch.cat(rows, 0) if len(rows) > 1 else rows[0]), None
+
+
+def _one_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                scaling: Optional[float], sliding_window: Optional[int]) -> torch.Tensor:
+    """sdpa over one sample (1, heads, L, head_dim): causal, within ``sliding_window`` when the sample is
+    longer than the window (transformers' rule: query i sees keys j with i - window < j <= i)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    if sliding_window is None or length <= sliding_window:
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+    i = torch.arange(length, device=query.device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)  # (L, L): True = attend
+    return sdpa_attention_forward(module, query, key, value, band[None, None], dropout=dropout, scaling=scaling,
+                                  is_causal=False)[0]
 
 
 def packed_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,

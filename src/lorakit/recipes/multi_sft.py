@@ -29,7 +29,6 @@ from ..distributed import all_reduce_sum, barrier, full_tensor, init_distributed
 from ..lora import (adapter_configs, adapter_state_dict, inject_lora, load_adapter, route_adapters, trainable_report,
                     write_adapter)
 from ..models import resolve_device
-from ..models.packed_attention import register_packed_sdpa
 from ..training import (
     MetricsWriter,
     Progress,
@@ -47,6 +46,7 @@ from ..training import (
 )
 from ..training.jobs import adapter_parameters, advance, labelled_tokens, mixed_batch, next_window, train_only
 from ..training.rows import load_rows, vocab_rows
+from ..training.setup import use_packed_sdpa
 from .sft import _RESUME_KEYS
 
 
@@ -163,8 +163,8 @@ def _run(cfg: RunConfig, resume: bool, log: Callable[[str], None], info, device:
         # Jobs' rows go end to end in one row: plain sdpa would keep the samples apart with a dense
         # (T, T) mask over the whole row, quadratic in all jobs' tokens together; this runs sdpa on
         # each sample alone (the samples' lengths squared, no padding). The check below runs on it.
-        model.set_attn_implementation(register_packed_sdpa())
-        log("Attention: sdpa one packed sample at a time (no dense mask over the jobs' row)")
+        if use_packed_sdpa(model):
+            log("Attention: sdpa one packed sample at a time (no dense mask over the jobs' row)")
     isolated = packed_attention_is_isolated(model)
     for job in jobs:
         if job.train.packing and not isolated:

@@ -140,6 +140,10 @@ def choose_padding_free(run: RunStart, cfg: RunConfig, step_module: Any, info: D
     """Whether micro-batches go padding-free, logged with the reason; checks on the wrapped model
     that packed samples stay apart whenever samples share a row (packing or padding-free).
 
+    With sdpa (the CPU default) the model switches to lorakit's packed sdpa
+    (``models.packed_attention``): sdpa on each concatenated sample alone, so a micro-batch needs
+    neither padding nor a dense mask over the concatenation.
+
     Raises:
         ValueError: train.packing on a model whose attention lets packed samples see each other.
     """
@@ -147,9 +151,16 @@ def choose_padding_free(run: RunStart, cfg: RunConfig, step_module: Any, info: D
     from .loss import packed_attention_is_isolated
 
     tc, kernel = cfg.train, run.attention.implementation
-    padding_free = tc.padding_free and run.attention.padding_free_capable
+    capable = run.attention.padding_free_capable
+    if (tc.packing or tc.padding_free) and kernel == "sdpa":
+        capable = use_packed_sdpa(run.model)
+        if capable:
+            kernel = "sdpa one sample at a time"
+    padding_free = tc.padding_free and capable
     if tc.packing or padding_free:
         if not through_root(step_module, info, packed_attention_is_isolated):
+            if capable and run.attention.implementation == "sdpa":
+                run.model.set_attn_implementation("sdpa")  # back to transformers' own, padded or dense-masked
             if tc.packing:
                 raise ValueError(f"train.packing: {type(run.model).__name__}'s attention ({kernel}) does not keep packed "
                                  "samples apart (it ignores restarting position_ids); set train.packing=false")
@@ -159,5 +170,17 @@ def choose_padding_free(run: RunStart, cfg: RunConfig, step_module: Any, info: D
         run.log(f"Micro-batches: padding-free ({kernel} keeps concatenated samples apart without a dense mask)")
     elif tc.padding_free and not tc.packing:
         run.log(f"Micro-batches: padded ({kernel} would need a dense mask over the whole concatenation to keep "
-                "samples apart; flash_attention_2 or flex_attention run padding-free)")
+                "samples apart; sdpa, flash_attention_2 or flex_attention run padding-free)")
     return padding_free
+
+
+def use_packed_sdpa(model: Any) -> bool:
+    """Switch an sdpa model to lorakit's packed sdpa; False (nothing changed) when the model does not
+    take a custom attention kernel."""
+    from ..models.packed_attention import register_packed_sdpa
+
+    try:
+        model.set_attn_implementation(register_packed_sdpa())
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return True
