@@ -151,16 +151,17 @@ def choose_padding_free(run: RunStart, cfg: RunConfig, step_module: Any, info: D
     from .loss import packed_attention_is_isolated
 
     tc, kernel = cfg.train, run.attention.implementation
-    capable = run.attention.padding_free_capable
-    if (tc.packing or tc.padding_free) and kernel == "sdpa":
-        capable = use_packed_sdpa(run.model)
-        if capable:
-            kernel = "sdpa one sample at a time"
-    padding_free = tc.padding_free and capable
+    switched = (tc.packing or tc.padding_free) and kernel == "sdpa" and use_packed_sdpa(run.model)
+    if switched:
+        kernel = "sdpa one sample at a time"
+    padding_free = tc.padding_free and (run.attention.padding_free_capable or switched)
     if tc.packing or padding_free:
-        if not through_root(step_module, info, packed_attention_is_isolated):
-            if capable and run.attention.implementation == "sdpa":
-                run.model.set_attn_implementation("sdpa")  # back to transformers' own, padded or dense-masked
+        isolated = through_root(step_module, info, packed_attention_is_isolated)
+        if not isolated and switched:  # back to transformers' own sdpa: padded, or packed with a dense mask
+            run.model.set_attn_implementation("sdpa")
+            kernel, padding_free = "sdpa", False
+            isolated = not tc.packing or through_root(step_module, info, packed_attention_is_isolated)
+        if not isolated:
             if tc.packing:
                 raise ValueError(f"train.packing: {type(run.model).__name__}'s attention ({kernel}) does not keep packed "
                                  "samples apart (it ignores restarting position_ids); set train.packing=false")
